@@ -1,0 +1,68 @@
+"""Building a ready-to-use TAP model: config + weights + concept vocabulary, on a chosen device and dtype."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import load_concepts, load_weights
+from .config import TAPConfig, get_config
+from .hub import checkpoint_path, concepts_path
+from .modeling import TAP
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+TINY_TOKENIZER = Path(__file__).parent / "assets" / "tiny_tokenizer.model"
+#: Vocabulary of the random-weight demo model (its "concepts" are random directions with these names).
+TINY_CONCEPTS = ["person", "dog", "cat", "car", "tree", "house", "sky", "cloud", "grass", "road", "water", "boat",
+                 "bird", "horse", "chair", "table", "window", "door", "flower", "mountain", "roof", "sun"]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """`auto` is float16 on GPUs (the weights are fp16, as upstream) and float32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}") from None
+
+
+def build_tap(model: str | TAPConfig = "tap_vit_l", checkpoint: str | Path | None = None, *,
+              concepts: str | Path | None = "merged_2560", device: str | torch.device = "auto",
+              dtype: str | torch.dtype = "auto", random_weights: bool = False, seed: int = 0) -> TAP:
+    """Build a TAP model in eval mode.
+
+    Args:
+        model: preset name (`tap_vit_b`, `tap_vit_l`, `tap_vit_h`, `tap_tiny`) or a `TAPConfig`.
+        checkpoint: weights file (.pkl, .safetensors, .pt); None fetches the official file from the hub cache.
+        concepts: vocabulary name (`merged_2560`, `lvis_1203`, `coco_80`), a concept .pkl path, or None.
+        random_weights: skip loading (seeded init) - for tests, benchmarks and the offline demo.
+    """
+    config = get_config(model)
+    dev = resolve_device(device)
+    torch.manual_seed(seed)
+    tap = TAP(config)
+    if random_weights:
+        rng = np.random.default_rng(seed)
+        weights = rng.standard_normal((config.sem_embed_dim, len(TINY_CONCEPTS))).astype(np.float32)
+        tap.concept_projector.reset_weights(100 * weights / np.linalg.norm(weights, axis=0), TINY_CONCEPTS)
+    else:
+        load_weights(tap, checkpoint_path(config, checkpoint))
+        if concepts is not None:
+            tap.concept_projector.reset_weights(*load_concepts(concepts_path(concepts)))
+    return tap.to(device=dev, dtype=resolve_dtype(dtype, dev)).eval()

@@ -1,0 +1,74 @@
+"""Finding weight files: an explicit path, or the Hugging Face hub through its local cache.
+
+Offline or missing files raise `WeightsNotFoundError` with one message per file that says where to put it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from .config import CONCEPT_FILES, HUB_REPO, TAPConfig
+from .errors import WeightsNotFoundError
+
+#: The caption tokenizer is the LLaMA-1/2 SentencePiece model; these public repos republish it byte for byte.
+TOKENIZER_MD5 = "eeec4125e9c7560836b4873b6f8e3025"
+TOKENIZER_REPOS = ("TinyLlama/TinyLlama-1.1B-Chat-v1.0", "hf-internal-testing/llama-tokenizer")
+
+
+def hub_file(repo: str, filename: str, what: str, flag: str) -> Path:
+    """Local path of `repo/filename`, from the HF cache or downloaded into it."""
+    try:
+        from huggingface_hub import hf_hub_download
+        try:  # a cached copy needs no network round trip
+            return Path(hf_hub_download(repo, filename, local_files_only=True))
+        except Exception:
+            return Path(hf_hub_download(repo, filename))
+    except Exception as exc:  # offline, no network, gated, not found: all mean "not available here"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsNotFoundError(
+            f"{what} not available: {repo}/{filename} is not in the local Hugging Face cache and could not be "
+            f"downloaded ({reason[:200]}).\n  Fix: download https://huggingface.co/{repo}/resolve/main/{filename} "
+            f"and pass it with {flag} PATH, or run `huggingface-cli download {repo} {filename}` on a machine "
+            "with network access to fill the cache.") from None
+
+
+def checkpoint_path(config: TAPConfig, path: str | Path | None = None) -> Path:
+    if path is not None:
+        return _existing(path, "checkpoint", "--checkpoint")
+    if not config.hub_file:
+        raise WeightsNotFoundError(f"{config.name} has no released weights; pass --checkpoint PATH "
+                                   "(or use tap_vit_b / tap_vit_l / tap_vit_h)")
+    return hub_file(HUB_REPO, config.hub_file, f"{config.name} checkpoint", "--checkpoint")
+
+
+def concepts_path(name_or_path: str | Path) -> Path:
+    """A vocabulary name (`merged_2560`, `lvis_1203`, `coco_80`) from the hub, or a local file."""
+    if str(name_or_path) in CONCEPT_FILES:
+        return hub_file(HUB_REPO, CONCEPT_FILES[str(name_or_path)], f"concept vocabulary {name_or_path}",
+                        "--concepts")
+    return _existing(name_or_path, "concept vocabulary", "--concepts")
+
+
+def tokenizer_path(path: str | Path | None = None) -> Path:
+    """The LLaMA `tokenizer.model`: an explicit path, or a hub copy verified by md5."""
+    if path is not None:
+        return _existing(path, "text tokenizer", "--tokenizer")
+    errors = []
+    for repo in TOKENIZER_REPOS:
+        try:
+            found = hub_file(repo, "tokenizer.model", "text tokenizer", "--tokenizer")
+        except WeightsNotFoundError as exc:
+            errors.append(str(exc))
+            continue
+        if hashlib.md5(found.read_bytes()).hexdigest() == TOKENIZER_MD5:
+            return found
+        errors.append(f"{repo}/tokenizer.model has the wrong md5 (expected {TOKENIZER_MD5})")
+    raise WeightsNotFoundError(errors[0] if errors else "text tokenizer not available")
+
+
+def _existing(path: str | Path, what: str, flag: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise WeightsNotFoundError(f"{what} not found at {p}; check the path given to {flag}")
+    return p

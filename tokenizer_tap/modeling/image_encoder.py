@@ -1,0 +1,179 @@
+"""ViT image encoder of TAP: windowed attention everywhere, conv bottlenecks across windows, a one-level neck.
+
+Unlike SAM there are no global-attention blocks: the 64x64 token grid is cut into 16x16 windows and the only
+information flow between windows is the conv bottleneck after the last block of each quarter of the encoder.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .common import MLP
+
+
+def relative_position_index(window: int) -> torch.Tensor:
+    """(window², window²) int64 table: index[i, j] = (yi - yj + w - 1) * (2w - 1) + (xi - xj + w - 1)."""
+    ys, xs = torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    dy = ys[:, None] - ys[None, :] + window - 1
+    dx = xs[:, None] - xs[None, :] + window - 1
+    return dy * (2 * window - 1) + dx
+
+
+class RelPosEmbed(nn.Module):
+    """Swin-style 2-D relative position bias: one learned value per (head, offset) looked up through `index`."""
+
+    def __init__(self, num_heads: int, window: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_heads, (2 * window - 1) ** 2))
+        self.register_buffer("index", relative_position_index(window))
+
+    def forward(self) -> torch.Tensor:
+        return self.weight[:, self.index]  # (heads, L, L)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention inside one window, with the relative-position bias as an additive mask."""
+
+    def __init__(self, dim: int, num_heads: int, window: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        self.rel_pos_embed = RelPosEmbed(num_heads, window)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, length, dim = x.shape
+        # Channel layout of qkv is (which, head, head_dim).
+        q, k, v = self.qkv(x).view(n, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.rel_pos_embed().to(q.dtype)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj(x.transpose(1, 2).reshape(n, length, dim))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (LayerNorm eps 1e-5, exact GELU)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, window: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads, window)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck (1x1, 3x3, 1x1 with BatchNorm) on the full grid: the only cross-window path."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        hidden = dim // 2
+        self.conv1 = nn.Conv2d(dim, hidden, 1, bias=False)
+        self.norm1 = nn.BatchNorm2d(hidden)
+        self.conv2 = nn.Conv2d(hidden, hidden, 3, padding=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(hidden)
+        self.conv3 = nn.Conv2d(hidden, dim, 1, bias=False)
+        self.norm3 = nn.BatchNorm2d(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.gelu(self.norm1(self.conv1(x)))
+        y = F.gelu(self.norm2(self.conv2(y)))
+        return x + self.norm3(self.conv3(y))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, dim: int, patch_size: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class PosEmbed(nn.Module):
+    """Learned absolute position embedding, one row per grid cell (row-major); no interpolation."""
+
+    def __init__(self, num_positions: int, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_positions, dim))
+
+
+def conv_bn(in_dim: int, out_dim: int, kernel: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_dim, out_dim, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(out_dim))
+
+
+class Neck(nn.Module):
+    """Single-level feature pyramid: 1x1 conv+BN to `out_dim`, then 3x3 conv+BN; no activation."""
+
+    def __init__(self, dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.lateral_conv = nn.ModuleList([conv_bn(dim, out_dim, 1)])
+        self.output_conv = nn.ModuleList([conv_bn(out_dim, out_dim, 3)])
+
+    def forward(self, x: torch.Tensor, taps: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        x = self.lateral_conv[0](x)
+        if taps is not None:
+            taps["neck_lateral"] = x
+        return self.output_conv[0](x)
+
+
+def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B * nH * nW, window², C); windows row-major inside each image."""
+    b, h, w, c = x.shape
+    x = x.view(b, h // window, window, w // window, window, c).transpose(2, 3)
+    return x.reshape(-1, window * window, c)
+
+
+def window_merge(x: torch.Tensor, window: int, grid: int) -> torch.Tensor:
+    """Inverse of `window_partition` for a square grid: -> (B, grid, grid, C)."""
+    n = grid // window
+    c = x.shape[-1]
+    x = x.view(-1, n, n, window, window, c).transpose(2, 3)
+    return x.reshape(-1, grid, grid, c)
+
+
+class ImageEncoder(nn.Module):
+    """(B, 3, S, S) normalised BGR image -> (B, out_dim, S/16, S/16) features."""
+
+    def __init__(self, depth: int, dim: int, num_heads: int, mlp_ratio: float, patch_size: int, window: int,
+                 grid: int, out_dim: int, cross_indices: tuple[int, ...]) -> None:
+        super().__init__()
+        self.window, self.grid = window, grid
+        self.cross_indices = tuple(cross_indices)
+        self.patch_embed = PatchEmbed(dim, patch_size)
+        self.pos_embed = PosEmbed(grid * grid, dim)
+        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, window) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.cross_conv = nn.ModuleList(Bottleneck(dim) for _ in self.cross_indices)
+        self.neck = Neck(dim, out_dim)
+
+    def forward(self, x: torch.Tensor, taps: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """`taps`, when given, receives channels-last (B, grid, grid, C) intermediates for parity debugging."""
+        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed.weight
+        x = x.view(-1, self.grid, self.grid, x.shape[-1])
+        if taps is not None:
+            taps["pos_embed"] = x
+        x = window_partition(x, self.window)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i not in self.cross_indices:
+                continue
+            if taps is not None:
+                taps[f"block{i}"] = window_merge(x, self.window, self.grid)
+            if i == last:
+                x = self.norm(x)
+            k = self.cross_indices.index(i)
+            x = window_merge(x, self.window, self.grid).permute(0, 3, 1, 2)
+            x = self.cross_conv[k](x).permute(0, 2, 3, 1)
+            if taps is not None:
+                taps[f"cross_conv{k}"] = x
+            if i != last:
+                x = window_partition(x.contiguous(), self.window)
+        return self.neck(x.permute(0, 3, 1, 2), taps)

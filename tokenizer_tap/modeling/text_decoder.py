@@ -1,0 +1,176 @@
+"""Small causal text decoder that captions a region from its semantic token (a one-token visual prefix).
+
+Pure PyTorch: interleaved (GPT-J) rotary positions, a preallocated batched KV cache and fused SDPA. The official
+code needs CUDA + flash-attn for this part; this one runs anywhere and matches it token for token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .common import MLP
+
+
+def rotary_tables(head_dim: int, length: int, dtype: torch.dtype, device: torch.device | None = None,
+                  base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of theta = p * base^(-2i/d) for p < length, computed in fp32 then stored in `dtype`."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    theta = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
+    return theta.cos().to(dtype), theta.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (2i, 2i+1) of x (N, heads, L, D) by the per-position angles (L, D/2); fp32 math."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos.float(), sin.float()
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys/values per block, (N, heads, max_len, head_dim) each; rows can be dropped mid-way."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @classmethod
+    def empty(cls, depth: int, batch: int, heads: int, length: int, head_dim: int, like: torch.Tensor) -> KVCache:
+        def make() -> list[torch.Tensor]:
+            return [like.new_zeros(batch, heads, length, head_dim) for _ in range(depth)]
+        return cls(make(), make())
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (used to stop computing captions that already ended)."""
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: tuple[torch.Tensor, torch.Tensor] | None, start: int) -> torch.Tensor:
+        n, length, dim = x.shape
+        q, k, v = self.qkv(x).view(n, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:  # write this step, then attend over everything written so far
+            cache[0][:, :, start:start + length] = k
+            cache[1][:, :, start:start + length] = v
+            k, v = cache[0][:, :, :start + length], cache[1][:, :, :start + length]
+        if length == 1:
+            out = F.scaled_dot_product_attention(q, k, v)
+        elif start == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # causal, aligned bottom-right: query i sees keys <= start + i
+            mask = torch.ones(length, start + length, dtype=torch.bool, device=x.device).tril(start)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(out.transpose(1, 2).reshape(n, length, dim))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: tuple[torch.Tensor, torch.Tensor] | None, start: int) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, cache, start)
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, dim: int, num_heads: int, depth: int, mlp_ratio: float, vocab_size: int) -> None:
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(vocab_size, dim)
+        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.text_proj = nn.Linear(dim, vocab_size, bias=False)
+
+
+class TextDecoder(nn.Module):
+    """Semantic token (N, 1, C_img) + token ids -> next-token logits; `generate` captions greedily."""
+
+    def __init__(self, in_dim: int, dim: int, num_heads: int, depth: int, mlp_ratio: float, vocab_size: int,
+                 max_seq_len: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.max_seq_len = num_heads, dim // num_heads, max_seq_len
+        self.encoder = nn.Linear(in_dim, dim, bias=False)
+        self.transformer = Transformer(dim, num_heads, depth, mlp_ratio, vocab_size)
+        self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def rotary(self) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = self.encoder.weight
+        tables = self._rotary
+        if tables is None or tables[0].dtype != weight.dtype or tables[0].device != weight.device:
+            tables = self._rotary = rotary_tables(self.head_dim, self.max_seq_len, weight.dtype, weight.device)
+        return tables
+
+    def run(self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        """Embedded sequence (N, L, dim) at positions start..start+L-1 -> logits (N, L, vocab) in float32."""
+        if start + x.shape[1] > self.max_seq_len:
+            raise ValueError(f"text decoder context is {self.max_seq_len} positions; got {start + x.shape[1]}")
+        cos, sin = self.rotary()
+        cos, sin = cos[start:start + x.shape[1]], sin[start:start + x.shape[1]]
+        for i, block in enumerate(self.transformer.blocks):
+            x = block(x, cos, sin, None if cache is None else (cache.keys[i], cache.values[i]), start)
+        return self.transformer.text_proj(self.transformer.norm(x)).float()
+
+    def forward(self, sem_tokens: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits: (N, 1, C_img) prefix + (N, T) ids -> (N, T, vocab); row j predicts token j+1."""
+        prefix = self.encoder(sem_tokens)
+        x = torch.cat([prefix, self.transformer.tok_embeddings(tokens)], dim=1)
+        return self.run(x)[:, 1:]
+
+    @torch.inference_mode()
+    def generate(self, sem_tokens: torch.Tensor, bos_id: int, eos_id: int, pad_id: int,
+                 max_new_tokens: int | None = None, temperature: float = 0.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Caption N semantic tokens at once.
+
+        Returns an (N, 1 + max_new_tokens) int64 buffer: BOS, the generated ids, and `pad_id` after a row's EOS
+        (finished rows leave the batch, so later steps cost only the rows still running).
+        """
+        limit = self.max_seq_len - 2
+        steps = limit if max_new_tokens is None else max(0, min(max_new_tokens, limit))
+        n = sem_tokens.shape[0]
+        prefix = self.encoder(sem_tokens.reshape(n, 1, -1))
+        out = torch.full((n, steps + 1), pad_id, dtype=torch.long, device=prefix.device)
+        out[:, 0] = bos_id
+        if n == 0 or steps == 0:
+            return out
+        cache = KVCache.empty(len(self.transformer.blocks), n, self.num_heads, self.max_seq_len, self.head_dim,
+                              prefix)
+        embed = self.transformer.tok_embeddings
+        active = torch.arange(n, device=prefix.device)
+        x = torch.cat([prefix, embed(out[:, :1])], dim=1)
+        start = 0
+        for step in range(1, steps + 1):
+            logits = self.run(x, start, cache)[:, -1]
+            if temperature > 0:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            else:
+                nxt = logits.argmax(dim=-1)
+            out[active, step] = nxt
+            start += x.shape[1]
+            running = nxt != eos_id
+            if not bool(running.all()):
+                keep = running.nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    break
+                active, nxt = active[keep], nxt[keep]
+                cache.select(keep)
+            x = embed(nxt).unsqueeze(1)
+        return out

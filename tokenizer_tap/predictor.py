@@ -1,0 +1,276 @@
+"""The interactive API: encode an image once, then answer many region prompts cheaply.
+
+`set_image` runs the heavy encoder and caches its features by image content (bounded LRU), so a second click on
+the same image - or coming back to an earlier image - costs only the prompt decoder, the concept lookup and the
+caption.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .build import TINY_TOKENIZER, build_tap
+from .errors import PromptError
+from .hub import tokenizer_path
+from .image_io import MAX_PIXELS, ImageSource, load_image
+from .modeling import TAP, route
+from .prompts import Prompt
+from .text_tokenizer import TextTokenizer
+from .transforms import ResizeInfo, resize_and_pad, upscale_masks
+
+
+@dataclass
+class Region:
+    """What TAP says about one prompt. `mask` is at original image size; `iou` is the raw predicted IoU."""
+
+    mask: np.ndarray
+    iou: float
+    mask_index: int
+    concepts: list[tuple[str, float]]
+    caption: str
+    sem_token: np.ndarray  # (256,) float32: the routed semantic token, reusable as an LLM region feature
+    prompt: Prompt | None = None
+
+    @property
+    def concept(self) -> str:
+        return self.concepts[0][0] if self.concepts else ""
+
+    @property
+    def concept_prob(self) -> float:
+        return self.concepts[0][1] if self.concepts else 0.0
+
+    @property
+    def area(self) -> float:
+        """Fraction of the image covered by the mask."""
+        return float(self.mask.mean()) if self.mask.size else 0.0
+
+    @property
+    def bbox(self) -> tuple[int, int, int, int] | None:
+        """Tight (x1, y1, x2, y2) box of the mask, exclusive end; None for an empty mask."""
+        ys, xs = np.nonzero(self.mask.any(axis=1))[0], np.nonzero(self.mask.any(axis=0))[0]
+        if ys.size == 0:
+            return None
+        return int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1
+
+    def describe(self) -> str:
+        """The official demo's line: `concept (iou, prob): caption`."""
+        return f"{self.concept} ({self.iou:.2f}, {self.concept_prob:.2f}): {self.caption}"
+
+    def to_dict(self) -> dict:
+        return {"concept": self.concept, "concepts": [[n, round(p, 4)] for n, p in self.concepts],
+                "iou": round(self.iou, 4), "mask_index": self.mask_index, "caption": self.caption,
+                "bbox": self.bbox, "area": round(self.area, 5),
+                "prompt": None if self.prompt is None else {"points": self.prompt.points, "labels": self.prompt.labels,
+                                                            "box": self.prompt.box}}
+
+
+@dataclass
+class _Image:
+    key: str
+    info: ResizeInfo
+    features: torch.Tensor  # (1, C, h, w)
+
+
+class TapPredictor:
+    """Promptable region tokenizer over one current image.
+
+    Example:
+        predictor = TapPredictor.from_pretrained("tap_vit_l")
+        predictor.set_image("photo.jpg")
+        region, = predictor.predict([Prompt.point(120, 340)])
+        print(region.describe())
+    """
+
+    def __init__(self, model: TAP, tokenizer: TextTokenizer, cache_size: int = 8,
+                 max_pixels: int = MAX_PIXELS, decoder_batch: int = 16) -> None:
+        if tokenizer.n_words != model.config.vocab_size:
+            raise ValueError(f"tokenizer has {tokenizer.n_words} pieces but the model expects "
+                             f"{model.config.vocab_size}")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.cache_size, self.max_pixels, self.decoder_batch = cache_size, max_pixels, decoder_batch
+        self._cache: OrderedDict[str, _Image] = OrderedDict()
+        self._image: _Image | None = None
+        self._lock = threading.RLock()
+        self.encoder_calls = 0  # how many times the image encoder ran (cache misses)
+
+    @classmethod
+    def from_pretrained(cls, model: str = "tap_vit_l", checkpoint: str | Path | None = None, *,
+                        concepts: str | Path | None = "merged_2560", tokenizer: str | Path | None = None,
+                        device: str = "auto", dtype: str = "auto", **kwargs) -> TapPredictor:
+        """Official weights (explicit paths, or the hub cache) on the best available device."""
+        tok = TextTokenizer(tokenizer_path(tokenizer))
+        return cls(build_tap(model, checkpoint, concepts=concepts, device=device, dtype=dtype), tok, **kwargs)
+
+    @classmethod
+    def random(cls, model: str = "tap_tiny", seed: int = 0, device: str = "auto", dtype: str = "auto",
+               tokenizer: str | Path | None = None, **kwargs) -> TapPredictor:
+        """Random weights (no download): `tap_tiny` with the bundled tokenizer, or a full size for benchmarks."""
+        tap = build_tap(model, random_weights=True, seed=seed, device=device, dtype=dtype)
+        tok = TextTokenizer(tokenizer or (TINY_TOKENIZER if tap.config.vocab_size != 32000 else tokenizer_path()))
+        return cls(tap, tok, **kwargs)
+
+    # ---------------------------------------------------------------------------------------------- images
+    @staticmethod
+    def image_key(rgb: np.ndarray) -> str:
+        digest = hashlib.blake2b(rgb.tobytes(), digest_size=16)
+        digest.update(str(rgb.shape).encode())
+        return digest.hexdigest()
+
+    def set_image(self, image: ImageSource) -> str:
+        """Make `image` current, encoding it unless its features are cached. Returns its content key."""
+        rgb = load_image(image, self.max_pixels)
+        key = self.image_key(rgb)
+        with self._lock:
+            cached = self._cache.get(key)
+            if cached is None:
+                cached = self._encode(rgb, key)
+                self._cache[key] = cached
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+            self._cache.move_to_end(key)
+            self._image = cached
+        return key
+
+    def reset_image(self) -> None:
+        with self._lock:
+            self._image = None
+
+    def _encode(self, rgb: np.ndarray, key: str) -> _Image:
+        info = ResizeInfo.for_image(*rgb.shape[:2], size=self.model.config.image_size)
+        batch = resize_and_pad(np.ascontiguousarray(rgb[..., ::-1]), info)  # the model was trained on BGR
+        with torch.inference_mode():
+            features = self.model.get_features(torch.from_numpy(batch)[None])
+        self.encoder_calls += 1
+        return _Image(key, info, features)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(width, height) of the current image."""
+        h, w = self._current().info.original_hw
+        return w, h
+
+    def _current(self) -> _Image:
+        if self._image is None:
+            raise RuntimeError("no image set: call set_image(image) before predict()")
+        return self._image
+
+    # --------------------------------------------------------------------------------------------- prompts
+    def predict(self, prompts: Sequence[Prompt], *, top_k: int = 3, caption: bool = True,
+                max_new_tokens: int | None = None, temperature: float = 0.0) -> list[Region]:
+        """Segment, classify and caption each prompt on the current image (one Region per prompt, same order).
+
+        Prompts of the same length are decoded together; all captions are generated in one batch.
+        """
+        with self._lock:
+            image = self._current()
+            h, w = image.info.original_hw
+            rows = [p.rows(w, h) for p in prompts]
+            if not rows:
+                return []
+            with torch.inference_mode():
+                out = self.decode_rows(image, rows)
+                return self._regions(image, out, list(range(len(rows))), prompts, top_k, caption,
+                                     max_new_tokens, temperature)
+
+    def _regions(self, image: _Image, out: dict[str, torch.Tensor], keep: list[int], prompts: Sequence[Prompt],
+                 top_k: int, caption: bool, max_new_tokens: int | None = None,
+                 temperature: float = 0.0) -> list[Region]:
+        """Full-size masks, concepts and captions for the rows `keep` of `decode_rows` output."""
+        sel = torch.tensor(keep, device=out["iou"].device)
+        masks = upscale_masks(out["mask_logits"][sel], image.info).cpu().numpy()
+        concepts = (self.model.concept_projector.decode(out["sem_embeds"][sel], top_k)
+                    if self.model.concept_projector.loaded else [[] for _ in keep])
+        captions = (self.caption(out["sem_tokens"][sel], max_new_tokens, temperature) if caption
+                    else [""] * len(keep))
+        sem = out["sem_tokens"][sel].float().cpu().numpy()
+        return [Region(masks[j], float(out["iou"][i]), int(out["index"][i]), concepts[j], captions[j], sem[j],
+                       prompts[i]) for j, i in enumerate(keep)]
+
+    def decode_rows(self, image: _Image, rows: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        """Tensor-level twin of `predict`: original-pixel (K, 3) rows -> routed low-res outputs, in input order.
+
+        Returns iou (N,), index (N,), mask_logits (N, 256, 256), sem_tokens (N, C), sem_embeds (N, D).
+        """
+        groups: dict[int, list[int]] = {}
+        for i, r in enumerate(rows):  # prompts of equal length batch without padding tokens
+            groups.setdefault(len(r), []).append(i)
+        parts: dict[int, dict[str, torch.Tensor]] = {}
+        for idx in groups.values():
+            for s in range(0, len(idx), self.decoder_batch):
+                chunk = idx[s:s + self.decoder_batch]
+                pts = np.stack([rows[i] for i in chunk])
+                pts[..., :2] *= image.info.scale32
+                out = self.model.get_outputs(image.features, torch.from_numpy(pts))
+                sel = route(out["iou_pred"], torch.from_numpy(pts[:, 0, 2]))
+                for j, i in enumerate(chunk):
+                    parts[i] = {"iou": out["iou_pred"][j, sel[j]], "index": sel[j],
+                                "mask_logits": out["mask_pred"][j, sel[j]],
+                                "sem_tokens": out["sem_tokens"][j, sel[j], 0],
+                                "sem_embeds": out["sem_embeds"][j, sel[j]]}
+        return {k: torch.stack([parts[i][k] for i in range(len(rows))]) for k in parts[0]}
+
+    def caption(self, sem_tokens: torch.Tensor, max_new_tokens: int | None = None,
+                temperature: float = 0.0, batch: int = 64) -> list[str]:
+        """Captions for (N, C) semantic tokens, generated in batches with a shared KV cache."""
+        out: list[str] = []
+        tok = self.tokenizer
+        for s in range(0, sem_tokens.shape[0], batch):
+            buf = self.model.text_decoder.generate(sem_tokens[s:s + batch, None], tok.bos_id, tok.eos_id,
+                                                   tok.pad_id, max_new_tokens, temperature)
+            out += tok.detokenize(buf.cpu().numpy())
+        return out
+
+    # ------------------------------------------------------------------------------------ segment everything
+    def segment_everything(self, image: ImageSource | None = None, *, points_per_side: int = 16,
+                           iou_threshold: float = 0.5, overlap_threshold: float = 0.7, min_area: float = 0.001,
+                           max_regions: int = 24, top_k: int = 3, caption: bool = True) -> list[Region]:
+        """Whole-scene regions: a grid of point prompts, kept if confident, deduplicated by mask overlap.
+
+        Args:
+            points_per_side: the grid is n x n point prompts over the image.
+            iou_threshold: drop masks whose predicted IoU is below this.
+            overlap_threshold: a mask overlapping a better one by more than this IoU is a duplicate.
+            min_area: drop masks covering less than this fraction of the image.
+            max_regions: keep at most this many, best predicted IoU first.
+        """
+        if points_per_side < 1:
+            raise PromptError("points_per_side must be at least 1")
+        with self._lock:
+            if image is not None:
+                self.set_image(image)
+            img = self._current()
+            h, w = img.info.original_hw
+            centres = (np.arange(points_per_side) + 0.5) / points_per_side
+            prompts = [Prompt.point(float(x * w), float(y * h)) for y in centres for x in centres]
+            with torch.inference_mode():
+                out = self.decode_rows(img, [p.rows(w, h) for p in prompts])
+                # Low-res masks cropped to the image area are enough to rank and deduplicate.
+                rh, rw = img.info.resized_hw
+                lh = max(1, round(rh * out["mask_logits"].shape[-2] / img.info.size))
+                lw = max(1, round(rw * out["mask_logits"].shape[-1] / img.info.size))
+                low = (out["mask_logits"][:, :lh, :lw] > 0).flatten(1).float()
+                area = low.mean(1)
+                order = torch.argsort(out["iou"].float(), descending=True).tolist()
+                keep: list[int] = []
+                for i in order:
+                    if len(keep) >= max_regions:
+                        break
+                    if out["iou"][i] < iou_threshold or area[i] < min_area:
+                        continue
+                    if keep:
+                        inter = low[keep] @ low[i]
+                        union = low[keep].sum(1) + low[i].sum() - inter
+                        if bool((inter / union.clamp(min=1) > overlap_threshold).any()):
+                            continue
+                    keep.append(i)
+                if not keep:
+                    return []
+                return self._regions(img, out, keep, prompts, top_k, caption)
