@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,8 +62,9 @@ class Region:
         return int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1
 
     def describe(self) -> str:
-        """The official demo's line: `concept (iou, prob): caption`."""
-        return f"{self.concept} ({self.iou:.2f}, {self.concept_prob:.2f}): {self.caption}"
+        """The official demo's line `concept (iou, prob): caption`, with control characters blanked for display."""
+        caption = "".join(" " if unicodedata.category(c) == "Cc" else c for c in self.caption)
+        return f"{self.concept} ({self.iou:.2f}, {self.concept_prob:.2f}): {caption}"
 
     def to_dict(self) -> dict:
         return {"concept": self.concept, "concepts": [[n, round(p, 4)] for n, p in self.concepts],

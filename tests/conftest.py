@@ -1,0 +1,55 @@
+"""Shared fixtures. The parity fixtures live outside the repo (../shared/reference); tests that need them skip
+with a reason on a user's clone, and fail instead when TAP_REQUIRE_FIXTURES=1 (set by .ci/run)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT.parent / "shared" / "reference"
+FIXTURE_A = REFERENCE / "tap-parity" / "A"
+LLAMA_TOKENIZER = REFERENCE / "tap-parity" / "text_tokenizer.model"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline_hub(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Never touch the network or the user's HF cache: an empty, offline cache."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_HOME"] = str(tmp_path_factory.mktemp("hf_home"))
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        if os.environ.get("TAP_REQUIRE_FIXTURES") == "1":
+            pytest.fail(f"{path} is required in CI (TAP_REQUIRE_FIXTURES=1) but missing")
+        pytest.skip(f"{path} not present (parity fixtures ship beside the repo, not in it)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def fixture_a() -> Path:
+    return _need(FIXTURE_A / "expected.npz").parent
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer() -> Path:
+    return _need(LLAMA_TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def tiny_predictor():
+    from tokenizer_tap import TapPredictor
+    return TapPredictor.random(device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def photo() -> np.ndarray:
+    """A 300x400 RGB test picture: gradient background with a bright square."""
+    y, x = np.mgrid[0:300, 0:400]
+    img = np.stack([x * 255 // 400, y * 255 // 300, np.full_like(x, 90)], -1).astype(np.uint8)
+    img[100:200, 150:260] = (250, 240, 30)
+    return img

@@ -1,0 +1,140 @@
+"""Command line: `python -m tokenizer_tap {describe,convert,parity} ...`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import TapError
+
+
+def _pair(text: str) -> tuple[float, float]:
+    return _numbers(text, 2)  # type: ignore[return-value]
+
+
+def _quad(text: str) -> tuple[float, float, float, float]:
+    return _numbers(text, 4)  # type: ignore[return-value]
+
+
+def _numbers(text: str, n: int) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        values = ()
+    if len(values) != n:
+        raise argparse.ArgumentTypeError(f"expected {n} comma-separated numbers, got {text!r}")
+    return values
+
+
+def _stroke(text: str) -> list[tuple[float, float]]:
+    return [_pair(p) for p in text.split()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tokenizer_tap",
+                                     description="TAP promptable tokenizer: segment, recognise and caption regions.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("describe", help="describe regions of an image given by points, boxes or scribbles")
+    d.add_argument("image")
+    d.add_argument("--point", type=_pair, action="append", default=[], metavar="X,Y",
+                   help="positive point in image pixels; each --point is its own region")
+    d.add_argument("--neg", type=_pair, action="append", default=[], metavar="X,Y",
+                   help="negative point, added to every --point and --box region")
+    d.add_argument("--box", type=_quad, action="append", default=[], metavar="X1,Y1,X2,Y2", help="box region")
+    d.add_argument("--scribble", type=_stroke, action="append", default=[], metavar="'X,Y X,Y ...'",
+                   help="a stroke of points (sampled to 9) as one region")
+    d.add_argument("--everything", action="store_true", help="also segment the whole scene")
+    d.add_argument("--model", default="tap_vit_l", help="tap_vit_b, tap_vit_l, tap_vit_h (default tap_vit_l)")
+    d.add_argument("--checkpoint", help="weights (.pkl/.safetensors/.pt); default: the official file from the hub")
+    d.add_argument("--concepts", default="merged_2560", help="merged_2560, lvis_1203, coco_80 or a .pkl path")
+    d.add_argument("--tokenizer", help="LLaMA tokenizer.model path; default: a verified hub copy")
+    d.add_argument("--tiny", action="store_true", help="tiny random-weight model: needs no download (demo, tests)")
+    d.add_argument("--device", default="auto")
+    d.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    d.add_argument("--top-k", type=int, default=3, help="concepts per region in --json output")
+    d.add_argument("--max-regions", type=int, default=12, help="regions kept by --everything")
+    d.add_argument("--json", action="store_true", help="print JSON instead of text")
+    d.add_argument("--out", help="write an overlay image with numbered regions here")
+
+    c = sub.add_parser("convert", help="convert an official .pkl checkpoint to .safetensors (no pickle needed later)")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--model", help="also check the keys and shapes against this model size")
+
+    p = sub.add_parser("parity", help="compare with the official outputs stored in a parity fixture directory")
+    p.add_argument("fixture")
+    p.add_argument("--threads", type=int, default=2)
+    return parser
+
+
+def describe(args: argparse.Namespace) -> int:
+    from .predictor import TapPredictor
+    from .prompts import Prompt
+    from .visualize import draw_regions
+
+    if args.tiny:
+        predictor = TapPredictor.random(device=args.device, dtype=args.dtype)
+    else:
+        predictor = TapPredictor.from_pretrained(args.model, args.checkpoint, concepts=args.concepts,
+                                                 tokenizer=args.tokenizer, device=args.device, dtype=args.dtype)
+    predictor.set_image(args.image)
+    prompts = [Prompt.point(x, y, args.neg) for x, y in args.point]
+    negatives = tuple(args.neg)
+    prompts += [Prompt(points=negatives, labels=(0,) * len(negatives), box=b, kind="box") for b in args.box]
+    prompts += [Prompt.scribble(s) for s in args.scribble]
+    if not prompts and not args.everything:
+        raise SystemExit("nothing to describe: give --point, --box, --scribble or --everything")
+    regions = predictor.predict(prompts, top_k=args.top_k)
+    if args.everything:
+        regions += predictor.segment_everything(max_regions=args.max_regions, top_k=args.top_k)
+    if args.json:
+        print(json.dumps([dict(r.to_dict(), region=i) for i, r in enumerate(regions, 1)], indent=1))
+    else:
+        if not regions:
+            print("no regions found")
+        for i, r in enumerate(regions, 1):
+            print(f"{i}. {r.describe()}")
+    if args.out:
+        from .image_io import load_image
+        image = load_image(args.image)
+        draw_regions(image, [r.mask for r in regions], [f"{i} {r.concept}" for i, r in enumerate(regions, 1)]
+                     ).save(args.out)
+        print(f"overlay written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def convert(args: argparse.Namespace) -> int:
+    from .checkpoint import check_state_dict, read_state_dict, save_safetensors
+
+    state = read_state_dict(args.src)
+    if args.model:
+        from .config import get_config
+        from .modeling import TAP
+        check_state_dict(TAP(get_config(args.model)), state)
+    save_safetensors(state, args.dst)
+    print(f"wrote {len(state)} tensors to {args.dst}")
+    return 0
+
+
+def parity(args: argparse.Namespace) -> int:
+    from .parity import run_parity
+
+    checks = run_parity(Path(args.fixture), threads=args.threads)
+    for check in checks:
+        print(check.line())
+    failed = [c for c in checks if not c.passed]
+    print(f"{len(checks) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed or not checks else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"describe": describe, "convert": convert, "parity": parity}[args.command](args)
+    except TapError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
