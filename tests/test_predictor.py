@@ -93,8 +93,13 @@ def test_segment_everything_dedupes_and_ranks(tiny_predictor, photo):
     assert tiny_predictor.segment_everything(photo, points_per_side=2, iou_threshold=1e9) == []
 
 
-def test_bfloat16_runs(photo):
-    p = TapPredictor.random(device="cpu", dtype="bfloat16")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_runs_and_stays_close(dtype, photo, tiny_predictor):
+    p = TapPredictor.random(device="cpu", dtype=dtype)
     p.set_image(photo)
     region, = p.predict([Prompt.point(200, 150)], max_new_tokens=5)
-    assert region.mask.shape == (300, 400) and p.model.dtype == torch.bfloat16
+    assert region.mask.shape == (300, 400) and p.model.dtype == dtype
+    assert region.sem_token.dtype == np.float32 and np.isfinite(region.sem_token).all()
+    tiny_predictor.set_image(photo)
+    ref, = tiny_predictor.predict([Prompt.point(200, 150)], caption=False)
+    assert np.abs(region.sem_token - ref.sem_token).max() < 0.15 * np.abs(ref.sem_token).max()

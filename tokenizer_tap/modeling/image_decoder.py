@@ -14,6 +14,11 @@ from .common import MLP, ChannelLayerNorm, Predictor
 from .prompt_encoder import BOX_TOP_LEFT
 
 
+def expand(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Repeat a per-image batch (B, ...) to per-prompt (N, ...) with prompts grouped by image."""
+    return x if x.shape[0] == n else x.repeat_interleave(n // x.shape[0], dim=0)
+
+
 class Attention(nn.Module):
     """Attention with separate q/k/v projections to an `internal_dim` that may be narrower than the tokens."""
 
@@ -29,7 +34,10 @@ class Attention(nn.Module):
         return x.view(x.shape[0], x.shape[1], self.num_heads, -1).transpose(1, 2)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        q, k, v = self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
+        """Inputs may have batch B (per image) or N (per prompt, grouped by image): each side is projected at
+        its own batch size and only then expanded, so image-side projections are shared by all prompts."""
+        n = max(q.shape[0], k.shape[0])
+        q, k, v = (expand(self._heads(t), n) for t in (self.q_proj(q), self.k_proj(k), self.v_proj(v)))
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).flatten(2))
 
@@ -60,7 +68,7 @@ class TwoWayBlock(nn.Module):
         query = self.norm2(query + self.cross_attn_token_to_image(q, k, key))
         query = self.norm3(query + self.mlp(query))
         q = query + query_pos
-        key = self.norm4(key + self.cross_attn_image_to_token(k, q, query))
+        key = self.norm4(expand(key, query.shape[0]) + self.cross_attn_image_to_token(k, q, query))
         return query, key
 
 
@@ -115,7 +123,8 @@ class ImageDecoder(nn.Module):
             raise ValueError(f"{n} prompts cannot be split evenly over {b} images")
         c, h, w = image_embeds.shape[1:]
         m = self.num_mask_tokens
-        key = image_embeds.flatten(2).transpose(1, 2).repeat_interleave(n // b, dim=0)
+        # Keys stay per image until the first image-to-token attention makes them prompt-specific.
+        key = image_embeds.flatten(2).transpose(1, 2)
         tokens = torch.cat([self.sem_tokens.weight, self.iou_token.weight, self.mask_tokens.weight])
         query = torch.cat([tokens.unsqueeze(0).expand(n, -1, -1), sparse_embeds], dim=1)
         query, key = self.transformer(query, key, query, image_pe.unsqueeze(0))

@@ -29,9 +29,22 @@ class RelPosEmbed(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(num_heads, (2 * window - 1) ** 2))
         self.register_buffer("index", relative_position_index(window))
+        self._cached: tuple | None = None
 
-    def forward(self) -> torch.Tensor:
-        return self.weight[:, self.index]  # (heads, L, L)
+    def forward(self, dtype: torch.dtype) -> torch.Tensor:
+        """(1, heads, L, L) bias in `dtype`; 4-D because a 3-D mask sends SDPA to its slow unfused CPU path.
+
+        The gather runs for every window group of every forward, so outside autograd the result is cached,
+        keyed by the weight's storage, version counter (in-place updates) and dtype. The cache holds the
+        weight's storage, so that address cannot be reused by a replacement weight while the entry exists.
+        """
+        if torch.is_grad_enabled():
+            return self.weight[:, self.index].to(dtype)[None]
+        w = self.weight
+        key = (w.device, w.data_ptr(), w._version, dtype)
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, w[:, self.index].to(dtype)[None], w.detach())
+        return self._cached[1]
 
 
 class Attention(nn.Module):
@@ -48,8 +61,7 @@ class Attention(nn.Module):
         n, length, dim = x.shape
         # Channel layout of qkv is (which, head, head_dim).
         q, k, v = self.qkv(x).view(n, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        bias = self.rel_pos_embed().to(q.dtype)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=self.rel_pos_embed(q.dtype))
         return self.proj(x.transpose(1, 2).reshape(n, length, dim))
 
 
@@ -141,6 +153,10 @@ def window_merge(x: torch.Tensor, window: int, grid: int) -> torch.Tensor:
 class ImageEncoder(nn.Module):
     """(B, 3, S, S) normalised BGR image -> (B, out_dim, S/16, S/16) features."""
 
+    #: Tokens per group of windows that the blocks run on (see `run_blocks`). Measured on a 2-core AVX-512/AMX
+    #: CPU: 2048 beats the whole 64x64 grid (fp32 ~14%, bf16 ~8% faster) and 1024 (a slow oneDNN bf16 GEMM shape).
+    chunk_tokens = 2048
+
     def __init__(self, depth: int, dim: int, num_heads: int, mlp_ratio: float, patch_size: int, window: int,
                  grid: int, out_dim: int, cross_indices: tuple[int, ...]) -> None:
         super().__init__()
@@ -153,27 +169,35 @@ class ImageEncoder(nn.Module):
         self.cross_conv = nn.ModuleList(Bottleneck(dim) for _ in self.cross_indices)
         self.neck = Neck(dim, out_dim)
 
+    def run_blocks(self, x: torch.Tensor, blocks: nn.ModuleList) -> torch.Tensor:
+        """Run `blocks` on (windows, window², C) one group of windows at a time.
+
+        Blocks never mix windows, so this is exact; it keeps each intermediate (qkv, MLP hidden) small enough to
+        be recycled by the allocator instead of being freshly page-faulted in every layer, and cache-warm.
+        """
+        chunks = []
+        for chunk in x.split(max(1, self.chunk_tokens // x.shape[1])):
+            for block in blocks:
+                chunk = block(chunk)
+            chunks.append(chunk)
+        return torch.cat(chunks)
+
     def forward(self, x: torch.Tensor, taps: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """`taps`, when given, receives channels-last (B, grid, grid, C) intermediates for parity debugging."""
         x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed.weight
         x = x.view(-1, self.grid, self.grid, x.shape[-1])
         if taps is not None:
             taps["pos_embed"] = x
-        x = window_partition(x, self.window)
-        last = len(self.blocks) - 1
-        for i, block in enumerate(self.blocks):
-            x = block(x)
-            if i not in self.cross_indices:
-                continue
+        start, last = 0, len(self.blocks) - 1
+        for k, end in enumerate(self.cross_indices):
+            x = self.run_blocks(window_partition(x.contiguous(), self.window), self.blocks[start:end + 1])
+            x = window_merge(x, self.window, self.grid)
             if taps is not None:
-                taps[f"block{i}"] = window_merge(x, self.window, self.grid)
-            if i == last:
+                taps[f"block{end}"] = x
+            if end == last:
                 x = self.norm(x)
-            k = self.cross_indices.index(i)
-            x = window_merge(x, self.window, self.grid).permute(0, 3, 1, 2)
-            x = self.cross_conv[k](x).permute(0, 2, 3, 1)
+            x = self.cross_conv[k](x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
             if taps is not None:
                 taps[f"cross_conv{k}"] = x
-            if i != last:
-                x = window_partition(x.contiguous(), self.window)
+            start = end + 1
         return self.neck(x.permute(0, 3, 1, 2), taps)

@@ -1,0 +1,212 @@
+"""Latency benchmark of tokenizer_tap with full-size random weights (default tap_vit_b on 2 CPU threads).
+
+Measures, per dtype, in a fresh subprocess each (so peak RSS belongs to that dtype alone):
+  * image encoder: `get_features` on one padded 1024x1024 image, median of --repeats after a warm-up;
+  * set_image: resize + pad + encode of the 1190x1264 test picture (one run, warm);
+  * click: `predict([Prompt.point(x, y)], max_new_tokens=38)` on cached features, median over --clicks points;
+    with random weights captions often end early at EOS, so the worst case is also timed: the same click
+    without caption plus a caption forced to run all 38 steps (`generate` with an EOS id that never occurs),
+    and a click with a typical-length caption (--typical-tokens steps);
+  * throughput: --batch point prompts in one `predict` call, captions included (prompts per second);
+  * peak RSS (ru_maxrss) of the subprocess.
+
+Usage: python bench/bench_tokenizer.py [--threads 2] [--dtypes float32,bfloat16] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing; spawned workers inherit sys.path
+DEFAULT_TOKENIZER = ROOT.parent / "shared" / "reference" / "tap-parity" / "text_tokenizer.model"
+
+
+def synthetic_image(width: int = 1190, height: int = 1264, seed: int = 0) -> np.ndarray:
+    """(H, W, 3) uint8 RGB: smooth gradients, a few flat rectangles and discs, and mild noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.stack([xx / width, yy / height, 0.5 + 0.5 * np.sin((xx + yy) / 97.0)], axis=-1) * 200
+    for _ in range(12):
+        x0, y0 = rng.integers(0, width - 100), rng.integers(0, height - 100)
+        w, h = rng.integers(60, 400, size=2)
+        img[y0:y0 + h, x0:x0 + w] = rng.integers(0, 256, size=3)
+    for _ in range(8):
+        cx, cy, r = rng.integers(0, width), rng.integers(0, height), rng.integers(30, 200)
+        img[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = rng.integers(0, 256, size=3)
+    img += rng.normal(0, 4, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def run_one(args: argparse.Namespace, dtype: str) -> dict:
+    """All measurements for one dtype (runs in its own process)."""
+    import torch
+
+    from tokenizer_tap.build import build_tap
+    from tokenizer_tap.predictor import TapPredictor
+    from tokenizer_tap.prompts import Prompt
+    from tokenizer_tap.text_tokenizer import TextTokenizer
+    from tokenizer_tap.transforms import ResizeInfo, resize_and_pad
+
+    torch.set_num_threads(args.threads)
+
+    def sync() -> None:
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def timed(fn, *fn_args, **fn_kwargs) -> tuple[float, object]:
+        """(seconds, result) of fn(*fn_args, **fn_kwargs)."""
+        sync()
+        t = time.perf_counter()
+        result = fn(*fn_args, **fn_kwargs)
+        sync()
+        return time.perf_counter() - t, result
+
+    model = build_tap(args.model, random_weights=True, device=args.device, dtype=dtype)
+    tok = TextTokenizer(args.tokenizer)
+    predictor = TapPredictor(model, tok)
+    rgb = synthetic_image()
+    height, width = rgb.shape[:2]
+
+    # Image encoder on the padded 1024x1024 batch the predictor would build (BGR, as the model expects).
+    info = ResizeInfo.for_image(height, width, size=model.config.image_size)
+    batch = torch.from_numpy(resize_and_pad(np.ascontiguousarray(rgb[..., ::-1]), info))[None]
+    with torch.inference_mode():
+        model.get_features(batch)  # warm-up
+        encoder = [timed(model.get_features, batch)[0] for _ in range(args.repeats)]
+
+    set_image = timed(predictor.set_image, rgb)[0]
+    calls = predictor.encoder_calls
+
+    # Clicks at random points of the picture; the first one is a warm-up.
+    rng = np.random.default_rng(1)
+    points = [(float(x), float(y)) for x, y in
+              zip(rng.uniform(0.05, 0.95, args.clicks + 1) * width, rng.uniform(0.05, 0.95, args.clicks + 1) * height)]
+    click = []
+    for i, (x, y) in enumerate(points):
+        t, _ = timed(predictor.predict, [Prompt.point(x, y)], max_new_tokens=args.max_new_tokens)
+        if i:
+            click.append(t)
+
+    # Worst case: the same click without caption + a caption forced through all max_new_tokens steps.
+    # The natural caption length is recounted with the real EOS (greedy, so the same tokens as the click).
+    no_caption, forced, typical, steps, lengths = [], [], [], 0, []
+    decoder = model.text_decoder
+    for i, (x, y) in enumerate(points):
+        t, regions = timed(predictor.predict, [Prompt.point(x, y)], caption=False)
+        sem = torch.from_numpy(regions[0].sem_token).to(model.device, model.dtype)[None, None]
+        with torch.inference_mode():
+            c, buf = timed(decoder.generate, sem, tok.bos_id, -1, tok.pad_id, args.max_new_tokens)
+            c_typical = timed(decoder.generate, sem, tok.bos_id, -1, tok.pad_id, args.typical_tokens)[0]
+            natural = decoder.generate(sem, tok.bos_id, tok.eos_id, tok.pad_id, args.max_new_tokens)
+        steps = int((buf != tok.pad_id).sum()) - 1
+        if i:
+            no_caption.append(t)
+            forced.append(c)
+            typical.append(t + c_typical)
+            lengths.append(int((natural != tok.pad_id).sum()) - 1)
+    encoder_calls_during_clicks = predictor.encoder_calls - calls
+
+    # Throughput: a grid of prompts in one predict call.
+    side = int(np.ceil(np.sqrt(args.batch)))
+    grid = [Prompt.point((0.5 + i % side) / side * width, (0.5 + i // side) / side * height)
+            for i in range(args.batch)]
+    predictor.predict(grid, max_new_tokens=args.max_new_tokens)  # warm-up
+    batch_times = [timed(predictor.predict, grid, max_new_tokens=args.max_new_tokens)[0]
+                   for _ in range(args.batch_repeats)]
+
+    return {
+        "dtype": dtype,
+        "encoder_s": statistics.median(encoder), "encoder_runs_s": encoder,
+        "set_image_s": set_image,
+        "click_ms": 1e3 * statistics.median(click), "click_runs_ms": [1e3 * t for t in click],
+        "caption_steps_mean": float(np.mean(lengths)),
+        "click_no_caption_ms": 1e3 * statistics.median(no_caption),
+        "forced_caption_ms": 1e3 * statistics.median(forced), "forced_caption_steps": steps,
+        "click_forced_ms": 1e3 * statistics.median(a + b for a, b in zip(no_caption, forced)),
+        "click_typical_ms": 1e3 * statistics.median(typical),
+        "caption_token_ms": 1e3 * statistics.median(forced) / args.max_new_tokens,
+        "encoder_calls_during_clicks": encoder_calls_during_clicks,
+        "batch_prompts": args.batch, "batch_s": statistics.median(batch_times),
+        "batch_prompts_per_s": args.batch / statistics.median(batch_times),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def markdown(results: list[dict], args: argparse.Namespace) -> str:
+    rows = [
+        (f"image encoder, 1024² (s, median of {args.repeats})", "encoder_s", "{:.2f}"),
+        ("set_image 1190x1264, resize+encode (s, 1 run)", "set_image_s", "{:.2f}"),
+        (f"click, natural caption (ms, median of {args.clicks})", "click_ms", "{:.0f}"),
+        ("  mean natural caption length (decoding steps)", "caption_steps_mean", "{:.1f}"),
+        ("click without caption (ms)", "click_no_caption_ms", "{:.0f}"),
+        (f"forced {args.max_new_tokens}-token caption (ms)", "forced_caption_ms", "{:.0f}"),
+        ("  forced caption steps", "forced_caption_steps", "{}"),
+        (f"click, decode+concept+{args.max_new_tokens}-token caption (ms)", "click_forced_ms", "{:.0f}"),
+        ("  caption cost per token (ms)", "caption_token_ms", "{:.1f}"),
+        (f"click, decode+concept+{args.typical_tokens}-token caption (ms)", "click_typical_ms", "{:.0f}"),
+        ("encoder calls during clicks", "encoder_calls_during_clicks", "{}"),
+        (f"{args.batch} prompts in one predict (prompts/s)", "batch_prompts_per_s", "{:.1f}"),
+        ("peak RSS (MB)", "peak_rss_mb", "{:.0f}"),
+    ]
+    lines = ["| metric | " + " | ".join(r["dtype"] for r in results) + " |",
+             "|---|" + "---:|" * len(results)]
+    for name, key, fmt in rows:
+        lines.append(f"| {name} | " + " | ".join(fmt.format(r[key]) for r in results) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tap_vit_b")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5, help="timed encoder runs (after one warm-up)")
+    parser.add_argument("--clicks", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=64, help="prompts in the throughput call")
+    parser.add_argument("--batch-repeats", type=int, default=3)
+    parser.add_argument("--max-new-tokens", type=int, default=38)
+    parser.add_argument("--typical-tokens", type=int, default=8,
+                        help="caption length of a typical click (official sample captions run 5-7 tokens + EOS)")
+    parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    import torch
+
+    ctx = multiprocessing.get_context("spawn")
+    results = []
+    for dtype in args.dtypes.split(","):
+        with ctx.Pool(1) as pool:
+            results.append(pool.apply(run_one, (args, dtype)))
+    if any(r["encoder_calls_during_clicks"] for r in results):
+        sys.exit("the image encoder ran during clicks: the feature cache is broken")
+    print(f"{args.model}, random weights, device {args.device}, {args.threads} threads, torch {torch.__version__}, "
+          f"{cpu_name()} ({os.cpu_count()} logical CPUs)\n")
+    print(markdown(results, args))
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                         "torch": torch.__version__, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
