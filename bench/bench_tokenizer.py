@@ -8,6 +8,7 @@ Measures, per dtype, in a fresh subprocess each (so peak RSS belongs to that dty
     without caption plus a caption forced to run all 38 steps (`generate` with an EOS id that never occurs),
     and a click with a typical-length caption (--typical-tokens steps);
   * throughput: --batch point prompts in one `predict` call, captions included (prompts per second);
+  * segment_everything on the default 16x16 grid, keeping and captioning 24 regions (one run);
   * peak RSS (ru_maxrss) of the subprocess.
 
 Usage: python bench/bench_tokenizer.py [--threads 2] [--dtypes float32,bfloat16] [--json out.json]
@@ -133,8 +134,12 @@ def run_one(args: argparse.Namespace, dtype: str) -> dict:
     batch_times = [timed(predictor.predict, grid, max_new_tokens=args.max_new_tokens)[0]
                    for _ in range(args.batch_repeats)]
 
+    # Segment everything: the default 16x16 grid; thresholds off so random weights keep max_regions regions.
+    everything_s, regions = timed(predictor.segment_everything, iou_threshold=-float("inf"), max_regions=24)
+
     return {
         "dtype": dtype,
+        "everything_s": everything_s, "everything_regions": len(regions),
         "encoder_s": statistics.median(encoder), "encoder_runs_s": encoder,
         "set_image_s": set_image,
         "click_ms": 1e3 * statistics.median(click), "click_runs_ms": [1e3 * t for t in click],
@@ -165,6 +170,7 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
         (f"click, decode+concept+{args.typical_tokens}-token caption (ms)", "click_typical_ms", "{:.0f}"),
         ("encoder calls during clicks", "encoder_calls_during_clicks", "{}"),
         (f"{args.batch} prompts in one predict (prompts/s)", "batch_prompts_per_s", "{:.1f}"),
+        ("segment_everything, 256 grid prompts, 24 regions captioned (s)", "everything_s", "{:.1f}"),
         ("peak RSS (MB)", "peak_rss_mb", "{:.0f}"),
     ]
     lines = ["| metric | " + " | ".join(r["dtype"] for r in results) + " |",

@@ -17,6 +17,16 @@ def test_offline_missing_checkpoint_says_where_to_put_it():
     assert "models/tap_vit_b_v1_1.pkl" in msg and "--checkpoint" in msg and "BAAI/tokenize-anything" in msg
 
 
+def test_predictor_reports_every_missing_file_at_once():
+    from tokenizer_tap import TapPredictor
+    with pytest.raises(WeightsNotFoundError) as err:
+        TapPredictor.from_pretrained("tap_vit_h")
+    msg = str(err.value)
+    assert msg.startswith("3 file(s) needed by tap_vit_h are missing")
+    for name in ("models/tap_vit_h_v1_1.pkl", "tokenizer.model", "concepts/merged_2560.pkl"):
+        assert name in msg
+
+
 def test_offline_missing_concepts_and_tokenizer():
     with pytest.raises(WeightsNotFoundError, match="concepts/lvis_1203.pkl.*--concepts"):
         concepts_path("lvis_1203")

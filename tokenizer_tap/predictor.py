@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from .build import TINY_TOKENIZER, build_tap
-from .errors import PromptError
-from .hub import tokenizer_path
+from .config import get_config
+from .errors import PromptError, WeightsNotFoundError
+from .hub import checkpoint_path, concepts_path, tokenizer_path
 from .image_io import MAX_PIXELS, ImageSource, load_image
 from .modeling import TAP, route
 from .prompts import Prompt
@@ -107,9 +108,26 @@ class TapPredictor:
     def from_pretrained(cls, model: str = "tap_vit_l", checkpoint: str | Path | None = None, *,
                         concepts: str | Path | None = "merged_2560", tokenizer: str | Path | None = None,
                         device: str = "auto", dtype: str = "auto", **kwargs) -> TapPredictor:
-        """Official weights (explicit paths, or the hub cache) on the best available device."""
-        tok = TextTokenizer(tokenizer_path(tokenizer))
-        return cls(build_tap(model, checkpoint, concepts=concepts, device=device, dtype=dtype), tok, **kwargs)
+        """Official weights (explicit paths, or the hub cache) on the best available device.
+
+        Every missing file is reported in one `WeightsNotFoundError`, so an offline user fixes them all at once.
+        """
+        config = get_config(model)
+        resolvers = {"checkpoint": lambda: checkpoint_path(config, checkpoint),
+                     "tokenizer": lambda: tokenizer_path(tokenizer)}
+        if concepts is not None:
+            resolvers["concepts"] = lambda: concepts_path(concepts)
+        paths, missing = {}, []
+        for name, resolve in resolvers.items():
+            try:
+                paths[name] = resolve()
+            except WeightsNotFoundError as exc:
+                missing.append(f"- {exc}")
+        if missing:
+            raise WeightsNotFoundError(f"{len(missing)} file(s) needed by {config.name} are missing:\n"
+                                       + "\n".join(missing))
+        tap = build_tap(config, paths["checkpoint"], concepts=paths.get("concepts"), device=device, dtype=dtype)
+        return cls(tap, TextTokenizer(paths["tokenizer"]), **kwargs)
 
     @classmethod
     def random(cls, model: str = "tap_tiny", seed: int = 0, device: str = "auto", dtype: str = "auto",
@@ -232,7 +250,7 @@ class TapPredictor:
 
     # ------------------------------------------------------------------------------------ segment everything
     def segment_everything(self, image: ImageSource | None = None, *, points_per_side: int = 16,
-                           iou_threshold: float = 0.5, overlap_threshold: float = 0.7, min_area: float = 0.001,
+                           iou_threshold: float = 0.7, overlap_threshold: float = 0.7, min_area: float = 0.001,
                            max_regions: int = 24, top_k: int = 3, caption: bool = True) -> list[Region]:
         """Whole-scene regions: a grid of point prompts, kept if confident, deduplicated by mask overlap.
 
