@@ -103,3 +103,10 @@ def test_half_precision_runs_and_stays_close(dtype, photo, tiny_predictor):
     tiny_predictor.set_image(photo)
     ref, = tiny_predictor.predict([Prompt.point(200, 150)], caption=False)
     assert np.abs(region.sem_token - ref.sem_token).max() < 0.15 * np.abs(ref.sem_token).max()
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 3), (3000, 2)])
+def test_tiny_and_extreme_images(tiny_predictor, shape):
+    tiny_predictor.set_image(np.full((*shape, 3), 128, np.uint8))
+    region, = tiny_predictor.predict([Prompt.point(shape[1] / 2, shape[0] / 2)], caption=False)
+    assert region.mask.shape == shape
