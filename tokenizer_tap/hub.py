@@ -30,7 +30,7 @@ def hub_file(repo: str, filename: str, what: str, flag: str) -> Path:
             f"{what} not available: {repo}/{filename} is not in the local Hugging Face cache and could not be "
             f"downloaded ({reason[:200]}).\n  Fix: download https://huggingface.co/{repo}/resolve/main/{filename} "
             f"and pass it with {flag} PATH, or run `huggingface-cli download {repo} {filename}` on a machine "
-            "with network access to fill the cache.") from None
+            "with network access to fill the cache. Offline, set HF_HUB_OFFLINE=1 to skip download attempts.") from None
 
 
 def checkpoint_path(config: TAPConfig, path: str | Path | None = None) -> Path:
