@@ -109,3 +109,77 @@ def test_restricted_unpickler_accepts_concept_format(tmp_path):
     path.write_bytes(pickle.dumps([np.ones((4, 2), np.float32), ["a", "b"]]))
     W, names = safe_unpickle(path)
     assert W.shape == (4, 2) and names == ["a", "b"]
+
+
+class _ForgedDtype:
+    """An object dtype whose pickled state claims it holds no Python objects: numpy would read bytes as pointers."""
+
+    def __reduce__(self):
+        return np.dtype, ("O8", False, True), (3, "|", None, None, None, -1, -1, 0)
+
+
+class _ForgedArray:
+    def __reduce__(self):
+        return (np._core.multiarray._reconstruct, (np.ndarray, (0,), b"b"),
+                (1, (1,), _ForgedDtype(), False, b"AAAAAAAA"))
+
+
+class _ForgedScalar:
+    def __reduce__(self):
+        return np._core.multiarray.scalar, (_ForgedDtype(), b"AAAAAAAA")
+
+
+class _HugeArray:
+    """Asks numpy to allocate a huge array directly (a memory bomb in a few bytes)."""
+
+    def __reduce__(self):
+        return np.ndarray, ((1024, 10**7), np.dtype("f8"))
+
+
+@pytest.mark.parametrize("payload,match", [
+    (collections.OrderedDict(w=_ForgedArray()), "not numeric"),
+    ([_ForgedArray(), ["a"]], "not numeric"),
+    (collections.OrderedDict(w=_ForgedScalar()), "scalar"),
+    ([_HugeArray(), ["a"]], "not a readable pickle"),
+    (collections.OrderedDict(w=np.array(["text"])), "not numeric"),
+    (collections.OrderedDict(w=np.array([1 + 2j])), "not numeric"),
+    (collections.OrderedDict(w=np.array([1, "a"], dtype=object)), "numeric raw data|not numeric"),
+])
+def test_crafted_numpy_payloads_are_refused(tmp_path, payload, match):
+    path = tmp_path / "crafted.pkl"
+    path.write_bytes(pickle.dumps(payload, protocol=4))
+    with pytest.raises(CheckpointError, match=match):
+        read_state_dict(path) if isinstance(payload, dict) else load_concepts(path)
+
+
+class _ShortArray:
+    """Claims 4 float32 values but carries 8 bytes."""
+
+    def __reduce__(self):
+        return (np._core.multiarray._reconstruct, (np.ndarray, (0,), b"b"),
+                (1, (4,), np.dtype("f4"), False, b"\0" * 8))
+
+
+def test_array_size_must_match_its_data(tmp_path):
+    path = tmp_path / "short.pkl"
+    path.write_bytes(pickle.dumps(collections.OrderedDict(w=_ShortArray()), protocol=4))
+    with pytest.raises(CheckpointError, match="does not match its data size"):
+        read_state_dict(path)
+
+
+def test_big_endian_and_fortran_arrays_load_correctly(tmp_path):
+    state = collections.OrderedDict(be=np.arange(6, dtype=">f4").reshape(2, 3),
+                                    f=np.asfortranarray(np.arange(6, dtype=np.float16).reshape(2, 3)))
+    path = tmp_path / "w.pkl"
+    path.write_bytes(pickle.dumps(state, protocol=4))
+    loaded = read_state_dict(path)
+    assert loaded["be"].tolist() == [[0, 1, 2], [3, 4, 5]] and loaded["f"].tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_corrupt_relative_position_index_is_refused(tmp_path):
+    state = TAP(PRESETS["tap_tiny"]).state_dict()
+    state["image_encoder.blocks.1.attn.rel_pos_embed.index"] = state[
+        "image_encoder.blocks.1.attn.rel_pos_embed.index"] + 7
+    save_safetensors(state, tmp_path / "bad.safetensors")
+    with pytest.raises(CheckpointError, match="blocks.1.attn.rel_pos_embed.index differs"):
+        load_weights(TAP(PRESETS["tap_tiny"]), tmp_path / "bad.safetensors")

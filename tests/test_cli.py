@@ -41,8 +41,17 @@ def test_bad_inputs_give_plain_errors(tmp_path):
                  ["describe", EXAMPLE, "--checkpoint", str(tmp_path / "none.pkl"), "--point", "1,1"]):
         res = run(*args)
         assert res.returncode == 2 and res.stderr.startswith("error: ") and "Traceback" not in res.stderr
+    for args in (["describe", EXAMPLE, "--model", "tap_vit_q", "--point", "1,1"],
+                 ["describe", EXAMPLE, "--tiny", "--device", "gpu", "--point", "1,1"],
+                 ["describe", EXAMPLE, "--tiny", "--dtype", "float64", "--point", "1,1"],
+                 ["describe", EXAMPLE, "--tiny", "--point", "1,1", "--out", str(tmp_path / "no" / "x.png")],
+                 ["describe", EXAMPLE, "--tiny", "--point", "1,1", "--out", str(tmp_path / "x.txt")]):
+        res = run(*args)
+        assert res.returncode == 2 and res.stderr.startswith("error: ") and "Traceback" not in res.stderr, args
     res = run("describe", EXAMPLE, "--tiny", "--point", "1;2")
     assert res.returncode == 2 and "comma-separated" in res.stderr
+    res = run("describe", EXAMPLE, "--tiny", "--point", "1,1", "--top-k", "0")
+    assert res.returncode == 2 and ">= 1" in res.stderr
 
 
 def test_convert_pkl_to_safetensors(fixture_a, tmp_path):

@@ -45,7 +45,7 @@ def test_non_images(data, match):
 
 def test_truncated_jpeg(photo):
     data = _encode(Image.fromarray(photo), "JPEG")
-    with pytest.raises(ImageError, match="corrupt or truncated"):
+    with pytest.raises(ImageError, match="corrupt, truncated"):
         load_image(data[: len(data) // 2])
 
 
@@ -75,6 +75,12 @@ def test_modes_become_rgb(mode, photo):
     assert out.shape == (300, 400, 3) and out.dtype == np.uint8
     if mode == "I;16":  # 16-bit data is scaled, not clipped
         assert np.abs(out[..., 0].astype(int) - photo[..., 0]).max() <= 1
+    if mode == "L":  # gray replicated to three equal channels, close to the luma of the photo
+        assert (out[..., 0] == out[..., 2]).all()
+        luma = photo.astype(float) @ [0.299, 0.587, 0.114]
+        assert np.abs(out[..., 0] - luma).max() <= 1.5
+    if mode in ("CMYK", "RGBA", "P"):  # colours survive (PIL's "P" conversion quantises to the web palette)
+        assert np.abs(out.astype(int) - photo).mean() < (30 if mode == "P" else 1)
 
 
 def test_transparent_pixels_become_white():
@@ -102,6 +108,23 @@ def test_exif_rotation_is_applied(photo):
 def test_arrays(arr):
     out = load_image(arr)
     assert out.shape == (5, 6, 3) and out.dtype == np.uint8
+    if arr.dtype.kind == "f":  # floats in [0, 1] are scaled to 0..255
+        expected = arr if arr.ndim == 3 else np.repeat(arr[..., None], 3, axis=2)
+        assert np.abs(out.astype(float) - expected * 255).max() <= 0.5
+    else:  # full-scale 16-bit and True are white
+        assert (out == 255).all()
+
+
+def test_other_inputs():
+    with pytest.raises(ImageError, match="expected a path"):
+        load_image(12345)
+    with pytest.raises(ImageError, match="no such file"):
+        load_image("x" * 5000)
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    png = _encode(Image.fromarray(noise), "PNG")
+    lazy = Image.open(io.BytesIO(png[: len(png) // 2]))  # header read, pixels not yet decoded
+    with pytest.raises(ImageError, match="corrupt"):
+        load_image(lazy)
 
 
 @pytest.mark.parametrize("arr,match", [

@@ -77,11 +77,16 @@ def test_batched_captions_equal_single_and_stop_at_eos(tiny):
     single = torch.cat([tiny.text_decoder.generate(s[None], 1, 2, 383, 20) for s in sem])
     batched = tiny.text_decoder.generate(sem, 1, 2, 383, 20)
     assert torch.equal(single, batched)
-    # Pick an EOS id that some row emits early: rows stop there and are padded afterwards.
-    eos = int(batched[0, 3])
-    stopped = tiny.text_decoder.generate(sem, 1, eos, 383, 20)
-    first = (stopped[0] == eos).nonzero()[0, 0]
-    assert bool((stopped[0, first + 1:] == 383).all())
+    # With an EOS id that some rows emit early, those rows stop (pad afterwards) and leave the batch; every row
+    # must still match the no-EOS run up to and including its own first EOS.
+    free = tiny.text_decoder.generate(sem, 1, -1, 383, 20)
+    for eos in {int(t) for t in free[:, 1:6].flatten()}:
+        stopped = tiny.text_decoder.generate(sem, 1, eos, 383, 20)
+        for row_free, row in zip(free, stopped):
+            hits = (row_free[1:] == eos).nonzero()
+            end = int(hits[0, 0]) + 2 if len(hits) else row.numel()
+            assert torch.equal(row[:end], row_free[:end])
+            assert bool((row[end:] == 383).all())
 
 
 def test_max_new_tokens_bounds(tiny):

@@ -53,3 +53,35 @@ def test_parity_cli_exit_code(fixture_a, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "tokenizer_tap", "parity", str(tmp_path / "broken")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_public_predictor_api_reproduces_fixture(fixture_a):
+    """The user-facing path (Prompt -> TapPredictor.predict) gives the official masks, concepts and captions."""
+    from tokenizer_tap import Prompt, TAPConfig, TapPredictor
+    from tokenizer_tap.checkpoint import load_concepts, load_weights
+    from tokenizer_tap.modeling import TAP
+    from tokenizer_tap.text_tokenizer import TextTokenizer
+
+    config = json.loads((fixture_a / "config.json").read_text())
+    model = TAP(TAPConfig.from_dict(config["model"]))
+    load_weights(model, fixture_a / "checkpoint.pkl")
+    model.float().eval().concept_projector.reset_weights(*load_concepts(fixture_a / "concepts.pkl"))
+    predictor = TapPredictor(model, TextTokenizer((fixture_a / config["tokenizer"]).resolve()))
+    predictor.set_image(fixture_a / "image.png")
+    ref = np.load(fixture_a / "expected.npz")
+    sets = json.loads((fixture_a / "prompts.json").read_text())["prompt_sets"]
+    prompts = []
+    for ps in sets:
+        rows = [r for r in ps["points"] if r[2] != 4]  # Prompt.rows adds the pad row itself
+        box = [r for r in rows if r[2] in (2, 3)]
+        points = [r for r in rows if r[2] in (0, 1)]
+        prompts.append(Prompt(points=[r[:2] for r in points], labels=[int(r[2]) for r in points],
+                              box=(*box[0][:2], *box[1][:2]) if box else None))
+    for ps, region in zip(sets, predictor.predict(prompts, top_k=1)):
+        p = ps["name"] + "_"
+        assert region.mask_index == int(ref[p + "mask_index"][0])
+        assert region.concept == str(ref[p + "concept_name"][0])
+        assert abs(region.concept_prob - float(ref[p + "concept_prob"][0])) < 1e-5
+        assert abs(region.iou - float(ref[p + "iou_pred"][0, region.mask_index])) < 5e-6
+        assert region.caption == str(ref[p + "caption"][0])
+        assert np.count_nonzero(region.mask != ref[p + "masks"][0]) <= int(ref[p + "masks_near_zero"][0])

@@ -59,12 +59,42 @@ def test_batched_prompts_equal_one_by_one(tiny_predictor, photo):
 
 def test_errors_are_typed(photo):
     p = TapPredictor.random(device="cpu", dtype="float32")
-    with pytest.raises(RuntimeError, match="set_image"):
+    with pytest.raises(RuntimeError, match="set_image"):  # misuse of the API, not bad user data
         p.predict([Prompt.point(1, 1)])
     p.set_image(photo)
     assert p.predict([]) == []
     with pytest.raises(PromptError, match="outside"):
         p.predict([Prompt.point(1, 1), Prompt.point(1000, 1)])
+    with pytest.raises(PromptError, match="list of Prompt"):
+        p.predict(Prompt.point(1, 1))
+    with pytest.raises(PromptError, match="list of Prompt"):
+        p.predict([(1, 1)])
+    with pytest.raises(PromptError, match="top_k"):
+        p.predict([Prompt.point(1, 1)], top_k=0)
+    with pytest.raises(ValueError, match="cache_size"):
+        TapPredictor(p.model, p.tokenizer, cache_size=0)
+
+
+def test_predict_on_a_cached_image_by_key(photo):
+    p = TapPredictor.random(device="cpu", dtype="float32")
+    first = p.set_image(photo)
+    p.set_image(np.ascontiguousarray(photo[::-1]))
+    by_key, = p.predict([Prompt.point(200, 150)], image=first, caption=False)
+    p.set_image(photo)
+    current, = p.predict([Prompt.point(200, 150)], caption=False)
+    assert np.array_equal(by_key.mask, current.mask) and p.encoder_calls == 2
+    with pytest.raises(RuntimeError, match="no longer cached"):
+        p.predict([Prompt.point(1, 1)], image="0" * 32)
+
+
+def test_region_json_and_recaption_in_bf16(photo):
+    import json
+    p = TapPredictor.random(device="cpu", dtype="bfloat16")
+    p.set_image(photo)
+    region, = p.predict([Prompt(points=np.array([[200.0, 150.0]]), labels=np.array([1]))], max_new_tokens=4)
+    json.dumps(region.to_dict())
+    again = p.caption(torch.from_numpy(region.sem_token)[None], max_new_tokens=4)
+    assert again == [region.caption]
 
 
 def test_exif_rotated_photo_gives_masks_in_display_orientation(tiny_predictor, photo, tmp_path):

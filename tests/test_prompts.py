@@ -21,19 +21,31 @@ def test_box_partly_outside_is_clipped():
     assert Prompt.from_box(-5, 10, 150, 60).rows(100, 100)[:2].tolist() == [[0, 10, 2], [100, 60, 3]]
 
 
-@pytest.mark.parametrize("prompt,match", [
-    (Prompt(), "at least one point or a box"),
-    (Prompt.point(101, 5), "outside the 100x100 image"),
-    (Prompt.point(-1, 5), "outside"),
-    (Prompt.from_box(10, 10, 10.5, 50), "empty"),
-    (Prompt.from_box(200, 200, 300, 300), "lies outside"),
-    (Prompt.point(float("nan"), 3), "finite"),
-    (Prompt(points=((1, 1),), labels=(3,)), "label"),
-    (Prompt(points=((1, 1), (2, 2)), labels=(1,)), "labels"),
+@pytest.mark.parametrize("make,match", [
+    (lambda: Prompt(), "at least one point or a box"),
+    (lambda: Prompt.point(101, 5), "outside the 100x100 image"),
+    (lambda: Prompt.point(-1, 5), "outside"),
+    (lambda: Prompt.from_box(10, 10, 10.5, 50), "empty"),
+    (lambda: Prompt.from_box(200, 200, 300, 300), "lies outside"),
+    (lambda: Prompt.point(float("nan"), 3), "finite"),
+    (lambda: Prompt(points=((1, 1),), labels=(3,)), "label"),
+    (lambda: Prompt(points=((1, 1),), labels=(0.5,)), "label"),
+    (lambda: Prompt(points=((1, 1), (2, 2)), labels=(1,)), "labels"),
+    (lambda: Prompt(points=((1, 2, 1),)), "point must be 2 numbers"),
+    (lambda: Prompt(box=(1, 2, 3)), "box must be 4 numbers"),
+    (lambda: Prompt.point(1, 1, negatives=(5, 5)), "point must be 2 numbers"),
+    (lambda: Prompt(points="12"), "must be a sequence"),
+    (lambda: Prompt.point("a", 1), "2 numbers"),
 ])
-def test_invalid_prompts(prompt, match):
+def test_invalid_prompts(make, match):
     with pytest.raises(PromptError, match=match):
-        prompt.rows(100, 100)
+        make().rows(100, 100)
+
+
+def test_numpy_inputs_are_normalised():
+    p = Prompt(points=np.array([[10.0, 20.0]]), labels=np.array([1]), box=np.array([1, 2, 30, 40]))
+    assert p.points == ((10.0, 20.0),) and p.labels == (1,) and p.box == (1.0, 2.0, 30.0, 40.0)
+    assert all(type(v) is float for v in p.points[0]) and type(p.labels[0]) is int
 
 
 def test_scribble_is_sampled_to_nine_points_in_stroke_order():

@@ -22,7 +22,10 @@ TINY_CONCEPTS = ["person", "dog", "cat", "car", "tree", "house", "sky", "cloud",
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if str(device) != "auto":
-        return torch.device(device)
+        try:
+            return torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -55,8 +58,9 @@ def build_tap(model: str | TAPConfig = "tap_vit_l", checkpoint: str | Path | Non
     """
     config = get_config(model)
     dev = resolve_device(device)
-    torch.manual_seed(seed)
-    tap = TAP(config)
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG state
+        torch.manual_seed(seed)
+        tap = TAP(config)
     if random_weights:
         rng = np.random.default_rng(seed)
         weights = rng.standard_normal((config.sem_embed_dim, len(TINY_CONCEPTS))).astype(np.float32)

@@ -7,7 +7,6 @@ code a crafted file asks for, so only the handful of globals such a file needs a
 from __future__ import annotations
 
 import collections
-import io
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,15 +17,71 @@ from torch import nn
 
 from .errors import CheckpointError
 
+# Array element types a weights file may hold: bool, signed/unsigned integers and floats. Anything else (objects,
+# strings, records, complex) is refused before numpy ever sees it.
+_NUMERIC_KINDS = "biuf"
+
+
+class _DTypeSpec:
+    """Inert stand-in for `numpy.dtype(...)` inside a pickle: records the type name and byte order only."""
+
+    def __init__(self, name: object, align: object = False, copy: object = True) -> None:
+        self.name, self.byteorder = name, "="
+
+    def __setstate__(self, state: object) -> None:
+        if isinstance(state, tuple) and len(state) > 1 and state[1] in ("<", ">", "|", "="):
+            self.byteorder = state[1]
+
+    def dtype(self) -> np.dtype:
+        try:
+            dt = np.dtype(self.name) if isinstance(self.name, str) and len(self.name) <= 8 else None
+        except TypeError:
+            dt = None
+        if dt is None or dt.kind not in _NUMERIC_KINDS or dt.fields is not None or dt.subdtype is not None:
+            raise CheckpointError(f"refusing to load: array element type {self.name!r} is not numeric")
+        return dt.newbyteorder(self.byteorder) if self.byteorder in "<>" else dt
+
+
+class _ArraySpec:
+    """Inert stand-in for `numpy.core.multiarray._reconstruct(...)`: keeps shape, type and raw bytes.
+
+    Nothing from the file is handed to numpy's own unpickling code (which trusts dtype state and can be made to
+    read memory as object pointers); `build` checks everything and copies the bytes into a fresh array.
+    """
+
+    def __init__(self, cls: object = None, shape: object = None, typecode: object = None) -> None:
+        self.state: object = None
+
+    def __setstate__(self, state: object) -> None:
+        self.state = state
+
+    def build(self) -> np.ndarray:
+        state = self.state
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise CheckpointError("refusing to load: malformed array record")
+        _, shape, spec, fortran, raw = state
+        if not isinstance(spec, _DTypeSpec) or not isinstance(raw, (bytes, bytearray)):
+            raise CheckpointError("refusing to load: array without numeric raw data")
+        if not (isinstance(shape, tuple) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise CheckpointError(f"refusing to load: bad array shape {shape!r}")
+        dtype = spec.dtype()
+        if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != len(raw):
+            raise CheckpointError(f"refusing to load: array {shape} of {dtype} does not match its data size")
+        array = np.frombuffer(raw, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+        return array.astype(dtype.newbyteorder("="), copy=True)
+
+
+class _NotCallable:
+    """What `numpy.ndarray` resolves to: only valid as the first argument of `_reconstruct`."""
+
+
 # (module, name) pairs an official checkpoint or concept file may reference. numpy 2 renamed numpy.core.
 _ALLOWED: dict[tuple[str, str], object] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-    ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
-    ("numpy.core.multiarray", "scalar"): np._core.multiarray.scalar,
-    ("numpy._core.multiarray", "scalar"): np._core.multiarray.scalar,
+    ("numpy", "ndarray"): _NotCallable,
+    ("numpy", "dtype"): _DTypeSpec,
+    ("numpy.core.multiarray", "_reconstruct"): _ArraySpec,
+    ("numpy._core.multiarray", "_reconstruct"): _ArraySpec,
 }
 
 
@@ -40,11 +95,28 @@ class _RestrictedUnpickler(pickle.Unpickler):
                 "(a crafted file could run code through it)") from None
 
 
+def _materialise(obj: object) -> object:
+    """Replace every `_ArraySpec` in dicts / lists / tuples by its checked array."""
+    if isinstance(obj, _ArraySpec):
+        return obj.build()
+    if isinstance(obj, dict):
+        return type(obj)((k, _materialise(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_materialise(v) for v in obj)
+    if isinstance(obj, (_DTypeSpec, _NotCallable)) or obj is _NotCallable:
+        raise CheckpointError("refusing to load: a numpy type outside an array")
+    return obj
+
+
 def safe_unpickle(path: str | Path) -> object:
-    """Unpickle a file admitting only OrderedDict / numpy array globals."""
-    data = Path(path).read_bytes()
+    """Unpickle a file of numpy arrays in (ordered) dicts and lists, without running anything it names.
+
+    Only OrderedDict and inert stand-ins for numpy's array reconstruction are admitted; arrays are rebuilt from
+    their raw bytes after checking that they are numeric and exactly as large as their data.
+    """
     try:
-        return _RestrictedUnpickler(io.BytesIO(data)).load()
+        with open(path, "rb") as f:
+            return _materialise(_RestrictedUnpickler(f).load())
     except CheckpointError:
         raise
     except Exception as exc:  # truncated or corrupt pickles raise many different types
@@ -79,6 +151,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     for key, value in obj.items():
         if not isinstance(key, str) or not isinstance(value, (np.ndarray, torch.Tensor)):
             raise CheckpointError(f"{path}: entry {key!r} is not a named array")
+        if isinstance(value, np.ndarray) and value.dtype.kind not in _NUMERIC_KINDS:
+            raise CheckpointError(f"{path}: entry {key!r} holds {value.dtype} values, not numbers")
         out[key] = torch.as_tensor(value)
     return out
 
@@ -107,9 +181,17 @@ def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> Non
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Strictly load `path` into `model`, keeping each parameter's dtype (values are cast on copy)."""
+    """Strictly load `path` into `model`, keeping each parameter's dtype (values are cast on copy).
+
+    Integer buffers (the relative-position index tables) are derived from the architecture, so a file whose
+    tables differ from the model's is corrupt: it would index out of range or silently scramble attention.
+    """
     state = read_state_dict(path)
     check_state_dict(model, state)
+    for key, expected in model.state_dict().items():
+        if key.endswith("rel_pos_embed.index") and not torch.equal(state[key].to(expected.dtype), expected):
+            raise CheckpointError(f"{path}: {key} differs from the relative-position table of this architecture; "
+                                  "the file is corrupt")
     model.load_state_dict(state, strict=True)
 
 

@@ -29,6 +29,16 @@ def _numbers(text: str, n: int) -> tuple[float, ...]:
     return values
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def _stroke(text: str) -> list[tuple[float, float]]:
     return [_pair(p) for p in text.split()]
 
@@ -55,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tiny", action="store_true", help="tiny random-weight model: needs no download (demo, tests)")
     d.add_argument("--device", default="auto")
     d.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    d.add_argument("--top-k", type=int, default=3, help="concepts per region in --json output")
-    d.add_argument("--max-regions", type=int, default=12, help="regions kept by --everything")
+    d.add_argument("--top-k", type=_positive, default=3, help="concepts per region in --json output")
+    d.add_argument("--max-regions", type=_positive, default=12, help="regions kept by --everything")
     d.add_argument("--json", action="store_true", help="print JSON instead of text")
     d.add_argument("--out", help="write an overlay image with numbered regions here")
 
@@ -76,6 +86,12 @@ def describe(args: argparse.Namespace) -> int:
     from .prompts import Prompt
     from .visualize import draw_regions
 
+    if args.out:  # fail before any model work, not after it
+        out = Path(args.out)
+        if not out.parent.is_dir():
+            raise ValueError(f"--out: folder {out.parent} does not exist")
+        if out.suffix.lower() not in {".png", ".jpg", ".jpeg", ".webp"}:
+            raise ValueError("--out must end in .png, .jpg, .jpeg or .webp")
     if args.tiny:
         predictor = TapPredictor.random(device=args.device, dtype=args.dtype)
     else:
@@ -135,6 +151,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"describe": describe, "convert": convert, "parity": parity}[args.command](args)
-    except TapError as exc:
+    except (TapError, ValueError, OSError) as exc:  # user-fixable: bad files, names, options
         print(f"error: {exc}", file=sys.stderr)
         return 2

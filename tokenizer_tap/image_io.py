@@ -31,29 +31,38 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     if isinstance(source, np.ndarray):
         return _from_array(source, max_pixels)
     if isinstance(source, Image.Image):
-        return _from_pil(source, max_pixels)
-    if isinstance(source, (bytes, bytearray)):
-        name, stream = "image data", io.BytesIO(source)
-    else:
+        name, opener = "image", None
+    elif isinstance(source, (bytes, bytearray)):
+        name, opener = "image data", io.BytesIO(source)
+    elif isinstance(source, (str, os.PathLike)):
         name = str(source)
-        if not Path(name).is_file():
-            raise ImageError(f"{name}: no such file")
-        stream = name
+        try:
+            exists = Path(name).is_file()
+        except (OSError, ValueError):  # over-long or NUL-containing paths
+            exists = False
+        if not exists:
+            raise ImageError(f"{name[:200]}: no such file")
+        opener = name
+    else:
+        raise ImageError(f"expected a path, bytes, a PIL image or a numpy array, got {type(source).__name__}")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(stream) as img:
+            # Our own pixel limit is checked from the header before decoding, so PIL's warning is redundant.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if opener is None:
+                return _from_pil(source, max_pixels, name)
+            with Image.open(opener) as img:
                 _check_size(img.size, max_pixels, name)
                 img.load()
-                return _from_pil(img, max_pixels)
+                return _from_pil(img, max_pixels, name)
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:
         raise ImageError(f"{name}: image is too large to decode safely") from None
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image file PIL can read (JPEG, PNG, WebP, TIFF, BMP, GIF ...)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError(f"{name}: the image is corrupt or truncated ({exc})") from None
+        raise ImageError(f"{name}: the image is corrupt, truncated or in an unsupported mode ({exc})") from None
 
 
 def _check_size(size: tuple[int, int], max_pixels: int, name: str) -> None:
@@ -73,7 +82,7 @@ def _from_pil(img: Image.Image, max_pixels: int, name: str = "image") -> np.ndar
         return _from_array(np.asarray(img), max_pixels)
     if img.mode == "P":
         img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa"):
+    if img.mode in ("RGBA", "LA", "La", "PA", "RGBa"):
         canvas = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(canvas, img.convert("RGBA"))
     return np.ascontiguousarray(np.asarray(img.convert("RGB"), dtype=np.uint8))

@@ -61,8 +61,16 @@ def run_parity(fixture: str | Path, threads: int | None = 2) -> list[Check]:
     tol = json.loads((fixture / cfg["tolerances"]).read_text())
     prompt_sets = json.loads((fixture / cfg["prompts"]).read_text())
     ref = np.load(fixture / cfg["expected"])
-    if threads:
+    previous_threads = torch.get_num_threads()
+    if threads:  # the reference ran on 2 threads, which fixes the order of fp32 summations
         torch.set_num_threads(threads)
+    try:
+        return _run(fixture, cfg, tol, prompt_sets, ref)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(fixture: Path, cfg: dict, tol: dict, prompt_sets: dict, ref: np.lib.npyio.NpzFile) -> list[Check]:
 
     model = TAP(TAPConfig.from_dict({**cfg["model"], "name": fixture.name}))
     load_weights(model, fixture / cfg["checkpoint"])

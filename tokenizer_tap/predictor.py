@@ -20,7 +20,7 @@ import torch
 
 from .build import TINY_TOKENIZER, build_tap
 from .config import get_config
-from .errors import PromptError, WeightsNotFoundError
+from .errors import CheckpointError, PromptError, WeightsNotFoundError
 from .hub import checkpoint_path, concepts_path, tokenizer_path
 from .image_io import MAX_PIXELS, ImageSource, load_image
 from .modeling import TAP, route
@@ -95,8 +95,10 @@ class TapPredictor:
     def __init__(self, model: TAP, tokenizer: TextTokenizer, cache_size: int = 8,
                  max_pixels: int = MAX_PIXELS, decoder_batch: int = 16) -> None:
         if tokenizer.n_words != model.config.vocab_size:
-            raise ValueError(f"tokenizer has {tokenizer.n_words} pieces but the model expects "
-                             f"{model.config.vocab_size}")
+            raise CheckpointError(f"tokenizer {tokenizer.path} has {tokenizer.n_words} pieces but the model expects "
+                                  f"{model.config.vocab_size}: use the tokenizer the checkpoint was trained with")
+        if cache_size < 1:
+            raise ValueError("cache_size must be at least 1 (the current image is cached)")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.cache_size, self.max_pixels, self.decoder_batch = cache_size, max_pixels, decoder_batch
         self._cache: OrderedDict[str, _Image] = OrderedDict()
@@ -140,7 +142,7 @@ class TapPredictor:
     # ---------------------------------------------------------------------------------------------- images
     @staticmethod
     def image_key(rgb: np.ndarray) -> str:
-        digest = hashlib.blake2b(rgb.tobytes(), digest_size=16)
+        digest = hashlib.blake2b(np.ascontiguousarray(rgb).data, digest_size=16)  # hashes in place, no copy
         digest.update(str(rgb.shape).encode())
         return digest.hexdigest()
 
@@ -177,20 +179,35 @@ class TapPredictor:
         h, w = self._current().info.original_hw
         return w, h
 
-    def _current(self) -> _Image:
+    def _current(self, key: str | None = None) -> _Image:
+        """The current image, or the cached image with content key `key` (as returned by `set_image`)."""
+        if key is not None:
+            if key not in self._cache:
+                raise RuntimeError(f"image {key} is no longer cached: call set_image(image) again")
+            return self._cache[key]
         if self._image is None:
             raise RuntimeError("no image set: call set_image(image) before predict()")
         return self._image
 
     # --------------------------------------------------------------------------------------------- prompts
-    def predict(self, prompts: Sequence[Prompt], *, top_k: int = 3, caption: bool = True,
-                max_new_tokens: int | None = None, temperature: float = 0.0) -> list[Region]:
-        """Segment, classify and caption each prompt on the current image (one Region per prompt, same order).
+    def predict(self, prompts: Sequence[Prompt], *, image: str | None = None, top_k: int = 3,
+                caption: bool = True, max_new_tokens: int | None = None, temperature: float = 0.0) -> list[Region]:
+        """Segment, classify and caption each prompt (one Region per prompt, same order).
+
+        Args:
+            prompts: a list of `Prompt`s in original image pixels.
+            image: content key from `set_image` to use instead of the current image (safe when several
+                callers share one predictor).
+            top_k: concepts reported per region.
 
         Prompts of the same length are decoded together; all captions are generated in one batch.
         """
+        if isinstance(prompts, Prompt) or not all(isinstance(p, Prompt) for p in prompts):
+            raise PromptError("predict() takes a list of Prompt objects, e.g. [Prompt.point(x, y)]")
+        if top_k < 1:
+            raise PromptError(f"top_k must be at least 1, got {top_k}")
         with self._lock:
-            image = self._current()
+            image = self._current(image)
             h, w = image.info.original_hw
             rows = [p.rows(w, h) for p in prompts]
             if not rows:
@@ -242,6 +259,7 @@ class TapPredictor:
         """Captions for (N, C) semantic tokens, generated in batches with a shared KV cache."""
         out: list[str] = []
         tok = self.tokenizer
+        sem_tokens = sem_tokens.to(self.model.device, self.model.dtype)
         for s in range(0, sem_tokens.shape[0], batch):
             buf = self.model.text_decoder.generate(sem_tokens[s:s + batch, None], tok.bos_id, tok.eos_id,
                                                    tok.pad_id, max_new_tokens, temperature)
@@ -249,7 +267,8 @@ class TapPredictor:
         return out
 
     # ------------------------------------------------------------------------------------ segment everything
-    def segment_everything(self, image: ImageSource | None = None, *, points_per_side: int = 16,
+    def segment_everything(self, image: ImageSource | None = None, *, key: str | None = None,
+                           points_per_side: int = 16,
                            iou_threshold: float = 0.7, overlap_threshold: float = 0.7, min_area: float = 0.001,
                            max_regions: int = 24, top_k: int = 3, caption: bool = True) -> list[Region]:
         """Whole-scene regions: a grid of point prompts, kept if confident, deduplicated by mask overlap.
@@ -260,13 +279,15 @@ class TapPredictor:
             overlap_threshold: a mask overlapping a better one by more than this IoU is a duplicate.
             min_area: drop masks covering less than this fraction of the image.
             max_regions: keep at most this many, best predicted IoU first.
+
+        `image` makes a new image current first; `key` selects a cached image as in `predict`.
         """
-        if points_per_side < 1:
-            raise PromptError("points_per_side must be at least 1")
+        if points_per_side < 1 or top_k < 1:
+            raise PromptError("points_per_side and top_k must be at least 1")
         with self._lock:
             if image is not None:
-                self.set_image(image)
-            img = self._current()
+                key = self.set_image(image)
+            img = self._current(key)
             h, w = img.info.original_hw
             centres = (np.arange(points_per_side) + 0.5) / points_per_side
             prompts = [Prompt.point(float(x * w), float(y * h)) for y in centres for x in centres]

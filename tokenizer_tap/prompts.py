@@ -26,10 +26,19 @@ class Prompt:
     box: tuple[float, float, float, float] | None = None
     kind: str = field(default="", compare=False)
 
+    def __post_init__(self) -> None:
+        """Normalise lists, numpy arrays and numpy scalars to plain tuples; malformed input is a PromptError."""
+        points = tuple(_numbers(p, 2, "point") for p in _rows(self.points, "points"))
+        labels = tuple(_label(v) for v in _rows(self.labels, "labels"))
+        object.__setattr__(self, "points", points)
+        object.__setattr__(self, "labels", labels)
+        if self.box is not None:
+            object.__setattr__(self, "box", _numbers(self.box, 4, "box"))
+
     @classmethod
     def point(cls, x: float, y: float, negatives: Sequence[tuple[float, float]] = ()) -> Prompt:
-        pts = ((x, y), *map(tuple, negatives))
-        return cls(pts, (POSITIVE,) + (NEGATIVE,) * len(negatives), kind="point")
+        negatives = _rows(negatives, "negatives")
+        return cls(((x, y), *negatives), (POSITIVE,) + (NEGATIVE,) * len(negatives), kind="point")
 
     @classmethod
     def from_box(cls, x1: float, y1: float, x2: float, y2: float) -> Prompt:
@@ -37,8 +46,12 @@ class Prompt:
 
     @classmethod
     def scribble(cls, stroke: Sequence[tuple[float, float]]) -> Prompt:
-        """A drawn stroke (ordered points); long strokes are sampled to `SCRIBBLE_POINTS` evenly spaced points."""
-        stroke = [tuple(p) for p in stroke]
+        """A drawn stroke: its points in drawing order, reduced to `SCRIBBLE_POINTS` at evenly spaced indices.
+
+        The official app instead samples the drawn pixels in row-major scan order; following the stroke keeps the
+        samples spread along what the user drew.
+        """
+        stroke = list(_rows(stroke, "stroke"))
         if len(stroke) > SCRIBBLE_POINTS:
             idx = np.linspace(0, len(stroke), SCRIBBLE_POINTS + 2)[1:-1].astype(int)
             stroke = [stroke[i] for i in idx]
@@ -57,7 +70,7 @@ class Prompt:
             raise PromptError(f"{len(self.points)} points but {len(labels)} labels")
         rows: list[tuple[float, float, float]] = []
         if self.box is not None:
-            x1, y1, x2, y2 = _finite(self.box, "box")
+            x1, y1, x2, y2 = self.box
             x1, x2 = sorted((x1, x2))
             y1, y2 = sorted((y1, y2))
             if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
@@ -68,7 +81,6 @@ class Prompt:
                 raise PromptError(f"box ({x1:g}, {y1:g}, {x2:g}, {y2:g}) is empty: drag a larger box")
             rows += [(x1, y1, BOX_TOP_LEFT), (x2, y2, BOX_BOTTOM_RIGHT)]
         for (x, y), label in zip(self.points, labels):
-            x, y = _finite((x, y), "point")
             if label not in (POSITIVE, NEGATIVE):
                 raise PromptError(f"point label must be 1 (positive) or 0 (negative), got {label}")
             if not (0 <= x <= width and 0 <= y <= height):
@@ -79,11 +91,32 @@ class Prompt:
         return np.asarray(rows, dtype=np.float32)
 
 
-def _finite(values: Sequence[float], what: str) -> tuple[float, ...]:
+def _rows(values: object, what: str) -> tuple:
+    if values is None:
+        return ()
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+        raise PromptError(f"{what} must be a sequence, got {type(values).__name__}")
+    return tuple(values)
+
+
+def _numbers(values: object, n: int, what: str) -> tuple[float, ...]:
+    """Exactly `n` finite numbers as floats."""
     try:
-        out = tuple(float(v) for v in values)
+        out = tuple(float(v) for v in values)  # type: ignore[union-attr]
     except (TypeError, ValueError):
-        raise PromptError(f"{what} coordinates must be numbers, got {values!r}") from None
+        raise PromptError(f"{what} must be {n} numbers, got {values!r}") from None
+    if len(out) != n:
+        raise PromptError(f"{what} must be {n} numbers, got {len(out)}: {values!r}")
     if not all(np.isfinite(out)):
         raise PromptError(f"{what} coordinates must be finite, got {values!r}")
     return out
+
+
+def _label(value: object) -> int:
+    try:
+        label = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise PromptError(f"point label must be 1 (positive) or 0 (negative), got {value!r}") from None
+    if label != value:
+        raise PromptError(f"point label must be 1 (positive) or 0 (negative), got {value!r}")
+    return label

@@ -41,10 +41,6 @@ class ResizeInfo:
         """Scale as float32: prompt coordinates are multiplied by this, in float32, as upstream."""
         return np.float32(self.scale)
 
-    def to_input(self, xy: np.ndarray) -> np.ndarray:
-        """Original-pixel (..., 2) coordinates -> input-frame coordinates (float32)."""
-        return np.asarray(xy, dtype=np.float32) * self.scale32
-
 
 def resize_and_pad(image: np.ndarray, info: ResizeInfo) -> np.ndarray:
     """(H, W, 3) uint8 BGR -> (size, size, 3) uint8: PIL bilinear resize, pad bottom-right with `PAD_BGR`."""

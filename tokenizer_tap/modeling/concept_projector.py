@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import CheckpointError
+
 
 class ConceptProjector(nn.Module):
     def __init__(self, sem_dim: int) -> None:
@@ -23,7 +25,7 @@ class ConceptProjector(nn.Module):
     def reset_weights(self, weights: np.ndarray | torch.Tensor, names: list[str]) -> None:
         weights = torch.as_tensor(np.asarray(weights, dtype=np.float32))
         if weights.ndim != 2 or weights.shape[0] != self.sem_dim or weights.shape[1] != len(names):
-            raise ValueError(f"concept matrix must be ({self.sem_dim}, K) with K names; got "
+            raise CheckpointError(f"concept matrix must be ({self.sem_dim}, K) with K names; got "
                              f"{tuple(weights.shape)} and {len(names)} names")
         self.weights = weights
         self.names = [str(n) for n in names]

@@ -29,22 +29,10 @@ class RelPosEmbed(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(num_heads, (2 * window - 1) ** 2))
         self.register_buffer("index", relative_position_index(window))
-        self._cached: tuple | None = None
 
     def forward(self, dtype: torch.dtype) -> torch.Tensor:
-        """(1, heads, L, L) bias in `dtype`; 4-D because a 3-D mask sends SDPA to its slow unfused CPU path.
-
-        The gather runs for every window group of every forward, so outside autograd the result is cached,
-        keyed by the weight's storage, version counter (in-place updates) and dtype. The cache holds the
-        weight's storage, so that address cannot be reused by a replacement weight while the entry exists.
-        """
-        if torch.is_grad_enabled():
-            return self.weight[:, self.index].to(dtype)[None]
-        w = self.weight
-        key = (w.device, w.data_ptr(), w._version, dtype)
-        if self._cached is None or self._cached[0] != key:
-            self._cached = (key, w[:, self.index].to(dtype)[None], w.detach())
-        return self._cached[1]
+        """(1, heads, L, L) bias in `dtype`; 4-D because a 3-D mask sends SDPA to its slow unfused CPU path."""
+        return self.weight[:, self.index].to(dtype)[None]
 
 
 class Attention(nn.Module):
@@ -57,11 +45,12 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.rel_pos_embed = RelPosEmbed(num_heads, window)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """`bias` is `rel_pos_embed(dtype)`, computed once per forward by the encoder for all window groups."""
         n, length, dim = x.shape
         # Channel layout of qkv is (which, head, head_dim).
         q, k, v = self.qkv(x).view(n, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=self.rel_pos_embed(q.dtype))
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(x.transpose(1, 2).reshape(n, length, dim))
 
 
@@ -75,8 +64,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), bias)
         return x + self.mlp(self.norm2(x))
 
 
@@ -175,10 +164,11 @@ class ImageEncoder(nn.Module):
         Blocks never mix windows, so this is exact; it keeps each intermediate (qkv, MLP hidden) small enough to
         be recycled by the allocator instead of being freshly page-faulted in every layer, and cache-warm.
         """
+        biases = [block.attn.rel_pos_embed(x.dtype) for block in blocks]  # gathered once, not per group
         chunks = []
         for chunk in x.split(max(1, self.chunk_tokens // x.shape[1])):
-            for block in blocks:
-                chunk = block(chunk)
+            for block, bias in zip(blocks, biases):
+                chunk = block(chunk, bias)
             chunks.append(chunk)
         return torch.cat(chunks)
 

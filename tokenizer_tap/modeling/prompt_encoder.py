@@ -24,7 +24,6 @@ class PromptEncoder(nn.Module):
         # Gaussian at init, but what is used is whatever the checkpoint holds.
         self.register_buffer("coord_matrix", torch.randn(2, dim // 2))
         self.point_embed = nn.Embedding(NUM_LABELS, dim)
-        self._img_pos: torch.Tensor | None = None
 
     def encode_coords(self, coords: torch.Tensor) -> torch.Tensor:
         """Fourier features of (..., 2) coordinates normalised to [0, 1]; computed in float32."""
@@ -39,12 +38,7 @@ class PromptEncoder(nn.Module):
         return pe * (labels != PAD).unsqueeze(-1).to(pe.dtype) + self.point_embed(labels)
 
     def image_pe(self, grid: int) -> torch.Tensor:
-        """(grid², dim) positional encoding of the feature-grid cell centres, row-major; cached."""
-        pe = self._img_pos
-        if pe is None or pe.shape[0] != grid * grid or pe.device != self.coord_matrix.device \
-                or pe.dtype != self.point_embed.weight.dtype:
-            centres = (torch.arange(grid, dtype=torch.float32, device=self.coord_matrix.device) + 0.5) / grid
-            ys, xs = torch.meshgrid(centres, centres, indexing="ij")
-            pe = self.encode_coords(torch.stack([xs, ys], dim=-1)).flatten(0, 1).to(self.point_embed.weight.dtype)
-            self._img_pos = pe
-        return pe
+        """(grid², dim) positional encoding of the feature-grid cell centres, row-major (cheap: not cached)."""
+        centres = (torch.arange(grid, dtype=torch.float32, device=self.coord_matrix.device) + 0.5) / grid
+        ys, xs = torch.meshgrid(centres, centres, indexing="ij")
+        return self.encode_coords(torch.stack([xs, ys], dim=-1)).flatten(0, 1).to(self.point_embed.weight.dtype)
