@@ -17,18 +17,22 @@ from .common import MLP
 
 def rotary_tables(head_dim: int, length: int, dtype: torch.dtype, device: torch.device | None = None,
                   base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of theta = p * base^(-2i/d) for p < length, computed in fp32 then stored in `dtype`."""
+    """(length, head_dim) tables for interleaved rotary: theta = p * base^(-2i/d), computed in fp32 and stored in
+    `dtype` (as upstream). Each angle fills both slots of its pair; the sine is negated in the even slot."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
     theta = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
-    return theta.cos().to(dtype), theta.sin().to(dtype)
+    cos, sin = theta.cos().to(dtype), theta.sin().to(dtype)
+    return cos.repeat_interleave(2, dim=-1), torch.stack([-sin, sin], dim=-1).flatten(-2)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (2i, 2i+1) of x (N, heads, L, D) by the per-position angles (L, D/2); fp32 math."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos.float(), sin.float()
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return out.flatten(-2).to(x.dtype)
+    """Rotate interleaved pairs: out[2i] = x[2i] cos - x[2i+1] sin, out[2i+1] = x[2i+1] cos + x[2i] sin (fp32 math).
+
+    Written as x * cos + swap_pairs(x) * signed_sin, which rounds identically and takes four kernels, not twelve.
+    """
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return (xf * cos.float() + swapped * sin.float()).to(x.dtype)
 
 
 @dataclass
@@ -60,8 +64,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: tuple[torch.Tensor, torch.Tensor] | None, start: int) -> torch.Tensor:
         n, length, dim = x.shape
-        q, k, v = self.qkv(x).view(n, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qkv = self.qkv(x).view(n, length, 3, self.num_heads, -1)  # channels: (which, head, head_dim)
+        qk = apply_rotary(qkv[:, :, :2], cos[:, None, None], sin[:, None, None])  # q and k in one pass
+        q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)
+        v = qkv[:, :, 2].transpose(1, 2)
         if cache is not None:  # write this step, then attend over everything written so far
             cache[0][:, :, start:start + length] = k
             cache[1][:, :, start:start + length] = v
