@@ -10,7 +10,7 @@ import numpy as np
 from .errors import PromptError
 from .modeling import BOX_BOTTOM_RIGHT, BOX_TOP_LEFT, NEGATIVE, PAD, POSITIVE
 
-#: A scribble is reduced to this many points, evenly spaced along the stroke (as the official app does).
+#: A scribble is reduced to this many points, evenly spaced along the stroke (the official app also uses 9).
 SCRIBBLE_POINTS = 9
 
 
