@@ -1,0 +1,1 @@
+"""assistant: the TAP-Chat engine (Phi-2 + TAP visual tokens and region grounding)."""
