@@ -23,11 +23,14 @@ class ProjectorConfig:
     out_dim: int = 2560  # Phi-2 hidden size
     merge: int = 2  # side of the neighbourhood merged into one token
     num_blocks: int = 3
+    grid: int = 64  # side of TAP's feature grid (image_size / patch_size)
 
-    def num_tokens(self, grid: int = 64) -> int:
-        if grid % self.merge:
-            raise ValueError(f"grid {grid} is not divisible by merge {self.merge}")
-        return (grid // self.merge) ** 2
+    def __post_init__(self) -> None:
+        if self.grid % self.merge:
+            raise ValueError(f"feature grid {self.grid} is not divisible by merge {self.merge}")
+
+    def num_tokens(self) -> int:
+        return (self.grid // self.merge) ** 2
 
 
 class ResidualBlock(nn.Module):
@@ -57,9 +60,9 @@ class ConvProjector(nn.Module):
                                  nn.Linear(config.out_dim, config.out_dim))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        m = self.config.merge
-        if features.shape[-1] % m or features.shape[-2] % m:
-            raise ValueError(f"feature grid {tuple(features.shape[-2:])} is not divisible by merge {m}")
+        m, g = self.config.merge, self.config.grid
+        if tuple(features.shape[-2:]) != (g, g):
+            raise ValueError(f"expected a {g}x{g} feature grid, got {tuple(features.shape[-2:])}")
         x = F.pixel_unshuffle(features, m) if m > 1 else features  # 2x2 neighbours -> channels
         x = self.blocks(self.merge(x))
         return self.mlp(x.flatten(2).transpose(1, 2))

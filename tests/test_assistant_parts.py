@@ -53,7 +53,7 @@ def test_projector_shapes_and_identity_init():
     proj = ConvProjector(cfg).eval()
     x = torch.randn(2, 32, 64, 64)
     out = proj(x)
-    assert out.shape == (2, 1024, 64) and cfg.num_tokens(64) == 1024
+    assert out.shape == (2, 1024, 64) and cfg.num_tokens() == 1024
     # Zero-initialised last convs: the residual blocks are the identity, so the output is MLP(merge(x)).
     merged = proj.merge(torch.nn.functional.pixel_unshuffle(x, 2))
     assert torch.allclose(out, proj.mlp(merged.flatten(2).transpose(1, 2)))

@@ -79,7 +79,8 @@ class Region:
 class _Image:
     key: str
     info: ResizeInfo
-    features: torch.Tensor  # (1, C, h, w)
+    features: torch.Tensor  # (1, C, h, w) neck output: what the region decoder reads
+    trunk: torch.Tensor  # (1, width, h, w) encoder output before the neck: what a chat projector reads
 
 
 class TapPredictor:
@@ -168,15 +169,26 @@ class TapPredictor:
     def _encode(self, rgb: np.ndarray, key: str) -> _Image:
         info = ResizeInfo.for_image(*rgb.shape[:2], size=self.model.config.image_size)
         batch = resize_and_pad(np.ascontiguousarray(rgb[..., ::-1]), info)  # the model was trained on BGR
+        taps: dict[str, torch.Tensor] = {}
         with torch.inference_mode():
-            features = self.model.get_features(torch.from_numpy(batch)[None])
+            features = self.model.get_features(torch.from_numpy(batch)[None], taps)
+        trunk = taps[f"cross_conv{len(self.model.config.cross_indices) - 1}"].permute(0, 3, 1, 2)
         self.encoder_calls += 1
-        return _Image(key, info, features)
+        return _Image(key, info, features, trunk)
+
+    def trunk_features(self, key: str | None = None) -> torch.Tensor:
+        """(1, width, h, w) last-stage encoder features of the current (or cached `key`) image."""
+        with self._lock:
+            return self._current(key).trunk
 
     @property
     def image_size(self) -> tuple[int, int]:
         """(width, height) of the current image."""
-        h, w = self._current().info.original_hw
+        return self.size_of()
+
+    def size_of(self, key: str | None = None) -> tuple[int, int]:
+        """(width, height) of the current image, or of the cached image `key`."""
+        h, w = self._current(key).info.original_hw
         return w, h
 
     def _current(self, key: str | None = None) -> _Image:

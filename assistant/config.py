@@ -1,0 +1,95 @@
+"""`ChatConfig`: everything needed to rebuild a chat model, stored as `config.json` in a checkpoint folder.
+
+A folder never holds absolute paths: the TAP model and the LLM are named (preset / hub id), and every tensor file
+is addressed relative to the folder, so a folder written on a training machine loads anywhere unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from .llm import DEFAULT_LLM, LoraSettings
+from .projector import ProjectorConfig
+
+FORMAT = "tapchat-checkpoint"
+VERSION = 1
+MODES = ("grounded", "tapchat")
+
+
+@dataclass(frozen=True)
+class ChatConfig:
+    """Which models a chat checkpoint combines and how prompts are built.
+
+    mode: `grounded` (Phi-2 reads TAP's region lines only; zero-shot with public weights) or `tapchat`
+    (visual tokens through the projector, LoRA-tuned Phi-2, and the same region lines).
+    """
+
+    mode: str = "grounded"
+    tap_model: str = "tap_vit_l"
+    llm: str = DEFAULT_LLM
+    projector: ProjectorConfig | None = None
+    lora: LoraSettings | None = None
+    template: str = "bunny"
+    max_context: int = 2048  # Phi-2's positions: visual tokens + prompt + answer must fit
+    scene_regions: int | None = None  # top-K segment-everything regions when a turn has none; None: mode default
+    tuned_encoder_blocks: tuple[int, ...] = field(default_factory=tuple)  # TAP encoder blocks with tuned weights
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose grounded or tapchat")
+        if self.mode == "tapchat" and self.projector is None:
+            raise ValueError("tapchat mode needs a projector configuration")
+        if self.template != "bunny":
+            raise ValueError(f"unknown template {self.template!r}; only bunny is supported")
+        if self.max_context < 64:
+            raise ValueError("max_context must be at least 64 tokens")
+
+    @property
+    def num_scene_regions(self) -> int:
+        """Scene context is on by default where it is the only visual information (grounded mode)."""
+        if self.scene_regions is not None:
+            return self.scene_regions
+        return 5 if self.mode == "grounded" else 0
+
+    def with_(self, **changes) -> ChatConfig:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["lora"] = self.lora.to_dict() if self.lora else None
+        data["tuned_encoder_blocks"] = list(self.tuned_encoder_blocks)
+        return {"format": FORMAT, "version": VERSION, **data}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ChatConfig:
+        data = dict(data)
+        if data.pop("format", FORMAT) != FORMAT:
+            raise ValueError("not a TAP-Chat checkpoint config (format field)")
+        version = data.pop("version", VERSION)
+        if version > VERSION:
+            raise ValueError(f"checkpoint format version {version} is newer than this code ({VERSION}); upgrade")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+        if data.get("projector") is not None:
+            data["projector"] = ProjectorConfig(**data["projector"])
+        if data.get("lora") is not None:
+            data["lora"] = LoraSettings.from_dict(data["lora"])
+        data["tuned_encoder_blocks"] = tuple(data.get("tuned_encoder_blocks", ()))
+        return cls(**data)
+
+    def save(self, folder: str | Path) -> None:
+        Path(folder, "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> ChatConfig:
+        path = Path(folder, "config.json")
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{folder} is not a TAP-Chat checkpoint folder (no config.json)") from None
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ValueError(f"{path} is not a valid TAP-Chat config: {exc}") from None

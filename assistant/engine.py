@@ -1,0 +1,457 @@
+"""`Assistant`: the one façade the CLI, the app, LangChain and the benchmark harness use.
+
+It owns the TAP predictor (regions, image features), the chat model, per-conversation KV caches and, optionally,
+the history store. Model work is serialised by one lock: on a CPU two generations at once are slower than one
+after the other, and the predictor and KV caches are not meant for concurrent use.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tokenizer_tap.build import resolve_device, resolve_dtype
+from tokenizer_tap.errors import TapError
+from tokenizer_tap.image_io import ImageSource, load_image
+from tokenizer_tap.predictor import TapPredictor
+from tokenizer_tap.prompts import Prompt
+
+from .config import ChatConfig
+from .conversation import (
+    Conversation,
+    ConversationError,
+    RegionEntry,
+    TurnEntry,
+    clean_message,
+    plan_prompt,
+    turn_regions,
+)
+from .generation import GenerationSettings, PrefixCache, decode
+from .grounding import GroundedRegion
+from .llm import TINY_LLM, LoraSettings, TinyPhi
+from .model import ChatModel
+from .projector import ProjectorConfig
+
+SAVE_EVERY_S = 1.0  # how often a streaming answer is written to the store
+
+
+class GenerationError(RuntimeError):
+    """The model failed mid-answer; the partial answer was kept (marked incomplete)."""
+
+
+@dataclass
+class Reply:
+    """One answer and what it cost."""
+
+    text: str = ""
+    complete: bool = False
+    cancelled: bool = False
+    dropped_turns: int = 0
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+    new_tokens: int = 0
+    first_token_s: float | None = None
+    total_s: float = 0.0
+    regions: list[int] = field(default_factory=list)
+
+
+class ReplyStream:
+    """Iterate for text pieces as they are generated; `reply` holds the result; `cancel()` works from any thread."""
+
+    def __init__(self, pieces: Iterator[str], reply: Reply, cancel: threading.Event) -> None:
+        self._pieces, self.reply, self._cancel = pieces, reply, cancel
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def text(self) -> str:
+        """Run to the end and return the whole answer."""
+        for _ in self._pieces:
+            pass
+        return self.reply.text
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One benchmark question: an image (or None), the question, optional region prompts."""
+
+    image: ImageSource | None
+    question: str
+    prompts: Sequence[Prompt] = ()
+
+
+class Assistant:
+    """Chat about images region by region.
+
+    Example:
+        bot = Assistant.tiny()              # or Assistant.from_pretrained("checkpoints/tapchat")
+        conv = bot.start(image="photo.jpg")
+        bot.add_region(conv, Prompt.point(120, 340))
+        print(bot.ask(conv, "What is <region1> doing?").text)
+    """
+
+    def __init__(self, predictor: TapPredictor, chat: ChatModel, store=None, *,
+                 cache_bytes: int = 2 << 30, model_id: str = "") -> None:
+        self.predictor, self.chat, self.store = predictor, chat, store
+        self.config: ChatConfig = chat.config
+        self.model_id = model_id or f"{self.config.mode}:{self.config.tap_model}+{self.config.llm}"
+        self.kv = PrefixCache(cache_bytes)
+        self._lock = threading.RLock()
+        self._visual: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._scene: OrderedDict[str, list[GroundedRegion]] = OrderedDict()
+        if chat.encoder_state:
+            _load_encoder_blocks(predictor, chat.encoder_state)
+
+    # ---------------------------------------------------------------------------------------- construction
+    @classmethod
+    def from_pretrained(cls, checkpoint: str | Path | None = None, *, tap_model: str | None = None,
+                        tap_checkpoint: str | Path | None = None, llm: str | None = None, device: str = "auto",
+                        dtype: str = "auto", quantization: str = "none", store=None, **tap_kwargs) -> Assistant:
+        """A checkpoint folder (tapchat or grounded), or with no folder, grounded mode on public weights."""
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        if checkpoint is not None:
+            chat = ChatModel.from_pretrained(checkpoint, dtype=dt, device=dev, quantization=quantization, llm=llm)
+        else:
+            config = ChatConfig(mode="grounded", **({"llm": llm} if llm else {}),
+                                **({"tap_model": tap_model} if tap_model else {}))
+            chat = ChatModel.create(config, dtype=dt, device=dev, quantization=quantization)
+        predictor = TapPredictor.from_pretrained(tap_model or chat.config.tap_model, tap_checkpoint, device=str(dev),
+                                                 **tap_kwargs)
+        return cls(predictor, chat, store)
+
+    @classmethod
+    def tiny(cls, mode: str = "tapchat", *, store=None, seed: int = 0, lora: bool = True,
+             tiny_llm: TinyPhi | None = None, **kwargs) -> Assistant:
+        """Small random models (no download): for tests, development and `--tiny`. Answers are gibberish."""
+        predictor = TapPredictor.random("tap_tiny", seed=seed, device="cpu")
+        llm_cfg = tiny_llm or TinyPhi()
+        config = ChatConfig(mode=mode, tap_model="tap_tiny", llm=TINY_LLM,
+                            projector=(ProjectorConfig(in_dim=predictor.model.config.encoder_embed_dim, hidden_dim=64,
+                                                       out_dim=llm_cfg.hidden_size) if mode == "tapchat" else None),
+                            lora=LoraSettings(r=8, alpha=16) if (lora and mode == "tapchat") else None)
+        chat = ChatModel.create(config, seed=seed, tiny=llm_cfg)
+        return cls(predictor, chat, store, **kwargs)
+
+    @property
+    def mode(self) -> str:
+        return self.config.mode
+
+    # ------------------------------------------------------------------------------------- conversations
+    def start(self, owner: str = "local", image: ImageSource | None = None, title: str = "New chat") -> Conversation:
+        conv_id = self.store.create_conversation(owner, title) if self.store else uuid.uuid4().hex
+        conv = Conversation(conv_id, owner, title)
+        if image is not None:
+            self.set_image(conv, image)
+        return conv
+
+    def open(self, owner: str, conv_id: str) -> Conversation:
+        """Restore a stored conversation: image, regions and turns (region masks are re-read from the store)."""
+        if self.store is None:
+            raise ConversationError("no history store is attached")
+        rec = self.store.get_conversation(owner, conv_id)
+        conv = Conversation(conv_id, owner, rec.info.title)
+        sha = next((m.image_sha for m in reversed(rec.messages) if m.image_sha), None)
+        sha = sha or next((r.image_sha for r in reversed(rec.regions) if r.image_sha), None)
+        keys: dict[str, str] = {}
+        for s in {m.image_sha for m in rec.messages} | {r.image_sha for r in rec.regions}:
+            if s:
+                keys[s] = s  # stored images are identified by sha until one is made current again
+        if sha:
+            keys[sha] = self.predictor.set_image(self.store.image_path(sha))
+            conv.image_key, conv.image_sha = keys[sha], sha
+        for r in rec.regions:
+            conv.regions[r.number] = RegionEntry(r.number, keys.get(r.image_sha, r.image_sha),
+                                                 _prompt_from_dict(r.prompt), _grounded_from_record(r), None,
+                                                 r.removed)
+        pending: TurnEntry | None = None
+        for m in rec.messages:
+            if m.role == "user":
+                pending = TurnEntry(m.text, m.prompt or m.text, keys.get(m.image_sha, m.image_sha) if m.image_sha
+                                    else None, list(m.regions))
+                conv.turns.append(pending)
+            elif pending is not None:
+                pending.answer, pending.complete, pending.message_id = m.text, m.complete, m.id
+                pending = None
+        return conv
+
+    def set_image(self, conv: Conversation, image: ImageSource) -> str:
+        """Make `image` the conversation's current image (later turns refer to it)."""
+        with self._lock:
+            key = self.predictor.set_image(image)
+        sha = None
+        if self.store is not None:
+            data, fmt = _image_bytes(image)
+            w, h = self.predictor.size_of(key)
+            sha = self.store.add_image(conv.owner, data, width=w, height=h, format=fmt)
+        with conv.lock:
+            if key != conv.image_key:
+                conv.new_regions.clear()
+            conv.image_key, conv.image_sha = key, sha
+        return key
+
+    def add_region(self, conv: Conversation, prompt: Prompt) -> RegionEntry:
+        """Segment, label and caption a region of the current image; it gets the next `<regionN>` id."""
+        if conv.image_key is None:
+            raise ConversationError("add an image before adding regions")
+        if not isinstance(prompt, Prompt):
+            raise ConversationError("a region needs a Prompt (point, box or scribble)")
+        with self._lock:
+            self._ensure_image(conv)
+            region, = self.predictor.predict([prompt], image=conv.image_key)
+            w, h = self.predictor.size_of(conv.image_key)
+        if not region.mask.any():
+            raise ConversationError("TAP found no region there; try another point or a box")
+        with conv.lock:
+            number = conv.next_number()
+            if self.store is not None:
+                from .rle import encode
+                number = self.store.add_region(
+                    conv.owner, conv.id, image_sha=conv.image_sha, prompt=_prompt_dict(prompt),
+                    mask=encode(region.mask), box=list(region.bbox), concept=region.concept,
+                    prob=region.concept_prob, iou=region.iou, caption=region.caption)
+            grounded = GroundedRegion.from_pixels(number, region.concept, region.concept_prob, region.bbox,
+                                                  region.area, region.caption, w, h)
+            entry = RegionEntry(number, conv.image_key, prompt, grounded, region)
+            conv.regions[number] = entry
+            conv.new_regions.append(number)
+        return entry
+
+    def remove_region(self, conv: Conversation, number: int) -> None:
+        with conv.lock:
+            if number not in conv.regions:
+                raise ConversationError(f"unknown region <region{number}>")
+            if self.store is not None:
+                self.store.remove_region(conv.owner, conv.id, number)
+            conv.regions[number].removed = True
+            if number in conv.new_regions:
+                conv.new_regions.remove(number)
+
+    # ------------------------------------------------------------------------------------------ answering
+    def ask(self, conv: Conversation, text: str, settings: GenerationSettings | None = None) -> Reply:
+        stream = self.stream(conv, text, settings)
+        stream.text()
+        return stream.reply
+
+    def stream(self, conv: Conversation, text: str, settings: GenerationSettings | None = None,
+               cancel: threading.Event | None = None) -> ReplyStream:
+        """Start answering; validation errors raise here, before anything is stored."""
+        settings = settings or GenerationSettings()
+        cancel = cancel or threading.Event()
+        text = clean_message(text)
+        with conv.lock:
+            numbers = turn_regions(conv, text)
+            stale = [n for n in numbers if conv.regions[n].image_key != conv.image_key]
+            if stale:
+                raise ConversationError(f"<region{stale[0]}> belongs to an earlier image; add it again on this one")
+            grounded = [conv.regions[n].grounded for n in numbers]
+        if not grounded and conv.image_key is not None:
+            grounded = self._scene_regions(conv)
+        visual = self.mode == "tapchat" and conv.image_key is not None
+        plan = plan_prompt(conv, text, grounded, visual=visual, count=self._count,
+                           max_context=self.config.max_context, max_new_tokens=settings.max_new_tokens)
+        reply = Reply(dropped_turns=plan.dropped_turns, regions=plan.region_numbers)
+        run = GenerationSettings(**{**settings.to_dict(), "max_new_tokens": plan.max_new_tokens})
+        return ReplyStream(self._generate(conv, text, plan, run, settings, reply, cancel, visual), reply, cancel)
+
+    def _generate(self, conv, text, plan, run, settings, reply: Reply, cancel, visual) -> Iterator[str]:
+        with conv.lock:
+            turn = TurnEntry(text, plan.user_prompt, conv.image_key, plan.region_numbers)
+            conv.turns.append(turn)
+            conv.new_regions.clear()
+            if self.store is not None:
+                self.store.append_message(conv.owner, conv.id, "user", text, prompt=plan.user_prompt,
+                                          image_sha=conv.image_sha, regions=plan.region_numbers)
+                turn.message_id = self.store.append_message(
+                    conv.owner, conv.id, "assistant", "", image_sha=conv.image_sha, regions=plan.region_numbers,
+                    model=self.model_id, settings=settings.to_dict(), complete=False)
+        ids: list[int] = []
+        emitted, saved_at, start = "", time.monotonic(), time.monotonic()
+        entry = None
+        try:
+            with self._lock:
+                self._ensure_image(conv)
+                tokens = self.chat.tokenize(plan.text)
+                vis = self._visual_tokens(conv.image_key) if visual else None
+                entry = self.kv.take(conv.id)
+                reply.prompt_tokens = self.chat.prompt_length(tokens)
+                steps = decode(self.chat, [tokens], [vis], run, prefix=entry, image_key=conv.image_key,
+                               cancel=cancel, max_context=self.config.max_context)
+                for n, token in enumerate(steps):
+                    if n == 0:
+                        reply.first_token_s = time.monotonic() - start
+                        reply.reused_tokens = entry.reused
+                    t = int(token[0])
+                    if t == self.chat.eos_id:
+                        reply.complete = True
+                        break
+                    ids.append(t)
+                    piece = self._new_text(ids, emitted)
+                    if piece:
+                        emitted += piece
+                        turn.answer = emitted
+                        yield piece
+                    if self.store is not None and time.monotonic() - saved_at > SAVE_EVERY_S:
+                        self.store.update_message(conv.owner, turn.message_id, emitted.strip(), complete=False)
+                        saved_at = time.monotonic()
+                else:
+                    reply.complete = not cancel.is_set()  # hit max_new_tokens: a complete (if cut) answer
+                self.kv.put(conv.id, entry)
+        except Exception as exc:
+            self.kv.drop(conv.id)
+            reply.text = turn.answer = self.chat.tokenizer.decode(ids, skip_special_tokens=True).strip()
+            self._finish(conv, turn, reply)
+            raise GenerationError(f"the model failed while answering ({type(exc).__name__}: {exc}); "
+                                  "the partial answer was kept") from exc
+        reply.cancelled = cancel.is_set() and not reply.complete
+        reply.new_tokens = len(ids)
+        reply.text = turn.answer = self.chat.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        reply.total_s = time.monotonic() - start
+        self._finish(conv, turn, reply)
+
+    def _finish(self, conv: Conversation, turn: TurnEntry, reply: Reply) -> None:
+        turn.complete = reply.complete
+        if self.store is not None and turn.message_id is not None:
+            self.store.update_message(conv.owner, turn.message_id, reply.text, complete=reply.complete)
+
+    def _new_text(self, ids: list[int], emitted: str) -> str:
+        """Text added by the latest token; held back while it ends in an incomplete UTF-8 sequence."""
+        text = self.chat.tokenizer.decode(ids, skip_special_tokens=True).lstrip()
+        return "" if text.endswith("\ufffd") else text[len(emitted):]
+
+    # -------------------------------------------------------------------------------------------- batches
+    def answer_batch(self, items: Sequence[BatchItem], settings: GenerationSettings | None = None, *,
+                     batch_size: int = 16) -> list[str]:
+        """Single-turn answers to many questions, generated `batch_size` at a time (left padding)."""
+        settings = settings or GenerationSettings()
+        prepared = []
+        for item in items:
+            conv = Conversation(uuid.uuid4().hex, "batch")  # never stored
+            if item.image is not None:
+                with self._lock:
+                    conv.image_key = self.predictor.set_image(item.image)
+            regions = [self._region_only(conv, p, n + 1) for n, p in enumerate(item.prompts)]
+            grounded = regions or (self._scene_regions(conv) if conv.image_key else [])
+            visual = self.mode == "tapchat" and conv.image_key is not None
+            plan = plan_prompt(conv, clean_message(item.question), grounded, visual=visual, count=self._count,
+                               max_context=self.config.max_context, max_new_tokens=settings.max_new_tokens)
+            with self._lock:
+                vis = self._visual_tokens(conv.image_key) if visual else None
+            prepared.append((self.chat.tokenize(plan.text), vis, plan.max_new_tokens))
+        answers: list[str] = [""] * len(prepared)
+        order = sorted(range(len(prepared)), key=lambda i: len(prepared[i][0]))  # similar lengths pad least
+        for k in range(0, len(order), batch_size):
+            idx = order[k:k + batch_size]
+            run = GenerationSettings(**{**settings.to_dict(),
+                                        "max_new_tokens": min(prepared[i][2] for i in idx)})
+            with self._lock:
+                steps = list(decode(self.chat, [prepared[i][0] for i in idx], [prepared[i][1] for i in idx], run,
+                                    max_context=self.config.max_context))
+            for r, i in enumerate(idx):
+                row = [int(step[r]) for step in steps]
+                row = row[:row.index(self.chat.eos_id)] if self.chat.eos_id in row else row
+                answers[i] = self.chat.tokenizer.decode(row, skip_special_tokens=True).strip()
+        return answers
+
+    # ------------------------------------------------------------------------------------------- internals
+    def _count(self, text: str) -> int:
+        return self.chat.prompt_length(self.chat.tokenize(text))
+
+    def _ensure_image(self, conv: Conversation) -> None:
+        """Re-encode the conversation's image if the predictor's feature cache evicted it."""
+        if conv.image_key is None or conv.image_key in self.predictor._cache:
+            return
+        if self.store is None or conv.image_sha is None:
+            raise ConversationError("the image is no longer cached; set it again")
+        conv.image_key = self.predictor.set_image(self.store.image_path(conv.image_sha))
+
+    def _region_only(self, conv: Conversation, prompt: Prompt, number: int) -> GroundedRegion:
+        with self._lock:
+            region, = self.predictor.predict([prompt], image=conv.image_key)
+            w, h = self.predictor.size_of(conv.image_key)
+        return GroundedRegion.from_pixels(number, region.concept,
+                                          region.concept_prob, region.bbox, region.area, region.caption, w, h)
+
+    def _visual_tokens(self, key: str) -> torch.Tensor:
+        if key not in self._visual:
+            self._visual[key] = self.chat.visual_tokens(self.predictor.trunk_features(key))[0]
+            while len(self._visual) > 8:
+                self._visual.popitem(last=False)
+        self._visual.move_to_end(key)
+        return self._visual[key]
+
+    def _scene_regions(self, conv: Conversation) -> list[GroundedRegion]:
+        k = self.config.num_scene_regions
+        if k <= 0 or conv.image_key is None:
+            return []
+        key = conv.image_key
+        with self._lock:
+            if key not in self._scene:
+                self._ensure_image(conv)
+                regions = self.predictor.segment_everything(key=key, max_regions=k)
+                w, h = self.predictor.size_of(key)
+                self._scene[key] = [GroundedRegion.from_pixels(i + 1, r.concept, r.concept_prob, r.bbox, r.area,
+                                                               r.caption, w, h, kind="scene")
+                                    for i, r in enumerate(regions)]
+                while len(self._scene) > 8:
+                    self._scene.popitem(last=False)
+            return self._scene[key]
+
+
+def _prompt_dict(prompt: Prompt) -> dict:
+    return {"points": [list(p) for p in prompt.points], "labels": list(prompt.labels),
+            "box": list(prompt.box) if prompt.box is not None else None, "kind": prompt.kind}
+
+
+def _prompt_from_dict(data: dict) -> Prompt:
+    return Prompt(points=tuple(tuple(p) for p in data["points"]), labels=tuple(data["labels"]),
+                  box=tuple(data["box"]) if data.get("box") is not None else None, kind=data.get("kind", ""))
+
+
+def _grounded_from_record(rec) -> GroundedRegion:
+    from .rle import decode as rle_decode
+    mask = rle_decode(rec.mask) if rec.mask else np.zeros((1, 1), bool)
+    h, w = mask.shape
+    ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    bbox = None if ys.size == 0 else (int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1)
+    return GroundedRegion.from_pixels(rec.number, rec.concept or "", rec.prob or 0.0, bbox, float(mask.mean()),
+                                      rec.caption or "", w, h)
+
+
+def _image_bytes(image: ImageSource) -> tuple[bytes, str]:
+    """The original file bytes when we have them (kept as uploaded), else a PNG encoding."""
+    if isinstance(image, (bytes, bytearray)):
+        data = bytes(image)
+    elif isinstance(image, (str, Path)):
+        data = Path(image).read_bytes()
+    else:
+        rgb = load_image(image)
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, format="PNG")
+        return buf.getvalue(), "png"
+    with Image.open(io.BytesIO(data)) as img:
+        return data, (img.format or "png").lower()
+
+
+def _load_encoder_blocks(predictor: TapPredictor, state: dict[str, torch.Tensor]) -> None:
+    """Put a checkpoint's tuned image-encoder weights into TAP (keys relative to the image encoder)."""
+    encoder = predictor.model.image_encoder
+    own = encoder.state_dict()
+    bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
+    if bad:
+        raise TapError(f"tuned encoder weights do not fit {predictor.model.config.name}: {', '.join(bad[:5])}")
+    encoder.load_state_dict(state, strict=False)
+    predictor._cache.clear()

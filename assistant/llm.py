@@ -1,0 +1,159 @@
+"""The language model: Phi-2 through transformers, its tokenizer, LoRA through peft, 4/8-bit through bitsandbytes.
+
+Phi-2's tokenizer has one special token, `<|endoftext|>` (id 50256), serving as BOS, EOS, UNK and pad; it adds no
+BOS. The tiny random model used for tests and `--tiny` keeps all of that, with a bundled byte-level BPE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import PhiConfig, PhiForCausalLM, PreTrainedTokenizerFast
+
+from tokenizer_tap.errors import WeightsNotFoundError
+
+DEFAULT_LLM = "microsoft/phi-2"
+TINY_LLM = "tiny-phi"
+TINY_TOKENIZER = Path(__file__).parent / "assets" / "tiny_chat_tokenizer.json"
+EOS_TEXT = "<|endoftext|>"
+#: Files `from_pretrained("microsoft/phi-2")` needs; listed up front so an offline user gets every name at once.
+ESSENTIAL = ("config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+             "model.safetensors.index.json", "tokenizer.json", "vocab.json", "merges.txt")
+QUANTIZATIONS = ("none", "4bit", "8bit")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA on Phi-2 as Bunny trains it: every linear layer of the decoder, lm_head excluded."""
+
+    r: int = 128
+    alpha: int = 256
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "target_modules": list(self.target_modules)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LoraSettings:
+        return cls(**{**data, "target_modules": tuple(data.get("target_modules", cls.target_modules))})
+
+
+@dataclass(frozen=True)
+class TinyPhi:
+    """A Phi-architecture model small enough for unit tests (same layer names, rotary, parallel block)."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    max_position_embeddings: int = 2048
+
+    def config(self, vocab_size: int) -> PhiConfig:
+        return PhiConfig(vocab_size=vocab_size, hidden_size=self.hidden_size,
+                         intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
+                         num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_attention_heads,
+                         max_position_embeddings=self.max_position_embeddings, partial_rotary_factor=0.4,
+                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
+
+
+def load_tokenizer(name: str | Path = DEFAULT_LLM) -> PreTrainedTokenizerFast:
+    """Phi-2's tokenizer (hub id or folder), or the bundled tiny one for `tiny-phi`; pad is set to EOS."""
+    if str(name) == TINY_LLM:
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(TINY_TOKENIZER), eos_token=EOS_TEXT, bos_token=EOS_TEXT,
+                                      unk_token=EOS_TEXT)
+    else:
+        from transformers import AutoTokenizer
+        try:
+            tok = AutoTokenizer.from_pretrained(str(name), local_files_only=_offline(name))
+        except OSError as exc:
+            raise WeightsNotFoundError(_missing_message(name, missing_files(name), exc)) from None
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer {name} has no end-of-text token")
+    tok.pad_token = tok.eos_token  # as Bunny: pad == eos; attention masks are built from lengths, not ids
+    tok.padding_side = "left"
+    return tok
+
+
+def quantization_config(kind: str, compute_dtype: torch.dtype):
+    """bitsandbytes settings: 4-bit NF4 with double quantisation (QLoRA) or LLM.int8()."""
+    from transformers import BitsAndBytesConfig
+    if kind == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    if kind == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"unknown quantization {kind!r}; choose one of {', '.join(QUANTIZATIONS)}")
+
+
+def load_llm(name: str | Path = DEFAULT_LLM, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+             quantization: str = "none", vocab_size: int | None = None, seed: int = 0,
+             tiny: TinyPhi | None = None) -> PhiForCausalLM:
+    """Phi-2 weights from the hub cache or a folder; `tiny-phi` builds seeded random weights instead."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
+    if str(name) == TINY_LLM:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = PhiForCausalLM((tiny or TinyPhi()).config(vocab_size or 1024))
+        model = model.to(device=device, dtype=dtype)
+        if quantization != "none":
+            model = quantize_model(model, quantization, dtype)
+        return model.eval()
+    missing = missing_files(name)
+    kwargs: dict = {"dtype": dtype, "local_files_only": _offline(name)}
+    if quantization != "none":
+        kwargs["quantization_config"] = quantization_config(quantization, dtype)
+        kwargs["device_map"] = {"": str(device)}
+    try:
+        model = PhiForCausalLM.from_pretrained(str(name), **kwargs)
+    except OSError as exc:  # no network, gated, or a folder without weights
+        raise WeightsNotFoundError(_missing_message(name, missing, exc)) from None
+    if quantization == "none":
+        model = model.to(device)
+    return model.eval()
+
+
+def quantize_model(model: PhiForCausalLM, kind: str, compute_dtype: torch.dtype) -> PhiForCausalLM:
+    """Quantise an in-memory model by a save/load round trip (how tiny and random-weight models get 4/8-bit)."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        device = next(model.parameters()).device
+        return PhiForCausalLM.from_pretrained(tmp, dtype=compute_dtype, device_map={"": str(device)},
+                                              quantization_config=quantization_config(kind, compute_dtype))
+
+
+def apply_lora(model: PhiForCausalLM, settings: LoraSettings):
+    """Wrap `model` with fresh LoRA adapters (B = 0, so outputs are unchanged until trained)."""
+    from peft import LoraConfig, get_peft_model
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, bias="none",
+                        target_modules=list(settings.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def missing_files(name: str | Path) -> list[str]:
+    """Weight and tokenizer files of hub model `name` that are not in the local HF cache (none for a folder)."""
+    if Path(str(name)).expanduser().is_dir():
+        return []
+    from huggingface_hub import try_to_load_from_cache
+    return [f for f in ESSENTIAL if not isinstance(try_to_load_from_cache(str(name), f), str)]
+
+
+def _missing_message(name: str | Path, missing: list[str], exc: Exception) -> str:
+    if Path(str(name)).expanduser().is_dir():
+        return f"cannot load a language model from folder {name}: {str(exc).splitlines()[0][:300]}"
+    lines = "\n".join(f"- https://huggingface.co/{name}/resolve/main/{f}" for f in missing) or f"- {exc}"
+    return (f"{len(missing) or 'some'} file(s) of {name} are not in the local Hugging Face cache and could not be "
+            f"downloaded:\n{lines}\n  Fix: run `huggingface-cli download {name}` with network access, or pass "
+            "--llm FOLDER holding those files; --tiny runs with small random models instead.")
+
+
+def _offline(name: str | Path) -> bool:
+    """True when files must come from disk: a local folder, or HF_HUB_OFFLINE set."""
+    import os
+    if Path(str(name)).expanduser().is_dir():
+        return True
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")

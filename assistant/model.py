@@ -1,0 +1,229 @@
+"""`ChatModel`: Phi-2 (+LoRA) with TAP visual tokens spliced in at the `<image>` placeholder.
+
+Prompts are token-id lists in which `IMAGE_TOKEN` (-200, as in Bunny/LLaVA) marks where an image's projected
+tokens go; `embed` expands it into `inputs_embeds`, so the LLM itself never sees a special image id.
+
+Which TAP features feed the projector: the encoder trunk after its last stage (last block -> LayerNorm -> last
+cross-window bottleneck), width 768/1024/1280, rather than the 256-d neck that follows. The neck is a narrow
+projection trained only for TAP's mask/semantic decoder; the trunk keeps the full width the projector can select
+from, and the last bottleneck has already mixed information across the 16x16 attention windows.
+
+Checkpoint folder (`save_pretrained` / `from_pretrained`), every path relative to the folder:
+
+    config.json              ChatConfig (mode, TAP preset, LLM id, projector, LoRA, template)
+    projector.safetensors    the conv projector (tapchat mode)
+    encoder.safetensors      tuned TAP image-encoder blocks, if any (keys relative to the image encoder)
+    adapter/                 the PEFT LoRA adapter, if any
+    llm/                     full LLM weights + tokenizer, when they are not the public ones (merged or tiny)
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import ChatConfig
+from .llm import TINY_LLM, TinyPhi, apply_lora, load_llm, load_tokenizer
+from .projector import ConvProjector
+
+IMAGE_TOKEN = -200
+
+
+class ChatModel(nn.Module):
+    """The LLM side of TAP-Chat: tokenizer, Phi-2 (optionally LoRA-wrapped) and the projector."""
+
+    def __init__(self, config: ChatConfig, llm: nn.Module, tokenizer, projector: ConvProjector | None) -> None:
+        super().__init__()
+        if (config.mode == "tapchat") != (projector is not None):
+            raise ValueError("a projector is used exactly in tapchat mode")
+        self.config, self.llm, self.tokenizer, self.projector = config, llm, tokenizer, projector
+        self.eos_id: int = tokenizer.eos_token_id
+        self.encoder_state: dict[str, torch.Tensor] = {}  # tuned TAP encoder weights carried by the checkpoint
+
+    # ---------------------------------------------------------------------------------------- construction
+    @classmethod
+    def create(cls, config: ChatConfig, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               quantization: str = "none", seed: int = 0, tiny: TinyPhi | None = None) -> ChatModel:
+        """Fresh model for `config`: base LLM weights, a new projector, new LoRA adapters (if configured)."""
+        tokenizer = load_tokenizer(config.llm)
+        llm = load_llm(config.llm, dtype=dtype, device=device, quantization=quantization,
+                       vocab_size=len(tokenizer), seed=seed, tiny=tiny)
+        if config.lora is not None:
+            llm = apply_lora(llm, config.lora)
+        projector = None
+        if config.projector is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed + 1)
+                projector = ConvProjector(config.projector)
+            projector = projector.to(device=device, dtype=dtype)
+        return cls(config, llm, tokenizer, projector).eval()
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, *, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu", quantization: str = "none",
+                        llm: str | None = None) -> ChatModel:
+        """Load a checkpoint folder; `llm` overrides where the base LLM comes from (hub id or folder)."""
+        folder = Path(folder)
+        config = ChatConfig.load(folder)
+        base = llm or (str(folder / "llm") if (folder / "llm").is_dir() else config.llm)
+        if base == TINY_LLM:
+            raise ValueError(f"{folder} names the tiny random LLM but has no llm/ folder with its weights")
+        tokenizer = load_tokenizer(base)
+        model = load_llm(base, dtype=dtype, device=device, quantization=quantization)
+        if config.lora is not None:
+            if not (folder / "adapter").is_dir():
+                raise FileNotFoundError(f"{folder}/adapter is missing but config.json has LoRA settings")
+            from peft import PeftModel
+            model = PeftModel.from_pretrained(model, str(folder / "adapter")).eval()
+        projector = None
+        if config.projector is not None:
+            projector = ConvProjector(config.projector)
+            projector.load_state_dict(_load(folder / "projector.safetensors"))
+            projector = projector.to(device=device, dtype=dtype)
+        chat = cls(config, model, tokenizer, projector).eval()
+        if (folder / "encoder.safetensors").is_file():
+            chat.encoder_state = _load(folder / "encoder.safetensors")
+        return chat
+
+    def save_pretrained(self, folder: str | Path, *, include_llm: bool | None = None) -> None:
+        """Write the checkpoint folder. The base LLM is copied only when it is not a public hub model."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config.save(folder)
+        if self.projector is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.projector.state_dict().items()},
+                      str(folder / "projector.safetensors"))
+        if self.encoder_state:
+            save_file({k: v.cpu().contiguous() for k, v in self.encoder_state.items()},
+                      str(folder / "encoder.safetensors"))
+        if self.config.lora is not None:
+            self.llm.save_pretrained(str(folder / "adapter"))
+        if include_llm if include_llm is not None else self.config.llm == TINY_LLM:
+            _save_llm(self.base_llm(), self.tokenizer, folder / "llm")
+
+    def base_llm(self) -> nn.Module:
+        """The LLM without adapters (LoRA layers stripped, not merged), e.g. to store a tiny base model."""
+        if self.config.lora is None:
+            return self.llm
+        base = self.llm.get_base_model()
+        state = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
+        plain = type(base)(base.config).to(dtype=self.dtype)
+        plain.load_state_dict(state)
+        return plain
+
+    def merged(self) -> ChatModel:
+        """A copy-free view with LoRA folded into the base weights (the adapter is consumed)."""
+        if self.config.lora is None:
+            return self
+        if getattr(self.llm.get_base_model(), "is_quantized", False):
+            raise ValueError("cannot merge LoRA into a 4/8-bit model: load the checkpoint unquantised to merge")
+        merged = self.llm.merge_and_unload()
+        chat = ChatModel(self.config.with_(lora=None), merged, self.tokenizer, self.projector)
+        chat.encoder_state = self.encoder_state
+        return chat.eval()
+
+    # ------------------------------------------------------------------------------------------- tokens
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.weight.device
+
+    @property
+    def embedding(self) -> nn.Embedding:
+        return self.llm.get_input_embeddings()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embedding.weight.dtype
+
+    @property
+    def num_visual_tokens(self) -> int:
+        return self.config.projector.num_tokens() if self.projector is not None else 0
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids with one `IMAGE_TOKEN` per `<image>` (chunks are tokenized separately, as Bunny does)."""
+        ids: list[int] = []
+        for i, chunk in enumerate(text.split("<image>")):
+            if i:
+                ids.append(IMAGE_TOKEN)
+            if chunk:
+                ids.extend(self.tokenizer(chunk, add_special_tokens=False).input_ids)
+        return ids
+
+    def visual_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) TAP trunk features -> (B, N, hidden) LLM input embeddings."""
+        if self.projector is None:
+            raise RuntimeError("grounded mode has no visual tokens")
+        weight = self.projector.merge.weight
+        return self.projector(features.to(device=weight.device, dtype=weight.dtype)).to(self.dtype)
+
+    def embed(self, sequences: list[list[int]], visuals: list[torch.Tensor | None],
+              past: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Left-padded `inputs_embeds`, `attention_mask` and `position_ids` for a batch.
+
+        `visuals[i]` is the (N, hidden) image tokens for sequence i (None when it has no `IMAGE_TOKEN`). `past` is the
+        length of a cached prefix (batch of one): the mask then covers it and positions continue after it.
+        """
+        rows = [self._embed_one(ids, vis) for ids, vis in zip(sequences, visuals, strict=True)]
+        length = max(r.shape[0] for r in rows)
+        if past and len(rows) > 1:
+            raise ValueError("a cached prefix is only supported for a batch of one")
+        hidden = rows[0].shape[-1]
+        embeds = torch.zeros(len(rows), length, hidden, dtype=self.dtype, device=self.device)
+        mask = torch.zeros(len(rows), past + length, dtype=torch.long, device=self.device)
+        mask[:, :past] = 1
+        for i, row in enumerate(rows):
+            embeds[i, length - row.shape[0]:] = row
+            mask[i, past + length - row.shape[0]:] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
+        return embeds, mask, positions
+
+    def _embed_one(self, ids: list[int], visual: torch.Tensor | None) -> torch.Tensor:
+        text = [i for i in ids if i != IMAGE_TOKEN]
+        if not text:
+            raise ValueError("empty prompt")
+        table = self.embedding(torch.tensor(text, device=self.device))
+        if len(text) == len(ids):
+            return table
+        if len(ids) - len(text) > 1:
+            raise ValueError("one image per prompt: found several <image> placeholders")
+        if visual is None:
+            raise ValueError("the prompt has an <image> placeholder but no image tokens were given")
+        k = ids.index(IMAGE_TOKEN)
+        return torch.cat([table[:k], visual.to(device=self.device, dtype=self.dtype), table[k:]])
+
+    def prompt_length(self, ids: list[int]) -> int:
+        """Positions `ids` occupies once the image placeholder is expanded."""
+        return len(ids) + ids.count(IMAGE_TOKEN) * (self.num_visual_tokens - 1)
+
+    def forward_embeds(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        """Last-position logits (B, vocab) of a prefill or decode step; `cache` is extended in place."""
+        out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache,
+                       use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].float()
+
+
+def merge_checkpoint(src: str | Path, dst: str | Path) -> Path:
+    """`merge` command: fold LoRA into Phi-2 and write a standalone folder (needs no adapter and no base download)."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and any(dst.iterdir()):
+        raise FileExistsError(f"{dst} exists and is not empty")
+    chat = ChatModel.from_pretrained(src).merged()
+    chat.save_pretrained(dst, include_llm=True)
+    if (src / "encoder.safetensors").is_file() and not (dst / "encoder.safetensors").is_file():
+        shutil.copy2(src / "encoder.safetensors", dst / "encoder.safetensors")
+    return dst
+
+
+def _save_llm(llm: nn.Module, tokenizer, folder: Path) -> None:
+    llm.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the checkpoint folder")
+    return load_file(str(path))

@@ -1,0 +1,219 @@
+"""ChatModel and the decode loop on tiny random models: splicing, masks, caches, batching, LoRA, 4/8-bit."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from assistant.config import ChatConfig
+from assistant.generation import CachedPrefix, GenerationSettings, PrefixCache, decode, next_tokens
+from assistant.llm import TINY_LLM, LoraSettings, load_llm
+from assistant.model import IMAGE_TOKEN, ChatModel, merge_checkpoint
+from assistant.projector import ProjectorConfig
+from assistant.template import Turn, render
+
+GREEDY = GenerationSettings(max_new_tokens=12)
+
+
+def tiny_config(**changes) -> ChatConfig:
+    base = ChatConfig(mode="tapchat", tap_model="tap_tiny", llm=TINY_LLM,
+                      projector=ProjectorConfig(in_dim=32, hidden_dim=16, out_dim=64, merge=2, grid=16),
+                      lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    return base.with_(**changes)
+
+
+@pytest.fixture(scope="module")
+def chat() -> ChatModel:
+    return ChatModel.create(tiny_config())
+
+
+@pytest.fixture(scope="module")
+def visual(chat: ChatModel) -> torch.Tensor:
+    torch.manual_seed(3)
+    return chat.visual_tokens(torch.randn(1, 32, 16, 16))[0]
+
+
+def reference_greedy(chat: ChatModel, ids: list[int], vis, steps: int) -> list[int]:
+    """Greedy decoding by full recomputation, no cache: what every optimisation must reproduce."""
+    seq, out = list(ids), []
+    with torch.inference_mode():
+        for _ in range(steps):
+            e, m, p = chat.embed([seq], [vis])
+            t = int(chat.llm(inputs_embeds=e, attention_mask=m, position_ids=p, use_cache=False).logits[0, -1].argmax())
+            out.append(t)
+            if t == chat.eos_id:
+                break
+            seq.append(t)
+    return out
+
+
+def run(chat, seqs, visuals, settings=GREEDY, **kw) -> list[list[int]]:
+    steps = list(decode(chat, seqs, visuals, settings, **kw))
+    rows = []
+    for r in range(len(seqs)):
+        row = [int(s[r]) for s in steps]
+        rows.append(row[:row.index(chat.eos_id) + 1] if chat.eos_id in row else row)
+    return rows
+
+
+def test_visual_token_count_and_tokenize(chat, visual):
+    assert visual.shape == (64, 64)  # (16/2)^2 tokens at the LLM width
+    assert ProjectorConfig().num_tokens() == 1024
+    ids = chat.tokenize(render([Turn("What is this?")]))
+    assert ids.count(IMAGE_TOKEN) == 1
+    assert chat.prompt_length(ids) == len(ids) - 1 + 64
+
+
+def test_splice_positions_and_left_padding(chat, visual):
+    a = chat.tokenize("USER: <image>\nhi ASSISTANT:")
+    b = chat.tokenize("USER: <image>\nwhat colour is the dog on the left ASSISTANT:")
+    embeds, mask, pos = chat.embed([a, b], [visual, visual])
+    la, lb = chat.prompt_length(a), chat.prompt_length(b)
+    assert embeds.shape[:2] == (2, lb) and mask.shape == (2, lb)
+    assert mask[0].tolist() == [0] * (lb - la) + [1] * la and bool(mask[1].all())
+    assert pos[0, lb - la:].tolist() == list(range(la)) and pos[1].tolist() == list(range(lb))
+    k = a.index(IMAGE_TOKEN)
+    start = lb - la + k
+    torch.testing.assert_close(embeds[0, start:start + 64], visual)  # image tokens exactly at the placeholder
+    torch.testing.assert_close(embeds[0, start - 1], chat.embedding.weight[a[k - 1]])
+    torch.testing.assert_close(embeds[0, start + 64], chat.embedding.weight[a[k + 1]])
+    with pytest.raises(ValueError, match="no image tokens"):
+        chat.embed([a], [None])
+    with pytest.raises(ValueError, match="one image"):
+        chat.embed([a[:k + 1] + a], [visual])
+
+
+def test_greedy_same_with_and_without_kv_cache(chat, visual):
+    ids = chat.tokenize(render([Turn("What is this?")]))
+    assert run(chat, [ids], [visual])[0] == reference_greedy(chat, ids, visual, 12)
+
+
+def test_batched_equals_single(chat, visual):
+    prompts = [chat.tokenize(render([Turn(q)])) for q in ("a?", "what is the colour of the big dog?", "count")]
+    single = [run(chat, [p], [visual])[0] for p in prompts]
+    assert run(chat, prompts, [visual] * 3) == single
+    text_only = [chat.tokenize(render([Turn("hello there")], image=False))]
+    assert run(chat, [prompts[0], text_only[0]], [visual, None]) == [single[0], run(chat, text_only, [None])[0]]
+
+
+def test_prefix_reuse_matches_fresh_prefill(chat, visual):
+    entry = CachedPrefix(DynamicCache())
+    first = chat.tokenize(render([Turn("What is this?")]))
+    out1 = run(chat, [first], [visual], prefix=entry, image_key="img")[0]
+    assert entry.cache.get_seq_length() == len(entry.items) == chat.prompt_length(first) + len(out1) - 1
+    answer = chat.tokenizer.decode([t for t in out1 if t != chat.eos_id])
+    follow = chat.tokenize(render([Turn("What is this?", answer), Turn("And the sky?")]))
+    out2 = run(chat, [follow], [visual], prefix=entry, image_key="img")[0]
+    assert entry.reused >= chat.prompt_length(first)  # the image prefix was not recomputed
+    assert out2 == run(chat, [follow], [visual])[0]
+    # a different image under the same text cannot reuse anything past the placeholder
+    run(chat, [follow], [visual * 2], prefix=entry, image_key="other")
+    assert entry.reused == follow.index(IMAGE_TOKEN)
+
+
+def test_prefix_cache_is_bounded_lru():
+    cache = PrefixCache(max_bytes=3 * 4 * 1000)
+    for key in "abc":
+        entry = CachedPrefix(DynamicCache())
+        entry.cache.update(torch.zeros(1, 1, 500, 1), torch.zeros(1, 1, 500, 1), 0)  # 4000 bytes
+        cache.put(key, entry)
+        cache.take("a") if key == "c" else None  # "a" in use: taken out, not evicted under it
+    assert len(cache) <= 3 and cache.nbytes <= 12000
+    big = CachedPrefix(DynamicCache())
+    big.cache.update(torch.zeros(1, 1, 5000, 1), torch.zeros(1, 1, 5000, 1), 0)
+    cache.put("big", big)
+    assert len(cache) == 0  # larger than the whole budget: not kept
+
+
+def test_cancel_stops_within_one_token(chat, visual):
+    ids = chat.tokenize(render([Turn("go")]))
+    cancel = threading.Event()
+    steps = decode(chat, [ids], [visual], GenerationSettings(max_new_tokens=200), cancel=cancel)
+    got = [next(steps) for _ in range(3)]
+    cancel.set()
+    assert len(got) + len(list(steps)) == 3
+
+
+def test_sampling_settings():
+    logits = torch.tensor([[0.0, 5.0, 4.9, -3.0]])
+    assert next_tokens(logits.clone(), [[]], GreedyLike := GenerationSettings(), None).item() == 1
+    # repetition penalty pushes the seen best token below the runner-up
+    penalised = GenerationSettings(repetition_penalty=1.5)
+    assert next_tokens(logits.clone(), [[1]], penalised, None).item() == 2
+    # top_p keeps only the smallest set reaching p: token 3 is never drawn
+    g = torch.Generator().manual_seed(0)
+    hot = GenerationSettings(temperature=1.0, top_p=0.9)
+    draws = {next_tokens(logits.clone(), [[]], hot, g).item() for _ in range(200)}
+    assert draws <= {1, 2} and GreedyLike.temperature == 0.0
+    for bad in ({"temperature": -1}, {"top_p": 0}, {"max_new_tokens": 0}, {"repetition_penalty": 9}):
+        with pytest.raises(ValueError):
+            GenerationSettings(**bad)
+
+
+def test_lora_save_load_merge_same_logits(tmp_path, visual):
+    chat = ChatModel.create(tiny_config(), seed=1)
+    with torch.no_grad():  # make the adapters non-trivial (fresh LoRA is an exact no-op)
+        for name, p in chat.llm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+        for p in chat.projector.parameters():
+            p.add_(0.01)
+    ids = chat.tokenize(render([Turn("What is this?")]))
+
+    def logits(model):
+        e, m, p = model.embed([ids], [model.visual_tokens(torch.ones(1, 32, 16, 16))[0]])
+        with torch.inference_mode():
+            return model.llm(inputs_embeds=e, attention_mask=m, position_ids=p).logits
+
+    ref = logits(chat)
+    chat.save_pretrained(tmp_path / "ckpt")
+    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert names == ["adapter", "config.json", "llm", "projector.safetensors"]
+    assert str(tmp_path) not in (tmp_path / "ckpt" / "config.json").read_text()  # no absolute paths
+    loaded = ChatModel.from_pretrained(tmp_path / "ckpt")
+    torch.testing.assert_close(logits(loaded), ref)
+    merged_dir = merge_checkpoint(tmp_path / "ckpt", tmp_path / "merged")
+    merged = ChatModel.from_pretrained(merged_dir)
+    assert merged.config.lora is None and not (merged_dir / "adapter").exists()
+    torch.testing.assert_close(logits(merged), ref, atol=1e-5, rtol=1e-4)
+    with pytest.raises(FileExistsError):
+        merge_checkpoint(tmp_path / "ckpt", tmp_path / "merged")
+
+
+def test_config_round_trip_and_errors(tmp_path):
+    cfg = tiny_config()
+    assert ChatConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="projector"):
+        ChatConfig(mode="tapchat")
+    with pytest.raises(ValueError, match="unknown config keys"):
+        ChatConfig.from_dict({**cfg.to_dict(), "mm_vision_tower": "/abs/path"})
+    with pytest.raises(ValueError, match="newer"):
+        ChatConfig.from_dict({**cfg.to_dict(), "version": 99})
+    with pytest.raises(FileNotFoundError, match="not a TAP-Chat checkpoint"):
+        ChatConfig.load(tmp_path)
+    assert ChatConfig().num_scene_regions == 5 and cfg.num_scene_regions == 0
+
+
+@pytest.mark.parametrize("kind", ["8bit", "4bit"])
+def test_quantized_tiny_llm_runs_on_cpu(kind):
+    ref_model = load_llm(TINY_LLM, vocab_size=576)
+    q = load_llm(TINY_LLM, vocab_size=576, quantization=kind)
+    assert "bit" in type(q.model.layers[0].mlp.fc1).__name__  # really bitsandbytes layers
+    x = torch.randint(0, 576, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref, out = ref_model(x).logits, q(x).logits
+    assert torch.isfinite(out).all()
+    assert (out - ref).abs().max() < 0.3 * ref.abs().max()  # close to the full-precision model, not equal
+    with pytest.raises(ValueError, match="unknown quantization"):
+        load_llm(TINY_LLM, quantization="3bit")
+
+
+def test_missing_phi2_weights_named_offline():
+    from tokenizer_tap.errors import WeightsNotFoundError
+    with pytest.raises(WeightsNotFoundError) as err:
+        load_llm("microsoft/phi-2")
+    message = str(err.value)
+    assert "model-00001-of-00002.safetensors" in message and "--tiny" in message
