@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from tokenizer_tap.build import resolve_device, resolve_dtype
-from tokenizer_tap.errors import TapError
+from tokenizer_tap.errors import TapError, WeightsNotFoundError
 from tokenizer_tap.image_io import ImageSource, load_image
 from tokenizer_tap.predictor import TapPredictor
 from tokenizer_tap.prompts import Prompt
@@ -124,14 +124,24 @@ class Assistant:
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         if checkpoint is not None:
-            chat = ChatModel.from_pretrained(checkpoint, dtype=dt, device=dev, quantization=quantization, llm=llm)
+            config = ChatConfig.load(checkpoint)
         else:
-            config = ChatConfig(mode="grounded", **({"llm": llm} if llm else {}),
-                                **({"tap_model": tap_model} if tap_model else {}))
-            chat = ChatModel.create(config, dtype=dt, device=dev, quantization=quantization)
-        predictor = TapPredictor.from_pretrained(tap_model or chat.config.tap_model, tap_checkpoint, device=str(dev),
-                                                 **tap_kwargs)
-        return cls(predictor, chat, store)
+            config = ChatConfig(mode="grounded", **({"llm": llm} if llm else {}))
+        parts, missing = {}, []
+        loaders = {"predictor": lambda: TapPredictor.from_pretrained(tap_model or config.tap_model, tap_checkpoint,
+                                                                     device=str(dev), **tap_kwargs),
+                   "chat": lambda: (ChatModel.from_pretrained(checkpoint, dtype=dt, device=dev,
+                                                              quantization=quantization, llm=llm)
+                                    if checkpoint is not None else
+                                    ChatModel.create(config, dtype=dt, device=dev, quantization=quantization))}
+        for name, load in loaders.items():  # try both, so one message names every missing file
+            try:
+                parts[name] = load()
+            except WeightsNotFoundError as exc:
+                missing.append(str(exc))
+        if missing:
+            raise WeightsNotFoundError("\n".join(missing))
+        return cls(parts["predictor"], parts["chat"], store)
 
     @classmethod
     def tiny(cls, mode: str = "tapchat", *, store=None, seed: int = 0, lora: bool = True,

@@ -1,0 +1,223 @@
+"""Command line: `python -m assistant chat IMAGE` (streaming REPL or one-shot) and `python -m assistant merge`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from tokenizer_tap.cli import _pair, _positive, _quad, _stroke
+from tokenizer_tap.errors import TapError
+from tokenizer_tap.prompts import Prompt
+
+from .conversation import Conversation, ConversationError
+
+HELP = """commands:
+  /point X,Y [-X,Y ...]   add a region from a point (a leading '-' marks a negative point)
+  /box X1,Y1,X2,Y2        add a region from a box
+  /scribble X,Y X,Y ...   add a region from a stroke
+  /regions                list this conversation's regions
+  /remove N               remove <regionN>
+  /image PATH             switch to another image (later questions refer to it)
+  /new                    start a new conversation on the current image
+  /history                list stored conversations (needs --db)
+  /open ID                reopen a stored conversation (needs --db)
+  /export PATH            write this conversation as LLaVA/Bunny fine-tuning JSON (needs --db)
+  /help, /quit
+anything else is a question; refer to regions as <region1>, <region2> ..."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m assistant", description="TAP-Chat: chat about image regions.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("chat", help="chat about an image (REPL), or answer one --ask question")
+    c.add_argument("image", nargs="?", help="image file (optional: text-only chat)")
+    c.add_argument("--ask", action="append", default=[], metavar="QUESTION",
+                   help="answer this question and exit (repeat for follow-ups)")
+    c.add_argument("--point", type=_pair, action="append", default=[], metavar="X,Y", help="add a point region")
+    c.add_argument("--box", type=_quad, action="append", default=[], metavar="X1,Y1,X2,Y2", help="add a box region")
+    c.add_argument("--scribble", type=_stroke, action="append", default=[], metavar="'X,Y X,Y ...'",
+                   help="add a scribble region")
+    c.add_argument("--checkpoint", help="TAP-Chat checkpoint folder (tapchat mode); default: grounded Phi-2")
+    c.add_argument("--tap-model", help="TAP preset (default: the checkpoint's, else tap_vit_l)")
+    c.add_argument("--tap-checkpoint", help="TAP weights file instead of the hub copy")
+    c.add_argument("--llm", help="LLM hub id or folder (default: microsoft/phi-2)")
+    c.add_argument("--tiny", action="store_true", help="small random models, no download (answers are noise)")
+    c.add_argument("--mode", choices=["tapchat", "grounded"], default="tapchat", help="with --tiny: which mode")
+    c.add_argument("--device", default="auto")
+    c.add_argument("--dtype", default="auto")
+    c.add_argument("--quantization", choices=["none", "4bit", "8bit"], default="none")
+    c.add_argument("--db", help="SQLite history file (conversations are kept and can be reopened)")
+    c.add_argument("--owner", default=os.environ.get("USER", "local"), help="history owner (default: $USER)")
+    c.add_argument("--max-new-tokens", type=_positive, default=256)
+    c.add_argument("--temperature", type=float, default=0.0)
+    c.add_argument("--json", action="store_true", help="one-shot: print the answers and regions as JSON")
+    m = sub.add_parser("merge", help="fold a checkpoint's LoRA into Phi-2 and write a standalone folder")
+    m.add_argument("src")
+    m.add_argument("dst")
+    return parser
+
+
+def load_assistant(args: argparse.Namespace):
+    from .engine import Assistant
+    store = None
+    if args.db:
+        from .store import ChatStore
+        Path(args.db).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        store = ChatStore(Path(args.db).expanduser())
+    if args.tiny:
+        return Assistant.tiny(args.mode, store=store)
+    return Assistant.from_pretrained(args.checkpoint, tap_model=args.tap_model, tap_checkpoint=args.tap_checkpoint,
+                                     llm=args.llm, device=args.device, dtype=args.dtype,
+                                     quantization=args.quantization, store=store)
+
+
+def chat(args: argparse.Namespace) -> int:
+    from .generation import GenerationSettings
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    bot = load_assistant(args)
+    conv = bot.start(args.owner, image=args.image)
+    prompts = [Prompt.point(x, y) for x, y in args.point] + [Prompt.from_box(*b) for b in args.box]
+    prompts += [Prompt.scribble(s) for s in args.scribble]
+    for p in prompts:
+        print(_region_text(bot.add_region(conv, p)), file=sys.stderr)
+    if args.ask:
+        answers = []
+        for question in args.ask:
+            reply = bot.ask(conv, question, settings) if args.json else _print_stream(bot, conv, question, settings)
+            answers.append({"question": question, "answer": reply.text, "complete": reply.complete,
+                            "dropped_turns": reply.dropped_turns})
+        if args.json:
+            regions = [{"id": f"<region{r.number}>", "line": r.grounded.line()} for r in conv.active_regions()]
+            print(json.dumps({"conversation": conv.id, "regions": regions, "turns": answers}, indent=1))
+        return 0
+    return repl(bot, conv, settings)
+
+
+def repl(bot, conv: Conversation, settings) -> int:
+    print(f"TAP-Chat ({bot.model_id}). /help for commands, /quit to leave.", file=sys.stderr)
+    state = {"conv": conv}
+    commands: dict[str, Callable[[list[str]], None]] = {
+        "point": lambda a: _add(bot, state["conv"], Prompt.point(*_pair(a[0]), [_pair(n[1:]) for n in a[1:]])),
+        "box": lambda a: _add(bot, state["conv"], Prompt.from_box(*_quad(a[0]))),
+        "scribble": lambda a: _add(bot, state["conv"], Prompt.scribble([_pair(p) for p in a])),
+        "regions": lambda a: _list_regions(state["conv"]),
+        "remove": lambda a: bot.remove_region(state["conv"], int(a[0])),
+        "image": lambda a: print(f"image set ({bot.set_image(state['conv'], a[0])[:8]})"),
+        "new": lambda a: state.update(conv=_new(bot, state["conv"])),
+        "history": lambda a: _history(bot, state["conv"].owner),
+        "open": lambda a: state.update(conv=bot.open(state["conv"].owner, a[0])),
+        "export": lambda a: _export(bot, state["conv"], a[0]),
+        "help": lambda a: print(HELP),
+    }
+    while True:
+        try:
+            line = input("> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not line:
+            continue
+        if line.startswith("/"):
+            name, *rest = shlex.split(line[1:]) or [""]
+            if name in ("quit", "exit", "q"):
+                return 0
+            if name not in commands:
+                print(f"unknown command /{name}; /help lists them")
+                continue
+            try:
+                commands[name](rest)
+            except IndexError:
+                print(f"/{name} needs an argument; /help shows the form")
+            except (argparse.ArgumentTypeError, TapError, ValueError, OSError, KeyError) as exc:
+                print(f"error: {exc}")
+            continue
+        try:
+            _print_stream(bot, state["conv"], line, settings)
+        except KeyboardInterrupt:
+            print("\n[stopped]")
+        except (TapError, ValueError, RuntimeError) as exc:
+            print(f"error: {exc}")
+
+
+def _print_stream(bot, conv: Conversation, question: str, settings):
+    stream = bot.stream(conv, question, settings)
+    try:
+        for piece in stream:
+            print(piece, end="", flush=True)
+    except KeyboardInterrupt:
+        stream.cancel()
+        for _ in stream:  # let the generator record the partial answer
+            pass
+        raise
+    finally:
+        print()
+    reply = stream.reply
+    if reply.dropped_turns:
+        print(f"[{reply.dropped_turns} oldest turn(s) left out to fit the context]", file=sys.stderr)
+    return reply
+
+
+def _add(bot, conv: Conversation, prompt: Prompt) -> None:
+    print(_region_text(bot.add_region(conv, prompt)))
+
+
+def _region_text(entry) -> str:
+    return entry.grounded.line()
+
+
+def _list_regions(conv: Conversation) -> None:
+    active = conv.active_regions()
+    print("\n".join(r.grounded.line() for r in active) if active else "no regions yet: /point X,Y adds one")
+
+
+def _new(bot, conv: Conversation) -> Conversation:
+    new = bot.start(conv.owner)
+    if conv.image_key is not None:
+        new.image_key, new.image_sha = conv.image_key, conv.image_sha
+    print(f"new conversation {new.id}")
+    return new
+
+
+def _history(bot, owner: str) -> None:
+    if bot.store is None:
+        raise ValueError("no history: start with --db FILE")
+    for info in bot.store.list_conversations(owner):
+        print(f"{info.id}  {info.updated[:19]}  {info.message_count:3d} msgs  {info.title}")
+
+
+def _export(bot, conv: Conversation, path: str) -> None:
+    if bot.store is None:
+        raise ValueError("export needs the history store: start with --db FILE")
+    records = bot.store.export_llava(conv.owner, conv.id)
+    Path(path).write_text(json.dumps(records, indent=1, ensure_ascii=False))
+    print(f"wrote {len(records)} record(s) to {path}")
+
+
+def merge(args: argparse.Namespace) -> int:
+    from .model import merge_checkpoint
+    print(f"merged checkpoint written to {merge_checkpoint(args.src, args.dst)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return {"chat": chat, "merge": merge}[args.command](args)
+    except (TapError, ValueError, OSError, ConversationError) as exc:  # user-fixable
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _quiet_libraries() -> None:
+    """Progress bars and load reports from transformers/bitsandbytes would drown the conversation."""
+    import transformers
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
