@@ -347,12 +347,14 @@ class Assistant:
                      batch_size: int = 16) -> list[str]:
         """Single-turn answers to many questions, generated `batch_size` at a time (left padding)."""
         settings = settings or GenerationSettings()
-        prepared = []
+        prepared, keys = [], {}
         for item in items:
             conv = Conversation(uuid.uuid4().hex, "batch")  # never stored
             if item.image is not None:
-                with self._lock:
-                    conv.image_key = self.predictor.set_image(item.image)
+                with self._lock:  # the same image object is hashed and loaded once per call
+                    if id(item.image) not in keys or keys[id(item.image)] not in self.predictor._cache:
+                        keys[id(item.image)] = self.predictor.set_image(item.image)
+                    conv.image_key = keys[id(item.image)]
             regions = [self._region_only(conv, p, n + 1) for n, p in enumerate(item.prompts)]
             grounded = regions or (self._scene_regions(conv) if conv.image_key else [])
             visual = self.mode == "tapchat" and conv.image_key is not None
@@ -362,7 +364,8 @@ class Assistant:
                 vis = self._visual_tokens(conv.image_key) if visual else None
             prepared.append((self.chat.tokenize(plan.text), vis, plan.max_new_tokens))
         answers: list[str] = [""] * len(prepared)
-        order = sorted(range(len(prepared)), key=lambda i: len(prepared[i][0]))  # similar lengths pad least
+        # same image together (their shared prefix is computed once), then similar lengths (least padding)
+        order = sorted(range(len(prepared)), key=lambda i: (id(prepared[i][1]), len(prepared[i][0])))
         for k in range(0, len(order), batch_size):
             idx = order[k:k + batch_size]
             run = GenerationSettings(**{**settings.to_dict(),

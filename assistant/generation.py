@@ -149,7 +149,8 @@ def decode(model: ChatModel, sequences: list[list[int]], visuals: list[torch.Ten
     """Yield the next token of every row, step by step, until all rows end, a limit is hit or `cancel` is set.
 
     With `prefix` (batch of one), positions already in its cache are not recomputed and the cache is left holding
-    the prompt and every token fed back, so the next turn can extend it.
+    the prompt and every token fed back, so the next turn can extend it. A batch whose rows start with the same
+    tokens (same image, same template) computes that shared part once (see `_prefill_shared`).
     """
     generator = None
     if settings.seed is not None:
@@ -167,6 +168,8 @@ def decode(model: ChatModel, sequences: list[list[int]], visuals: list[torch.Ten
         prefix.reused = past
         todo = sequences[0][start:]
         sequences, visuals = [todo], visuals if IMAGE_TOKEN in todo else [None]
+    elif len(sequences) > 1:
+        sequences, visuals, past = _prefill_shared(model, sequences, visuals, cache)
     embeds, mask, positions = model.embed(sequences, visuals, past=past)
     done = torch.zeros(len(sequences), dtype=torch.bool, device=model.device)
     limit = settings.max_new_tokens
@@ -210,3 +213,29 @@ def _split(ids: list[int], n: int, num_visual: int) -> tuple[int, int]:
             return k, pos
         pos += width
     return len(ids), pos
+
+
+def _prefill_shared(model: ChatModel, sequences: list[list[int]], visuals: list[torch.Tensor | None],
+                    cache: DynamicCache) -> tuple[list[list[int]], list[torch.Tensor | None], int]:
+    """Run the rows' common leading tokens once and copy that cache to every row.
+
+    Many benchmark questions share an image: the ~1100 positions of system text and visual tokens are then
+    computed once instead of once per question. The rows' remaining tokens follow after per-row padding that
+    the mask hides (positions continue from the mask), so each row sees exactly what it would see alone.
+    Returns the rows' remaining tokens, their visuals and the shared length in positions.
+    """
+    n = 0
+    first = sequences[0]
+    while all(len(s) > n + 1 and s[n] == first[n] for s in sequences):  # leave >= 1 token per row
+        n += 1
+    if IMAGE_TOKEN in first[:n] and any(v is None or v is not visuals[0] for v in visuals):
+        n = first.index(IMAGE_TOKEN)  # same text but different images: share only the text before the image
+    if n < 16:  # not worth a separate forward
+        return sequences, visuals, 0
+    shared_vis = visuals[0] if IMAGE_TOKEN in first[:n] else None
+    embeds, mask, positions = model.embed([first[:n]], [shared_vis])
+    with torch.inference_mode():
+        model.forward_embeds(embeds, mask, positions, cache)
+    cache.batch_repeat_interleave(len(sequences))
+    rest = [s[n:] for s in sequences]
+    return rest, [v if IMAGE_TOKEN in r else None for v, r in zip(visuals, rest)], embeds.shape[1]

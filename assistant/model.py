@@ -165,12 +165,11 @@ class ChatModel(nn.Module):
         """Left-padded `inputs_embeds`, `attention_mask` and `position_ids` for a batch.
 
         `visuals[i]` is the (N, hidden) image tokens for sequence i (None when it has no `IMAGE_TOKEN`). `past` is the
-        length of a cached prefix (batch of one): the mask then covers it and positions continue after it.
+        length of a cached prefix shared by all rows: the mask covers it, then each row's padding (masked), then
+        its tokens, whose positions continue right after the prefix.
         """
         rows = [self._embed_one(ids, vis) for ids, vis in zip(sequences, visuals, strict=True)]
         length = max(r.shape[0] for r in rows)
-        if past and len(rows) > 1:
-            raise ValueError("a cached prefix is only supported for a batch of one")
         hidden = rows[0].shape[-1]
         embeds = torch.zeros(len(rows), length, hidden, dtype=self.dtype, device=self.device)
         mask = torch.zeros(len(rows), past + length, dtype=torch.long, device=self.device)

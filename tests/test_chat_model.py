@@ -97,6 +97,20 @@ def test_batched_equals_single(chat, visual):
     assert run(chat, prompts, [visual] * 3) == single
     text_only = [chat.tokenize(render([Turn("hello there")], image=False))]
     assert run(chat, [prompts[0], text_only[0]], [visual, None]) == [single[0], run(chat, text_only, [None])[0]]
+    # rows with no common start: plain left padding, no shared prefill
+    plain = [chat.tokenize("a dog"), chat.tokenize("what colour is the cat on the table, and why?")]
+    assert run(chat, plain, [None, None]) == [run(chat, [p], [None])[0] for p in plain]
+
+
+def test_shared_prefix_is_computed_once(chat, visual, monkeypatch):
+    prompts = [chat.tokenize(render([Turn(q)])) for q in ("first question?", "second, longer question here?")]
+    lengths = []
+    real = chat.forward_embeds
+    monkeypatch.setattr(chat, "forward_embeds", lambda e, *a: lengths.append(tuple(e.shape[:2])) or real(e, *a))
+    run(chat, prompts, [visual, visual])
+    shared = prompts[0].index(IMAGE_TOKEN) + 64
+    assert lengths[0][0] == 1 and lengths[0][1] > shared  # one row: system text + image (+ common text)
+    assert lengths[1][0] == 2 and lengths[1][1] < 20  # then only the questions, two rows
 
 
 def test_prefix_reuse_matches_fresh_prefill(chat, visual):
