@@ -11,11 +11,13 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $(STAMP)
 
-## run: describe regions of the bundled example image with the tiny random-weight model (no download)
+## run: describe regions of the bundled example image, then ask about one (tiny random models, no download)
 run: $(STAMP)
 	mkdir -p out
 	$(PY) -m tokenizer_tap describe examples/scene.jpg --tiny --point 510,270 --box 380,330,640,560 \
 		--scribble "175,260 170,330 176,400 172,470 178,540" --out out/overlay.png
+	$(PY) -m assistant chat examples/scene.jpg --tiny --point 510,270 --ask "What is <region1>?" \
+		--max-new-tokens 24
 
 ## test: the whole test suite (parity tests need ../shared/reference; CI requires it)
 test: $(STAMP)
@@ -26,6 +28,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_tokenizer.py
+	$(PY) bench/bench_assistant.py
 
 parity: $(STAMP)
 	$(PY) -m tokenizer_tap parity ../shared/reference/tap-parity/A

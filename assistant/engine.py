@@ -112,6 +112,7 @@ class Assistant:
         self._lock = threading.RLock()
         self._visual: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._scene: OrderedDict[str, list[GroundedRegion]] = OrderedDict()
+        self._last_tokens: tuple[str, list[int]] | None = None
         if chat.encoder_state:
             _load_encoder_blocks(predictor, chat.encoder_state)
 
@@ -269,7 +270,7 @@ class Assistant:
                 raise ConversationError(f"<region{stale[0]}> belongs to an earlier image; add it again on this one")
             grounded = [conv.regions[n].grounded for n in numbers]
         if not grounded and conv.image_key is not None:
-            grounded = self._scene_regions(conv)
+            grounded = self.scene_regions(conv)
         visual = self.mode == "tapchat" and conv.image_key is not None
         plan = plan_prompt(conv, text, grounded, visual=visual, count=self._count,
                            max_context=self.config.max_context, max_new_tokens=settings.max_new_tokens)
@@ -294,7 +295,7 @@ class Assistant:
         try:
             with self._lock:
                 self._ensure_image(conv)
-                tokens = self.chat.tokenize(plan.text)
+                tokens = self._tokenize(plan.text)
                 vis = self._visual_tokens(conv.image_key) if visual else None
                 entry = self.kv.take(conv.id)
                 reply.prompt_tokens = self.chat.prompt_length(tokens)
@@ -356,13 +357,13 @@ class Assistant:
                         keys[id(item.image)] = self.predictor.set_image(item.image)
                     conv.image_key = keys[id(item.image)]
             regions = [self._region_only(conv, p, n + 1) for n, p in enumerate(item.prompts)]
-            grounded = regions or (self._scene_regions(conv) if conv.image_key else [])
+            grounded = regions or (self.scene_regions(conv) if conv.image_key else [])
             visual = self.mode == "tapchat" and conv.image_key is not None
             plan = plan_prompt(conv, clean_message(item.question), grounded, visual=visual, count=self._count,
                                max_context=self.config.max_context, max_new_tokens=settings.max_new_tokens)
             with self._lock:
                 vis = self._visual_tokens(conv.image_key) if visual else None
-            prepared.append((self.chat.tokenize(plan.text), vis, plan.max_new_tokens))
+            prepared.append((self._tokenize(plan.text), vis, plan.max_new_tokens))
         answers: list[str] = [""] * len(prepared)
         # same image together (their shared prefix is computed once), then similar lengths (least padding)
         order = sorted(range(len(prepared)), key=lambda i: (id(prepared[i][1]), len(prepared[i][0])))
@@ -381,7 +382,14 @@ class Assistant:
 
     # ------------------------------------------------------------------------------------------- internals
     def _count(self, text: str) -> int:
-        return self.chat.prompt_length(self.chat.tokenize(text))
+        return self.chat.prompt_length(self._tokenize(text))
+
+    def _tokenize(self, text: str) -> list[int]:
+        """Tokenize, remembering the last text: planning counts the prompt it then runs."""
+        last = self._last_tokens
+        if last is None or last[0] != text:
+            last = self._last_tokens = (text, self.chat.tokenize(text))
+        return list(last[1])
 
     def _ensure_image(self, conv: Conversation) -> None:
         """Re-encode the conversation's image if the predictor's feature cache evicted it."""
@@ -406,7 +414,8 @@ class Assistant:
         self._visual.move_to_end(key)
         return self._visual[key]
 
-    def _scene_regions(self, conv: Conversation) -> list[GroundedRegion]:
+    def scene_regions(self, conv: Conversation) -> list[GroundedRegion]:
+        """TAP's top segment-everything regions as `<sceneN>` lines (cached per image); none if disabled."""
         k = self.config.num_scene_regions
         if k <= 0 or conv.image_key is None:
             return []

@@ -4,6 +4,7 @@ with a reason on a user's clone, and fail instead when TAP_REQUIRE_FIXTURES=1 (s
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +16,10 @@ FIXTURE_A = REFERENCE / "tap-parity" / "A"
 LLAMA_TOKENIZER = REFERENCE / "tap-parity" / "text_tokenizer.model"
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _offline_hub(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Never touch the network or the user's HF cache: an empty, offline cache."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["HF_HOME"] = str(tmp_path_factory.mktemp("hf_home"))
+# Never touch the network or the user's HF cache: an empty, offline cache. Set at import, before any test module
+# imports huggingface_hub (it reads these once, and online-but-unreachable costs ~20 s of retries per file).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="tapchat-hf-home-")
 
 
 def _need(path: Path) -> Path:
