@@ -7,7 +7,7 @@ is addressed relative to the folder, so a folder written on a training machine l
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .llm import DEFAULT_LLM, LoraSettings
@@ -34,7 +34,6 @@ class ChatConfig:
     template: str = "bunny"
     max_context: int = 2048  # Phi-2's positions: visual tokens + prompt + answer must fit
     scene_regions: int | None = None  # top-K segment-everything regions when a turn has none; None: mode default
-    tuned_encoder_blocks: tuple[int, ...] = field(default_factory=tuple)  # TAP encoder blocks with tuned weights
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -59,7 +58,6 @@ class ChatConfig:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["lora"] = self.lora.to_dict() if self.lora else None
-        data["tuned_encoder_blocks"] = list(self.tuned_encoder_blocks)
         return {"format": FORMAT, "version": VERSION, **data}
 
     @classmethod
@@ -78,7 +76,6 @@ class ChatConfig:
             data["projector"] = ProjectorConfig(**data["projector"])
         if data.get("lora") is not None:
             data["lora"] = LoraSettings.from_dict(data["lora"])
-        data["tuned_encoder_blocks"] = tuple(data.get("tuned_encoder_blocks", ()))
         return cls(**data)
 
     def save(self, folder: str | Path) -> None:

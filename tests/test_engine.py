@@ -206,3 +206,27 @@ def test_concurrent_conversations_share_one_assistant(image):
     for t in threads:
         t.join()
     assert not errors and len(set(answers.values())) == 1  # same prompt, same greedy answer
+
+
+def test_checkpoint_with_tuned_encoder_blocks(tmp_path, image):
+    import torch
+
+    from assistant.model import ChatModel
+    from tokenizer_tap.errors import TapError
+    bot = Assistant.tiny("tapchat")
+    block = bot.predictor.model.image_encoder.blocks[-1]
+    tuned = {f"blocks.{len(bot.predictor.model.image_encoder.blocks) - 1}.mlp.fc2.bias":
+             torch.full_like(block.mlp.fc2.bias, 0.5)}
+    bot.chat.encoder_state = tuned
+    bot.chat.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "encoder.safetensors").is_file()
+    loaded = Assistant(Assistant.tiny("tapchat").predictor, ChatModel.from_pretrained(tmp_path / "ckpt"))
+    fc2 = loaded.predictor.model.image_encoder.blocks[-1].mlp.fc2.bias
+    assert torch.equal(fc2, tuned[next(iter(tuned))])  # the chat's TAP now runs the tuned block
+    fresh = Assistant.tiny("tapchat").predictor
+    key = loaded.predictor.set_image(image)
+    assert not torch.equal(loaded.predictor.trunk_features(key), fresh.trunk_features(fresh.set_image(image)))
+    bad = ChatModel.from_pretrained(tmp_path / "ckpt")
+    bad.encoder_state = {"blocks.99.mlp.fc2.bias": torch.zeros(3)}
+    with pytest.raises(TapError, match="do not fit"):
+        Assistant(Assistant.tiny("tapchat").predictor, bad)
