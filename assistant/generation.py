@@ -217,10 +217,11 @@ def _split(ids: list[int], n: int, num_visual: int) -> tuple[int, int]:
 
 def _prefill_shared(model: ChatModel, sequences: list[list[int]], visuals: list[torch.Tensor | None],
                     cache: DynamicCache) -> tuple[list[list[int]], list[torch.Tensor | None], int]:
-    """Run the rows' common leading tokens once and copy that cache to every row.
+    """Run the rows' common leading tokens once per distinct image and give every row its copy.
 
-    Many benchmark questions share an image: the ~1100 positions of system text and visual tokens are then
-    computed once instead of once per question. The rows' remaining tokens follow after per-row padding that
+    Benchmark prompts share the system text and template and often the image: the ~1100 positions up to the
+    question are computed once per distinct image (all such prefixes have the same length, so they run as one
+    unpadded batch) instead of once per question. The rows' remaining tokens follow after per-row padding that
     the mask hides (positions continue from the mask), so each row sees exactly what it would see alone.
     Returns the rows' remaining tokens, their visuals and the shared length in positions.
     """
@@ -228,14 +229,15 @@ def _prefill_shared(model: ChatModel, sequences: list[list[int]], visuals: list[
     first = sequences[0]
     while all(len(s) > n + 1 and s[n] == first[n] for s in sequences):  # leave >= 1 token per row
         n += 1
-    if IMAGE_TOKEN in first[:n] and any(v is None or v is not visuals[0] for v in visuals):
-        n = first.index(IMAGE_TOKEN)  # same text but different images: share only the text before the image
     if n < 16:  # not worth a separate forward
         return sequences, visuals, 0
-    shared_vis = visuals[0] if IMAGE_TOKEN in first[:n] else None
-    embeds, mask, positions = model.embed([first[:n]], [shared_vis])
+    has_image = IMAGE_TOKEN in first[:n]
+    groups: dict[int, int] = {}  # distinct image tensor -> its row in the prefix batch
+    rows = [groups.setdefault(id(v), len(groups)) if has_image else 0 for v in visuals]
+    distinct = list({id(v): v for v in visuals}.values()) if has_image else [None]
+    embeds, mask, positions = model.embed([first[:n]] * len(distinct), distinct)
     with torch.inference_mode():
         model.forward_embeds(embeds, mask, positions, cache)
-    cache.batch_repeat_interleave(len(sequences))
+    cache.batch_select_indices(torch.tensor(rows, device=embeds.device))
     rest = [s[n:] for s in sequences]
     return rest, [v if IMAGE_TOKEN in r else None for v, r in zip(visuals, rest)], embeds.shape[1]

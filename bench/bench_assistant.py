@@ -3,7 +3,8 @@
 Sections (each in its own subprocess, so peak RSS belongs to it alone):
   tiny  - `Assistant.tiny("tapchat")` end to end on a synthetic picture: first-turn TTFT (image already encoded),
           decode tokens/s, follow-up TTFT with the conversation's KV cache vs with it dropped, and 32 single-turn
-          questions answered in one `answer_batch` call vs one call each (same greedy answers, checked).
+          questions answered in one `answer_batch` call vs one call each (same greedy answers, checked), on one
+          image and spread over 8 images.
   phi2  - a real-size Phi-2 (2.7 B, random weights, --dtype) with 1024 visual tokens: first-turn TTFT (full prefill
           of ~1100 positions), decode tokens/s, follow-up TTFT with prefix reuse vs a fresh prefill.
   quant - optionally (--quant 4bit,8bit) the phi2 section with a bitsandbytes model (GPU; CPU kernels are slow).
@@ -62,13 +63,24 @@ def tiny(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     single = [bot.answer_batch([item], short)[0] for item in items]
     t_single = time.perf_counter() - t0
+    images = [synthetic_image(seed=k) for k in range(8)]  # 4 questions per image, as in VQA-style benchmarks
+    mixed = [BatchItem(images[i % 8], f"Question {i}: what is at position {i}?") for i in range(32)]
+    bot.answer_batch(mixed, short)  # warm-up: encodes the 8 images (kept in the feature cache)
+    t0 = time.perf_counter()
+    mixed_batched = bot.answer_batch(mixed, short, batch_size=32)
+    t_mixed_batch = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    mixed_single = [bot.answer_batch([item], short)[0] for item in mixed]
+    t_mixed_single = time.perf_counter() - t0
     return {"first_turn_ttft_ms": 1000 * statistics.median(ttft),
             "follow_up_ttft_reuse_ms": 1000 * statistics.median(follow),
             "follow_up_ttft_no_reuse_ms": 1000 * statistics.median(fresh),
             "follow_up_ratio": statistics.median(f / g for f, g in zip(follow, fresh)),
             "decode_tokens_per_s": statistics.median(rate),
             "batch32_s": t_batch, "one_by_one32_s": t_single, "batch_speedup": t_single / t_batch,
-            "batched_equals_single": batched == single,
+            "batched_equals_single": batched == single and mixed_batched == mixed_single,
+            "batch32_8images_s": t_mixed_batch, "one_by_one32_8images_s": t_mixed_single,
+            "batch_speedup_8images": t_mixed_single / t_mixed_batch,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 

@@ -111,6 +111,13 @@ def test_shared_prefix_is_computed_once(chat, visual, monkeypatch):
     shared = prompts[0].index(IMAGE_TOKEN) + 64
     assert lengths[0][0] == 1 and lengths[0][1] > shared  # one row: system text + image (+ common text)
     assert lengths[1][0] == 2 and lengths[1][1] < 20  # then only the questions, two rows
+    # three rows over two images: the prefix runs once per distinct image, answers as if alone
+    lengths.clear()
+    other = visual.flip(0)
+    rows = [prompts[0], prompts[1], prompts[1]]
+    got = run(chat, rows, [visual, other, visual])
+    assert lengths[0][0] == 2 and lengths[1][0] == 3
+    assert got == [run(chat, [r], [v])[0] for r, v in zip(rows, [visual, other, visual])]
 
 
 def test_prefix_reuse_matches_fresh_prefill(chat, visual):
