@@ -217,7 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _quiet_libraries() -> None:
     """Progress bars and load reports from transformers/bitsandbytes would drown the conversation."""
+    import warnings
+
     import transformers
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # peft
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
