@@ -353,7 +353,7 @@ class Assistant:
             conv = Conversation(uuid.uuid4().hex, "batch")  # never stored
             if item.image is not None:
                 with self._lock:  # the same image object is hashed and loaded once per call
-                    if id(item.image) not in keys or keys[id(item.image)] not in self.predictor._cache:
+                    if id(item.image) not in keys or not self.predictor.is_cached(keys[id(item.image)]):
                         keys[id(item.image)] = self.predictor.set_image(item.image)
                     conv.image_key = keys[id(item.image)]
             regions = [self._region_only(conv, p, n + 1) for n, p in enumerate(item.prompts)]
@@ -393,7 +393,7 @@ class Assistant:
 
     def _ensure_image(self, conv: Conversation) -> None:
         """Re-encode the conversation's image if the predictor's feature cache evicted it."""
-        if conv.image_key is None or conv.image_key in self.predictor._cache:
+        if conv.image_key is None or self.predictor.is_cached(conv.image_key):
             return
         if self.store is None or conv.image_sha is None:
             raise ConversationError("the image is no longer cached; set it again")
@@ -476,4 +476,4 @@ def _load_encoder_blocks(predictor: TapPredictor, state: dict[str, torch.Tensor]
     if bad:
         raise TapError(f"tuned encoder weights do not fit {predictor.model.config.name}: {', '.join(bad[:5])}")
     encoder.load_state_dict(state, strict=False)
-    predictor._cache.clear()
+    predictor.clear_cache()

@@ -38,6 +38,17 @@ def first_token(steps) -> float:
     return time.perf_counter() - start
 
 
+def batch_vs_single(bot, items, settings) -> tuple[float, float, bool]:
+    """Seconds for one `answer_batch` call, for one call per item, and whether the answers agree."""
+    bot.answer_batch(items, settings)  # warm-up: encodes the images (kept in the feature cache)
+    t0 = time.perf_counter()
+    batched = bot.answer_batch(items, settings, batch_size=len(items))
+    t_batch = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    single = [bot.answer_batch([item], settings)[0] for item in items]
+    return t_batch, time.perf_counter() - t0, batched == single
+
+
 def tiny(args: argparse.Namespace) -> dict:
     from assistant.engine import Assistant, BatchItem
     from assistant.generation import GenerationSettings
@@ -54,31 +65,19 @@ def tiny(args: argparse.Namespace) -> dict:
         conv.turns.pop()  # ask the same follow-up again, now without the cache
         bot.kv.drop(conv.id)
         fresh.append(bot.ask(conv, "And what colour is it?", settings).first_token_s)
-    items = [BatchItem(image, f"Question {i}: what is at position {i}?") for i in range(32)]
     short = GenerationSettings(max_new_tokens=16)
-    bot.answer_batch(items[:2], short)  # warm-up
-    t0 = time.perf_counter()
-    batched = bot.answer_batch(items, short, batch_size=32)
-    t_batch = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    single = [bot.answer_batch([item], short)[0] for item in items]
-    t_single = time.perf_counter() - t0
+    same = [BatchItem(image, f"Question {i}: what is at position {i}?") for i in range(32)]
     images = [synthetic_image(seed=k) for k in range(8)]  # 4 questions per image, as in VQA-style benchmarks
     mixed = [BatchItem(images[i % 8], f"Question {i}: what is at position {i}?") for i in range(32)]
-    bot.answer_batch(mixed, short)  # warm-up: encodes the 8 images (kept in the feature cache)
-    t0 = time.perf_counter()
-    mixed_batched = bot.answer_batch(mixed, short, batch_size=32)
-    t_mixed_batch = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    mixed_single = [bot.answer_batch([item], short)[0] for item in mixed]
-    t_mixed_single = time.perf_counter() - t0
+    t_batch, t_single, same_ok = batch_vs_single(bot, same, short)
+    t_mixed_batch, t_mixed_single, mixed_ok = batch_vs_single(bot, mixed, short)
     return {"first_turn_ttft_ms": 1000 * statistics.median(ttft),
             "follow_up_ttft_reuse_ms": 1000 * statistics.median(follow),
             "follow_up_ttft_no_reuse_ms": 1000 * statistics.median(fresh),
             "follow_up_ratio": statistics.median(f / g for f, g in zip(follow, fresh)),
             "decode_tokens_per_s": statistics.median(rate),
             "batch32_s": t_batch, "one_by_one32_s": t_single, "batch_speedup": t_single / t_batch,
-            "batched_equals_single": batched == single and mixed_batched == mixed_single,
+            "batched_equals_single": same_ok and mixed_ok,
             "batch32_8images_s": t_mixed_batch, "one_by_one32_8images_s": t_mixed_single,
             "batch_speedup_8images": t_mixed_single / t_mixed_batch,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

@@ -162,6 +162,16 @@ class TapPredictor:
             self._image = cached
         return key
 
+    def is_cached(self, key: str) -> bool:
+        """Whether the features of image `key` are still in the cache (else `set_image` it again)."""
+        return key in self._cache
+
+    def clear_cache(self) -> None:
+        """Forget all cached features, e.g. after the encoder weights changed."""
+        with self._lock:
+            self._cache.clear()
+            self._image = None
+
     def reset_image(self) -> None:
         with self._lock:
             self._image = None
