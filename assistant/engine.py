@@ -177,22 +177,20 @@ class Assistant:
         conv = Conversation(conv_id, owner, rec.info.title)
         sha = next((m.image_sha for m in reversed(rec.messages) if m.image_sha), None)
         sha = sha or next((r.image_sha for r in reversed(rec.regions) if r.image_sha), None)
-        keys: dict[str, str] = {}
-        for s in {m.image_sha for m in rec.messages} | {r.image_sha for r in rec.regions}:
-            if s:
-                keys[s] = s  # stored images are identified by sha until one is made current again
         if sha:
-            keys[sha] = self.predictor.set_image(self.store.image_path(sha))
-            conv.image_key, conv.image_sha = keys[sha], sha
+            conv.image_key, conv.image_sha = self.predictor.set_image(self.store.image_path(sha)), sha
+
+        def key(image_sha: str | None) -> str | None:
+            """Earlier images keep their sha as key: they are not encoded unless made current again."""
+            return conv.image_key if image_sha is not None and image_sha == sha else image_sha
+
         for r in rec.regions:
-            conv.regions[r.number] = RegionEntry(r.number, keys.get(r.image_sha, r.image_sha),
-                                                 _prompt_from_dict(r.prompt), _grounded_from_record(r), None,
-                                                 r.removed)
+            conv.regions[r.number] = RegionEntry(r.number, key(r.image_sha), _prompt_from_dict(r.prompt),
+                                                 _grounded_from_record(r), None, r.removed)
         pending: TurnEntry | None = None
         for m in rec.messages:
             if m.role == "user":
-                pending = TurnEntry(m.text, m.prompt or m.text, keys.get(m.image_sha, m.image_sha) if m.image_sha
-                                    else None, list(m.regions))
+                pending = TurnEntry(m.text, m.prompt or m.text, key(m.image_sha), list(m.regions))
                 conv.turns.append(pending)
             elif pending is not None:
                 pending.answer, pending.complete, pending.message_id = m.text, m.complete, m.id
@@ -291,7 +289,6 @@ class Assistant:
                     model=self.model_id, settings=settings.to_dict(), complete=False)
         ids: list[int] = []
         emitted, saved_at, start = "", time.monotonic(), time.monotonic()
-        entry = None
         try:
             with self._lock:
                 self._ensure_image(conv)
@@ -321,19 +318,22 @@ class Assistant:
                 else:
                     reply.complete = not cancel.is_set()  # hit max_new_tokens: a complete (if cut) answer
                 self.kv.put(conv.id, entry)
+        except GeneratorExit:  # the caller stopped reading: keep what was said, marked incomplete
+            self._finish(conv, turn, reply, ids)
+            raise
         except Exception as exc:
             self.kv.drop(conv.id)
-            reply.text = turn.answer = self.chat.tokenizer.decode(ids, skip_special_tokens=True).strip()
-            self._finish(conv, turn, reply)
+            self._finish(conv, turn, reply, ids)
             raise GenerationError(f"the model failed while answering ({type(exc).__name__}: {exc}); "
                                   "the partial answer was kept") from exc
         reply.cancelled = cancel.is_set() and not reply.complete
+        reply.total_s = time.monotonic() - start
+        self._finish(conv, turn, reply, ids)
+
+    def _finish(self, conv: Conversation, turn: TurnEntry, reply: Reply, ids: list[int]) -> None:
+        """Record the answer (complete or not) in the reply, the conversation and the store."""
         reply.new_tokens = len(ids)
         reply.text = turn.answer = self.chat.tokenizer.decode(ids, skip_special_tokens=True).strip()
-        reply.total_s = time.monotonic() - start
-        self._finish(conv, turn, reply)
-
-    def _finish(self, conv: Conversation, turn: TurnEntry, reply: Reply) -> None:
         turn.complete = reply.complete
         if self.store is not None and turn.message_id is not None:
             self.store.update_message(conv.owner, turn.message_id, reply.text, complete=reply.complete)

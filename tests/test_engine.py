@@ -230,3 +230,16 @@ def test_checkpoint_with_tuned_encoder_blocks(tmp_path, image):
     bad.encoder_state = {"blocks.99.mlp.fc2.bias": torch.zeros(3)}
     with pytest.raises(TapError, match="do not fit"):
         Assistant(Assistant.tiny("tapchat").predictor, bad)
+
+
+def test_abandoned_stream_keeps_partial_answer(tmp_path, image):
+    store = ChatStore(tmp_path / "chat.db")
+    bot = Assistant.tiny("tapchat", store=store)
+    conv = bot.start("cy", image=image)
+    pieces = iter(bot.stream(conv, "Talk", GenerationSettings(max_new_tokens=100)))
+    said = next(pieces) + next(pieces)
+    pieces.close()  # e.g. the client disconnected
+    last = store.get_conversation("cy", conv.id).messages[-1]
+    assert last.role == "assistant" and not last.complete and last.text == said.strip() == conv.turns[-1].answer
+    assert bot.ask(conv, "still there?", SHORT).complete  # the model lock was released
+    store.close()
