@@ -23,7 +23,7 @@ from PIL import Image
 from tokenizer_tap.build import resolve_device, resolve_dtype
 from tokenizer_tap.errors import TapError, WeightsNotFoundError
 from tokenizer_tap.image_io import ImageSource, load_image
-from tokenizer_tap.predictor import TapPredictor
+from tokenizer_tap.predictor import Region, TapPredictor
 from tokenizer_tap.prompts import Prompt
 
 from .config import ChatConfig
@@ -214,6 +214,37 @@ class Assistant:
 
     def add_region(self, conv: Conversation, prompt: Prompt) -> RegionEntry:
         """Segment, label and caption a region of the current image; it gets the next `<regionN>` id."""
+        region, grounded_at = self._segment(conv, prompt)
+        with conv.lock:
+            number = conv.next_number()
+            if self.store is not None:
+                number = self.store.add_region(conv.owner, conv.id, **_region_fields(conv, prompt, region))
+            entry = RegionEntry(number, conv.image_key, prompt, grounded_at(number), region)
+            conv.regions[number] = entry
+            conv.new_regions.append(number)
+        return entry
+
+    def refine_region(self, conv: Conversation, number: int, prompt: Prompt) -> RegionEntry:
+        """Re-segment a region with a new prompt (say, plus a negative point), keeping its number.
+
+        Only regions no question has used yet: a sent turn's grounding lines are frozen.
+        """
+        with conv.lock:
+            entry = conv.regions.get(number)
+            if entry is None or entry.removed:
+                raise ConversationError(f"unknown region <region{number}>")
+            if number not in conv.new_regions:
+                raise ConversationError(f"<region{number}> was already used in a question; add a new region instead")
+        region, grounded_at = self._segment(conv, prompt)
+        with conv.lock:
+            if self.store is not None:
+                self.store.update_region(conv.owner, conv.id, number, **_region_fields(conv, prompt, region))
+            entry = RegionEntry(number, conv.image_key, prompt, grounded_at(number), region)
+            conv.regions[number] = entry
+        return entry
+
+    def _segment(self, conv: Conversation, prompt: Prompt):
+        """TAP's region for `prompt` on the current image, and a function giving its grounding line for a number."""
         if conv.image_key is None:
             raise ConversationError("add an image before adding regions")
         if not isinstance(prompt, Prompt):
@@ -224,20 +255,8 @@ class Assistant:
             w, h = self.predictor.size_of(conv.image_key)
         if not region.mask.any():
             raise ConversationError("TAP found no region there; try another point or a box")
-        with conv.lock:
-            number = conv.next_number()
-            if self.store is not None:
-                from .rle import encode
-                number = self.store.add_region(
-                    conv.owner, conv.id, image_sha=conv.image_sha, prompt=_prompt_dict(prompt),
-                    mask=encode(region.mask), box=list(region.bbox), concept=region.concept,
-                    prob=region.concept_prob, iou=region.iou, caption=region.caption)
-            grounded = GroundedRegion.from_pixels(number, region.concept, region.concept_prob, region.bbox,
-                                                  region.area, region.caption, w, h)
-            entry = RegionEntry(number, conv.image_key, prompt, grounded, region)
-            conv.regions[number] = entry
-            conv.new_regions.append(number)
-        return entry
+        return region, lambda number: GroundedRegion.from_pixels(number, region.concept, region.concept_prob,
+                                                                 region.bbox, region.area, region.caption, w, h)
 
     def remove_region(self, conv: Conversation, number: int) -> None:
         with conv.lock:
@@ -248,6 +267,24 @@ class Assistant:
             conv.regions[number].removed = True
             if number in conv.new_regions:
                 conv.new_regions.remove(number)
+
+    def undo(self, conv: Conversation, turns: int = 1) -> list[TurnEntry]:
+        """Forget the last `turns` questions and answers (in the store too); their regions count as new again."""
+        with conv.lock:
+            if turns < 1 or not conv.turns:
+                raise ConversationError("there is nothing to undo")
+            keep = max(0, len(conv.turns) - turns)
+            gone = conv.turns[keep:]
+            if self.store is not None:
+                users = [m for m in self.store.get_conversation(conv.owner, conv.id).messages if m.role == "user"]
+                if keep < len(users):
+                    self.store.truncate(conv.owner, conv.id, users[keep].idx)
+            del conv.turns[keep:]
+            live = {r.number for r in conv.active_regions() if r.image_key == conv.image_key}
+            back = {n for t in gone for n in t.regions if n in live}
+            conv.new_regions[:] = sorted(set(conv.new_regions) | back)
+        self.kv.drop(conv.id)
+        return gone
 
     # ------------------------------------------------------------------------------------------ answering
     def ask(self, conv: Conversation, text: str, settings: GenerationSettings | None = None) -> Reply:
@@ -289,6 +326,7 @@ class Assistant:
                     model=self.model_id, settings=settings.to_dict(), complete=False)
         ids: list[int] = []
         emitted, saved_at, start = "", time.monotonic(), time.monotonic()
+        steps = None
         try:
             with self._lock:
                 self._ensure_image(conv)
@@ -298,27 +336,37 @@ class Assistant:
                 reply.prompt_tokens = self.chat.prompt_length(tokens)
                 steps = decode(self.chat, [tokens], [vis], run, prefix=entry, image_key=conv.image_key,
                                cancel=cancel, max_context=self.config.max_context)
-                for n, token in enumerate(steps):
-                    if n == 0:
-                        reply.first_token_s = time.monotonic() - start
-                        reply.reused_tokens = entry.reused
-                    t = int(token[0])
-                    if t == self.chat.eos_id:
-                        reply.complete = True
-                        break
-                    ids.append(t)
-                    piece = self._new_text(ids, emitted)
-                    if piece:
-                        emitted += piece
-                        turn.answer = emitted
-                        yield piece
-                    if self.store is not None and time.monotonic() - saved_at > SAVE_EVERY_S:
-                        self.store.update_message(conv.owner, turn.message_id, emitted.strip(), complete=False)
-                        saved_at = time.monotonic()
-                else:
-                    reply.complete = not cancel.is_set()  # hit max_new_tokens: a complete (if cut) answer
+            # The lock is taken per step, never held across a yield: the reader may resume this generator from
+            # another thread (Gradio does), and other requests get the model between tokens.
+            while True:
+                with self._lock:
+                    token = next(steps, None)
+                if token is None:  # max_new_tokens or cancelled: complete (if cut) unless cancelled
+                    reply.complete = not cancel.is_set()
+                    break
+                if reply.first_token_s is None:
+                    reply.first_token_s = time.monotonic() - start
+                    reply.reused_tokens = entry.reused
+                t = int(token[0])
+                if t == self.chat.eos_id:
+                    reply.complete = True
+                    break
+                ids.append(t)
+                piece = self._new_text(ids, emitted)
+                if piece:
+                    emitted += piece
+                    turn.answer = emitted
+                    yield piece
+                if self.store is not None and time.monotonic() - saved_at > SAVE_EVERY_S:
+                    self.store.update_message(conv.owner, turn.message_id, emitted.strip(), complete=False)
+                    saved_at = time.monotonic()
+            with self._lock:
+                steps.close()
                 self.kv.put(conv.id, entry)
         except GeneratorExit:  # the caller stopped reading: keep what was said, marked incomplete
+            if steps is not None:
+                with self._lock:
+                    steps.close()
             self._finish(conv, turn, reply, ids)
             raise
         except Exception as exc:
@@ -414,6 +462,17 @@ class Assistant:
         self._visual.move_to_end(key)
         return self._visual[key]
 
+    def candidates(self, conv: Conversation, max_regions: int = 16, **options) -> list[Region]:
+        """TAP's segment-everything regions of the current image (masks included), best first.
+
+        `options` go to `TapPredictor.segment_everything` (grid size, thresholds).
+        """
+        if conv.image_key is None:
+            raise ConversationError("add an image first")
+        with self._lock:
+            self._ensure_image(conv)
+            return self.predictor.segment_everything(key=conv.image_key, max_regions=max_regions, **options)
+
     def scene_regions(self, conv: Conversation) -> list[GroundedRegion]:
         """TAP's top segment-everything regions as `<sceneN>` lines (cached per image); none if disabled."""
         k = self.config.num_scene_regions
@@ -422,8 +481,7 @@ class Assistant:
         key = conv.image_key
         with self._lock:
             if key not in self._scene:
-                self._ensure_image(conv)
-                regions = self.predictor.segment_everything(key=key, max_regions=k)
+                regions = self.candidates(conv, k)
                 w, h = self.predictor.size_of(key)
                 self._scene[key] = [GroundedRegion.from_pixels(i + 1, r.concept, r.concept_prob, r.bbox, r.area,
                                                                r.caption, w, h, kind="scene")
@@ -431,6 +489,13 @@ class Assistant:
                 while len(self._scene) > 8:
                     self._scene.popitem(last=False)
             return self._scene[key]
+
+
+def _region_fields(conv: Conversation, prompt: Prompt, region) -> dict:
+    from .rle import encode
+    return {"image_sha": conv.image_sha, "prompt": _prompt_dict(prompt), "mask": encode(region.mask),
+            "box": list(region.bbox), "concept": region.concept, "prob": region.concept_prob, "iou": region.iou,
+            "caption": region.caption}
 
 
 def _prompt_dict(prompt: Prompt) -> dict:

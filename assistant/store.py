@@ -284,16 +284,7 @@ class ChatStore:
                    prob: float | None, iou: float | None, caption: str | None) -> int:
         """Record a region and return its number: max + 1 over all, removed ones included, so never reused."""
         owner = _owner(owner)
-        if not isinstance(prompt, dict):
-            raise StoreError("region prompt must be a dict")
-        if isinstance(mask, np.ndarray):
-            mask = _checked(rle.encode, mask)
-        elif mask is not None:
-            _checked(rle.validate, mask)
-        row = {"image_sha": image_sha, "prompt": _json(prompt, "prompt"),
-               "mask": None if mask is None else _json(mask, "mask"), "box": _box(box),
-               "concept": _label(concept, "concept"), "prob": _score(prob, "prob"), "iou": _score(iou, "iou"),
-               "caption": _label(caption, "caption")}
+        row = _region_row(image_sha, prompt, mask, box, concept, prob, iou, caption)
         with self._write() as conn:
             self._conversation(conn, owner, conv_id)
             self._require_image(conn, image_sha)
@@ -306,6 +297,24 @@ class ChatStore:
                          {**row, "conversation": conv_id, "number": number, "created": now})
             self._touch(conn, conv_id, now)
         return number
+
+    def update_region(self, owner: str, conv_id: str, number: int, *, image_sha: str, prompt: dict[str, Any],
+                      mask: dict[str, Any] | np.ndarray | None, box: Iterable[float] | None, concept: str | None,
+                      prob: float | None, iou: float | None, caption: str | None) -> None:
+        """Replace a region's prompt and result in place (refining it with another point); its number stays."""
+        owner = _owner(owner)
+        number = _int(number, "region number", 1, None)
+        row = _region_row(image_sha, prompt, mask, box, concept, prob, iou, caption)
+        with self._write() as conn:
+            self._conversation(conn, owner, conv_id)
+            self._require_image(conn, image_sha)
+            cur = conn.execute("UPDATE regions SET image_sha = :image_sha, prompt = :prompt, mask = :mask, box = :box, "
+                               "concept = :concept, prob = :prob, iou = :iou, caption = :caption "
+                               "WHERE conversation = :conversation AND number = :number AND removed = 0",
+                               {**row, "conversation": conv_id, "number": number})
+            if cur.rowcount == 0:
+                raise NotFoundError("region not found")
+            self._touch(conn, conv_id, self._now())
 
     def remove_region(self, owner: str, conv_id: str, number: int) -> None:
         """Soft delete: old messages still name the region and its number must stay taken."""
@@ -534,6 +543,22 @@ class ChatStore:
                          iou=r["iou"], caption=r["caption"], removed=bool(r["removed"]))
             for r in _rows(conn, "SELECT * FROM regions WHERE conversation = ? ORDER BY number", (conv_id,))]
         return ConversationRecord(info, messages, regions)
+
+
+def _region_row(image_sha: str, prompt: dict[str, Any], mask: dict[str, Any] | np.ndarray | None,
+                box: Iterable[float] | None, concept: str | None, prob: float | None, iou: float | None,
+                caption: str | None) -> dict[str, Any]:
+    """A validated regions row (mask as RLE JSON)."""
+    if not isinstance(prompt, dict):
+        raise StoreError("region prompt must be a dict")
+    if isinstance(mask, np.ndarray):
+        mask = _checked(rle.encode, mask)
+    elif mask is not None:
+        _checked(rle.validate, mask)
+    return {"image_sha": image_sha, "prompt": _json(prompt, "prompt"),
+            "mask": None if mask is None else _json(mask, "mask"), "box": _box(box),
+            "concept": _label(concept, "concept"), "prob": _score(prob, "prob"), "iou": _score(iou, "iou"),
+            "caption": _label(caption, "caption")}
 
 
 def _rows(conn: sqlite3.Connection, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:

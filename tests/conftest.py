@@ -53,3 +53,36 @@ def photo() -> np.ndarray:
     img = np.stack([x * 255 // 400, y * 255 // 300, np.full_like(x, 90)], -1).astype(np.uint8)
     img[100:200, 150:260] = (250, 240, 30)
     return img
+
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+@pytest.fixture(scope="module")
+def app_server(tmp_path_factory):
+    """Start the app in-process with tiny models: `start(auth=None) -> (url, service)`; all closed after the module."""
+    import socket
+
+    from app.cli import build_app, launch
+    from app.config import AppConfig
+    from assistant.engine import Assistant
+    from assistant.store import ChatStore
+
+    started = []
+
+    def start(auth: list[tuple[str, str]] | None = None):
+        data = tmp_path_factory.mktemp("app")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        config = AppConfig(port=port, data_dir=data, auth=auth or [], tiny=True, everything_grid=6)
+        bot = Assistant.tiny(store=ChatStore(config.db_path, config.image_dir))
+        demo, service, _ = build_app(config, bot)
+        _, url, _ = launch(demo, config, prevent_thread_lock=True, quiet=True)
+        started.append((demo, service))
+        return url.rstrip("/"), service
+
+    yield start
+    for demo, service in started:
+        demo.close()
+        service.store.close()

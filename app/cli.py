@@ -1,0 +1,115 @@
+"""`python -m app`: load the models once, open the history store, serve the page and the API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import gradio as gr
+
+from assistant.engine import Assistant
+from assistant.store import ChatStore, StoreError
+from tokenizer_tap.errors import WeightsNotFoundError
+
+from . import ui
+from .config import AppConfig
+from .owners import AuthFileError, parse_credentials
+from .service import ChatService
+
+log = logging.getLogger("tapchat.app")
+TINY_BANNER = "Running with **tiny random models** (`--tiny`): the tools work, the answers and captions are gibberish."
+
+
+def load_assistant(config: AppConfig, store: ChatStore) -> tuple[Assistant, str]:
+    """The configured models, or tiny random ones with a banner saying why (offline, no weights)."""
+    if config.tiny:
+        return Assistant.tiny(store=store), TINY_BANNER
+    try:
+        bot = Assistant.from_pretrained(config.chat_checkpoint, tap_model=config.tap_model,
+                                        tap_checkpoint=config.tap_checkpoint, llm=config.llm, device=config.device,
+                                        quantization=config.quantization, store=store)
+        return bot, ""
+    except WeightsNotFoundError as exc:
+        first = str(exc).splitlines()[0]
+        log.warning("model weights not found, starting with tiny random models:\n%s", exc)
+        return Assistant.tiny(store=store), (
+            f"**Model weights not found** ({first}). Running with tiny random models so you can try the tools; "
+            "answers are gibberish. Download the weights (see README) and restart, or start with `--tiny`.")
+
+
+def build_app(config: AppConfig, assistant: Assistant | None = None) -> tuple[gr.Blocks, ChatService, str]:
+    """The Blocks app, its service and the banner text; `assistant` skips loading (tests pass a tiny one)."""
+    store = assistant.store if assistant is not None else ChatStore(config.db_path, config.image_dir)
+    banner = TINY_BANNER if config.tiny else ""
+    if assistant is None:
+        assistant, banner = load_assistant(config, store)
+    if config.tiny or banner:
+        config.everything_min_iou = 0.0  # random weights predict low IoU everywhere
+    service = ChatService(assistant, config)
+    demo = ui.build(service, auth=bool(config.auth), banner=banner)
+    demo.queue(default_concurrency_limit=1, max_size=config.queue_size)
+    return demo, service, banner
+
+
+def launch(demo: gr.Blocks, config: AppConfig, **overrides) -> tuple:
+    """Start serving; `overrides` go to `Blocks.launch` (tests use prevent_thread_lock, quiet)."""
+    config.export_dir.mkdir(parents=True, exist_ok=True)
+    kwargs = dict(server_name=config.host, server_port=config.port, share=config.share,
+                  auth=config.auth or None, auth_message="Log in to TAP-Chat",
+                  max_file_size=f"{config.max_upload_mb}mb",
+                  allowed_paths=[str(config.export_dir)], css=ui.CSS, js=ui.JS, theme=gr.themes.Soft(),
+                  footer_links=["api"])
+    return demo.launch(**{**kwargs, **overrides})
+
+
+def parse_args(argv: list[str] | None = None) -> AppConfig:
+    p = argparse.ArgumentParser(prog="python -m app", description="TAP-Chat: chat about an image, region by region.")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for the network)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--data-dir", type=Path, default=None, help="history and images (default: per-user data dir, "
+                                                                   "or $TAPCHAT_DATA)")
+    p.add_argument("--db", type=Path, default=None, help="SQLite history file (default: DATA_DIR/history.db)")
+    p.add_argument("--auth", action="append", default=[], metavar="USER:PASS",
+                   help="require login; repeat for more users (each user sees only their own chats)")
+    p.add_argument("--auth-file", action="append", type=Path, default=[], help="a file of user:password lines")
+    p.add_argument("--tiny", action="store_true", help="tiny random models: no download, gibberish answers")
+    p.add_argument("--tap-model", default=None, help="TAP variant (default: the checkpoint's, or tap_vit_l)")
+    p.add_argument("--tap-checkpoint", default=None, help="a TAP .pkl file (default: the HF cache)")
+    p.add_argument("--llm", default=None, help="language model id or folder (default: microsoft/phi-2)")
+    p.add_argument("--chat-checkpoint", default=None, help="a TAP-Chat checkpoint folder (tapchat mode); without "
+                                                           "one the app runs in grounded mode")
+    p.add_argument("--quantization", choices=["none", "4bit", "8bit"], default="none")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
+    p.add_argument("--max-upload-mb", type=int, default=25)
+    args = p.parse_args(argv)
+    try:
+        auth = parse_credentials(args.auth, args.auth_file)
+    except AuthFileError as exc:
+        p.error(str(exc))
+    config = AppConfig(host=args.host, port=args.port, db=args.db, auth=auth, tiny=args.tiny,
+                       tap_model=args.tap_model, tap_checkpoint=args.tap_checkpoint, llm=args.llm,
+                       chat_checkpoint=args.chat_checkpoint, quantization=args.quantization, device=args.device,
+                       share=args.share, max_upload_mb=args.max_upload_mb)
+    if args.data_dir is not None:
+        config.data_dir = args.data_dir
+    return config
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = parse_args(argv)
+    try:
+        demo, service, banner = build_app(config)
+    except StoreError as exc:
+        sys.exit(f"cannot open the history store: {exc}")
+    bot = service.bot
+    models = f"TAP {bot.config.tap_model} + {bot.config.llm} ({bot.mode} mode)"
+    if banner and not config.tiny:
+        models += " [tiny fallback: weights not found]"
+    print(f"TAP-Chat: {models}; history in {config.db_path}; "
+          f"{'login required' if config.auth else 'anonymous owners per browser'}; "
+          f"open http://{config.host}:{config.port}", flush=True)
+    launch(demo, config)

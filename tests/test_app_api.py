@@ -1,0 +1,222 @@
+"""The app's named endpoints through `gradio_client`, against the app launched in-process with tiny models."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENE = str(ROOT / "examples" / "scene.jpg")
+
+
+@pytest.fixture(scope="module")
+def server(app_server):
+    return app_server()
+
+
+@pytest.fixture
+def client(server) -> Client:
+    return Client(server[0], verbose=False)
+
+
+def chat_with_image(client: Client) -> str:
+    cid = client.predict(api_name="/new_chat")
+    client.predict(cid, handle_file(SCENE), api_name="/set_image")
+    return cid
+
+
+def test_endpoints_are_named_and_documented(client: Client) -> None:
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    for name in ["/new_chat", "/set_image", "/segment", "/remove_region", "/segment_everything", "/adopt", "/chat",
+                 "/stop", "/regenerate", "/undo", "/clear", "/ask_region", "/history", "/open", "/rename",
+                 "/delete", "/export"]:
+        assert name in api, name
+    assert [p["parameter_name"] for p in api["/chat"]["parameters"]] == [
+        "conversation_id", "message", "temperature", "max_new_tokens"]
+    assert "stream" in api["/chat"]["description"]
+
+
+def test_segment_returns_a_numbered_region(client: Client) -> None:
+    cid = chat_with_image(client)
+    region = client.predict(cid, {"points": [[510, 270]]}, api_name="/segment")
+    assert region["number"] == 1 and region["ref"] == "<region1>"
+    assert region["concept"] and 0 <= region["prob"] <= 1
+    x1, y1, x2, y2 = region["box"]
+    assert 0 <= x1 < x2 <= 960 and 0 <= y1 < y2 <= 720
+    box = client.predict(cid, {"box": [380, 330, 640, 560]}, api_name="/segment")
+    assert box["number"] == 2
+    snap = client.predict(cid, 1, api_name="/remove_region")
+    assert [r["number"] for r in snap["regions"]] == [2]
+    assert client.predict(cid, {"points": [[100, 100]]}, api_name="/segment")["number"] == 3  # never reused
+
+
+def test_chat_streams_and_is_stored(client: Client) -> None:
+    cid = chat_with_image(client)
+    client.predict(cid, {"points": [[510, 270]]}, api_name="/segment")
+    job = client.submit(cid, "What is <region1>?", 0.0, 48, api_name="/chat")
+    updates = list(job)
+    assert len(updates) >= 3, "answers arrive piece by piece"
+    assert all(b.startswith(a) for a, b in zip(updates, updates[1:])), "each update extends the last"
+    snap = client.predict(cid, api_name="/open")
+    assert [m["role"] for m in snap["messages"]] == ["user", "assistant"]
+    assert snap["messages"][1]["text"] == updates[-1].strip()
+    assert snap["messages"][0]["regions"] == [1]
+    assert snap["title"] == "What is <region1>?"  # the first question names the chat
+
+
+def test_regenerate_undo_clear(client: Client) -> None:
+    cid = chat_with_image(client)
+    first = list(client.submit(cid, "Describe the image.", 0.0, 8, api_name="/chat"))[-1]
+    again = list(client.submit(cid, 0.0, 8, api_name="/regenerate"))[-1]
+    assert again == first  # greedy: the same answer, and still one turn
+    assert len(client.predict(cid, api_name="/open")["messages"]) == 2
+    list(client.submit(cid, "And the sky?", 0.0, 8, api_name="/chat"))
+    assert client.predict(cid, api_name="/undo") == "And the sky?"
+    assert len(client.predict(cid, api_name="/open")["messages"]) == 2
+    assert client.predict(cid, api_name="/clear")["messages"] == []
+    with pytest.raises(AppError, match="nothing to undo"):
+        client.predict(cid, api_name="/undo")
+
+
+def test_segment_everything_and_adopt(client: Client) -> None:
+    cid = chat_with_image(client)
+    found = client.predict(cid, api_name="/segment_everything")
+    assert found and [c["number"] for c in found] == list(range(1, len(found) + 1))
+    region = client.predict(cid, 1, api_name="/adopt")
+    assert region["number"] == 1 and region["concept"] == found[0]["concept"]
+    with pytest.raises(AppError, match="no candidate"):
+        client.predict(cid, len(found) + 1, api_name="/adopt")
+
+
+def test_ask_region_in_one_call(client: Client) -> None:
+    out = client.predict(handle_file(SCENE), [{"points": [[510, 270]]}, {"box": [380, 330, 640, 560]}],
+                         "Compare <region1> and <region2>.", 0.0, 16, api_name="/ask_region")
+    assert [r["number"] for r in out["regions"]] == [1, 2]
+    assert isinstance(out["answer"], str) and out["conversation_id"]
+    assert out["conversation_id"] in [c["id"] for c in client.predict("", api_name="/history")]
+
+
+def test_history_search_rename_export_delete(client: Client) -> None:
+    cid = chat_with_image(client)
+    list(client.submit(cid, "Where is the zebra?", 0.0, 4, api_name="/chat"))
+    assert [c["id"] for c in client.predict("zebra", api_name="/history")] == [cid]
+    assert client.predict("no-such-words", api_name="/history") == []
+    assert client.predict(cid, "Zebra hunt", api_name="/rename")["title"] == "Zebra hunt"
+    records = client.predict(cid, "json", api_name="/export")["records"]
+    assert records[0]["conversations"][0]["from"] == "human"
+    assert "Where is the zebra?" in records[0]["conversations"][0]["value"]
+    assert records[0]["image"].endswith(".jpg")
+    md = client.predict(cid, "markdown", api_name="/export")["markdown"]
+    assert md.startswith("# Zebra hunt") and "Where is the zebra?" in md
+    assert client.predict(cid, api_name="/delete") is True
+    assert cid not in [c["id"] for c in client.predict("", api_name="/history")]
+    with pytest.raises(AppError, match="does not exist"):
+        client.predict(cid, api_name="/open")
+
+
+def test_two_clients_never_see_each_others_chats(server) -> None:
+    alice, bob = Client(server[0], verbose=False), Client(server[0], verbose=False)
+    cid = chat_with_image(alice)
+    list(alice.submit(cid, "A private question.", 0.0, 4, api_name="/chat"))
+    assert cid not in [c["id"] for c in bob.predict("", api_name="/history")]
+    assert bob.predict("private", api_name="/history") == []
+    for call in [lambda: bob.predict(cid, api_name="/open"),
+                 lambda: bob.predict(cid, {"points": [[5, 5]]}, api_name="/segment"),
+                 lambda: bob.submit(cid, "hi", api_name="/chat").result(),
+                 lambda: bob.predict(cid, "mine now", api_name="/rename"),
+                 lambda: bob.predict(cid, "json", api_name="/export"),
+                 lambda: bob.predict(cid, api_name="/delete")]:
+        with pytest.raises(AppError, match="does not exist"):
+            call()
+    assert alice.predict(cid, api_name="/open")["title"] == "A private question."
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda c, cid: c.predict(cid, {"points": [[5000, 10]]}, api_name="/segment"), "outside the 960x720 image"),
+    (lambda c, cid: c.predict(cid, {"box": [10, 10, 10, 10]}, api_name="/segment"), "empty"),
+    (lambda c, cid: c.predict(cid, {"circle": 3}, api_name="/segment"), "Unknown region prompt field"),
+    (lambda c, cid: c.submit(cid, "   ", api_name="/chat").result(), "empty"),
+    (lambda c, cid: c.submit(cid, "x" * 9000, api_name="/chat").result(), "too long"),
+    (lambda c, cid: c.submit(cid, "What is <region9>?", api_name="/chat").result(), "unknown region"),
+    (lambda c, cid: c.predict(cid, {"path": "/etc/passwd"}, api_name="/set_image"), "handle_file"),
+    (lambda c, cid: c.predict("0" * 32, api_name="/open"), "does not exist"),
+])
+def test_bad_requests_get_plain_messages_and_the_chat_survives(client: Client, call, message: str) -> None:
+    cid = chat_with_image(client)
+    with pytest.raises(AppError, match=message):
+        call(client, cid)
+    assert client.predict(cid, {"points": [[510, 270]]}, api_name="/segment")["number"] == 1
+
+
+def test_bad_images_are_refused_plainly(client: Client, tmp_path: Path) -> None:
+    cid = client.predict(api_name="/new_chat")
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(Path(SCENE).read_bytes()[:2000])
+    text = tmp_path / "notes.png"
+    text.write_text("not an image at all")
+    huge = tmp_path / "huge.png"
+    buf = io.BytesIO()
+    Image.new("1", (9000, 5000)).save(buf, format="PNG")  # 45 MP, tiny on disk
+    huge.write_bytes(buf.getvalue())
+    for path, message in [(corrupt, "corrupt|truncated"), (text, "not an image"), (huge, "too large|exceeds")]:
+        with pytest.raises(AppError, match=message):
+            client.predict(cid, handle_file(str(path)), api_name="/set_image")
+    ok = client.predict(cid, handle_file(SCENE), api_name="/set_image")
+    assert ok["image_size"] == [960, 720]
+
+
+def test_stop_ends_a_running_answer_and_keeps_it(server, client: Client, monkeypatch) -> None:
+    import time
+
+    import assistant.generation as generation
+
+    real = generation.next_tokens
+
+    def slow(*args, **kwargs):  # a slow model, so the answer is still running when stop arrives
+        time.sleep(0.02)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "next_tokens", slow)
+    cid = chat_with_image(client)
+    job = client.submit(cid, "Tell me a long story.", 0.0, 1000, api_name="/chat")
+    deadline = time.monotonic() + 20
+    while not client.predict(cid, api_name="/stop"):
+        assert time.monotonic() < deadline, "the answer never started"
+        time.sleep(0.05)
+    job.result(timeout=20)
+    snap = client.predict(cid, api_name="/open")
+    answer = snap["messages"][1]
+    assert not answer["complete"], "a stopped answer is kept, marked incomplete"
+    tokens = len(server[1].bot.chat.tokenizer.encode(answer["text"]))
+    assert tokens < 1000, "generation really stopped"
+    assert client.predict(cid, api_name="/stop") is False
+
+
+def test_auth_rejects_strangers_and_separates_users(app_server) -> None:
+    url, _ = app_server(auth=[("alice", "pw-a"), ("bob", "pw-b")])
+    with pytest.raises(Exception, match="(?i)auth|login|credentials|401|403"):
+        Client(url, verbose=False).predict(api_name="/new_chat")
+    with pytest.raises(Exception, match="(?i)auth|login|credentials|401|403"):
+        Client(url, auth=("alice", "wrong"), verbose=False)
+    alice = Client(url, auth=("alice", "pw-a"), verbose=False)
+    cid = chat_with_image(alice)
+    alice2 = Client(url, auth=("alice", "pw-a"), verbose=False)  # the same user in another session sees it
+    assert cid in [c["id"] for c in alice2.predict("", api_name="/history")]
+    bob = Client(url, auth=("bob", "pw-b"), verbose=False)
+    assert bob.predict("", api_name="/history") == []
+    with pytest.raises(AppError, match="does not exist"):
+        bob.predict(cid, api_name="/open")
+
+
+def test_the_same_image_is_stored_once(server, client: Client) -> None:
+    a, b = chat_with_image(client), chat_with_image(client)
+    files = sorted(server[1].store.data_dir.rglob("*.jpg"))
+    assert len([p for p in files if p.read_bytes() == Path(SCENE).read_bytes()]) == 1
+    assert a != b
+    assert np.asarray(Image.open(files[0])).shape == (720, 960, 3)

@@ -1,0 +1,256 @@
+"""The page in a real browser: Playwright driving Debian's Chromium against the app launched in-process.
+
+Skipped where Chromium or Playwright is missing (a user's clone); `.ci/run` installs both and sets
+TAP_REQUIRE_BROWSER=1, so CI fails instead of skipping. With TAPCHAT_SCREENSHOTS=DIR the main states are saved
+there as PNGs (`make screenshots` refreshes docs/screenshots).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SCENE = str(Path(__file__).resolve().parents[1] / "examples" / "scene.jpg")
+SHOTS = os.environ.get("TAPCHAT_SCREENSHOTS")
+TIMEOUT = 30_000
+
+
+def _require_browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if sync_playwright is None or not Path(CHROMIUM).exists():
+        if os.environ.get("TAP_REQUIRE_BROWSER") == "1":
+            pytest.fail("browser tests are required (TAP_REQUIRE_BROWSER=1) but Playwright or Chromium is missing")
+        pytest.skip("needs Playwright and Chromium (apt-get install chromium); see DEVELOPERS.md")
+    return sync_playwright
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_playwright = _require_browser()
+    from playwright.sync_api import expect
+    expect.set_options(timeout=TIMEOUT)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def server(app_server):
+    return app_server()
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1500, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT)
+    page.goto(server[0])
+    page.wait_for_selector("#image")
+    yield page
+    context.close()
+
+
+@pytest.fixture
+def slow_model(monkeypatch):
+    """A model that takes 20 ms per token, so streaming and Stop can be watched."""
+    import assistant.generation as generation
+
+    real = generation.next_tokens
+
+    def slow(*args, **kwargs):
+        time.sleep(0.02)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "next_tokens", slow)
+
+
+def shot(page, name: str) -> None:
+    if SHOTS:
+        time.sleep(1.0)  # let the last image finish fading in
+        Path(SHOTS).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(SHOTS) / f"{name}.png"))
+
+
+def upload(page, path: str) -> None:
+    page.locator("#image input[type=file]").set_input_files(path)
+
+
+def wait_image(page) -> None:
+    page.locator("#image img").first.wait_for()
+    page.wait_for_function("() => document.querySelector('#image img')?.naturalWidth > 0")
+
+
+def upload_scene(page) -> None:
+    """Upload the example image and wait until the server has it (the new chat shows up in the history)."""
+    from playwright.sync_api import expect
+    upload(page, SCENE)
+    expect(page.locator("#history")).to_contain_text("New chat")
+    wait_image(page)
+
+
+def click_pixel(page, x: float, y: float) -> None:
+    """Click image pixel (x, y): undo the component's scale-down and centring."""
+    img = page.locator("#image img").first
+    box = img.bounding_box()
+    nw, nh = img.evaluate("e => [e.naturalWidth, e.naturalHeight]")
+    s = min(box["width"] / nw, box["height"] / nh, 1)
+    ox, oy = (box["width"] - nw * s) / 2, (box["height"] - nh * s) / 2
+    page.mouse.click(box["x"] + ox + x * s, box["y"] + oy + y * s)
+
+
+def set_max_tokens(page, n: int) -> None:
+    page.get_by_text("Settings", exact=True).click()
+    page.locator("input[aria-label='number input for Max new tokens']").fill(str(n))
+    page.keyboard.press("Enter")
+
+
+def send(page, text: str) -> None:
+    page.locator("#msg textarea").fill(text)
+    page.locator("#msg textarea").press("Enter")
+
+
+def toast(page, pattern: str) -> None:
+    from playwright.sync_api import expect
+    expect(page.get_by_test_id("toast-body").filter(has_text=pattern_re(pattern)).first).to_be_visible()
+
+
+def pattern_re(pattern: str):
+    import re
+    return re.compile(pattern, re.IGNORECASE)
+
+
+def overlay_src(page) -> str:
+    return page.locator("#image img").first.get_attribute("src")
+
+
+def test_click_ask_stream_then_reload_and_reopen(page, server, slow_model) -> None:
+    from playwright.sync_api import expect
+    upload_scene(page)
+    before = overlay_src(page)
+    click_pixel(page, 510, 270)
+    expect(page.locator("#chips")).to_contain_text("<region1>")
+    assert overlay_src(page) != before, "the numbered overlay replaced the plain image"
+    label = page.locator("#chips").inner_text()
+    shot(page, "1-region")
+
+    set_max_tokens(page, 80)
+    send(page, "What is <region1>?")
+    bot = page.get_by_test_id("bot").last
+    expect(bot).to_contain_text("▌")  # still being written
+    lengths = set()
+    while "▌" in (text := bot.inner_text()):
+        lengths.add(len(text))
+        time.sleep(0.05)
+    assert len(lengths) >= 2, "the answer appeared piece by piece"
+    expect(page.get_by_test_id("user").last.locator(".tap-ref")).to_have_text("<region1>")
+    answer = bot.inner_text()
+    shot(page, "2-answer")
+
+    page.reload()
+    page.wait_for_selector("#image")
+    entry = page.locator("#history").get_by_text("What is <region1>?").first
+    entry.click()
+    expect(page.locator("#chips")).to_contain_text("<region1>")
+    assert page.locator("#chips").inner_text() == label
+    expect(page.get_by_test_id("bot").last).to_have_text(answer)
+    expect(page.get_by_test_id("user").last).to_contain_text("What is <region1>?")
+    wait_image(page)
+    shot(page, "3-reopened")
+
+
+def test_stop_a_long_answer(page, server, slow_model) -> None:
+    from playwright.sync_api import expect
+    upload_scene(page)
+    set_max_tokens(page, 1000)
+    send(page, "Tell me a very long story.")
+    page.get_by_test_id("stop-button").click()
+    expect(page.get_by_test_id("bot").last).to_contain_text("(stopped)")
+    expect(page.get_by_test_id("submit-button")).to_be_visible()
+    service = server[1]
+    owner_convs = [c for c in service._open.values() if c.turns and c.turns[-1].text == "Tell me a very long story."]
+    turn = owner_convs[-1].turns[-1]
+    assert not turn.complete and len(service.bot.chat.tokenizer.encode(turn.answer)) < 1000
+    send(page, "And a short one?")  # the chat goes on after a stop
+    expect(page.get_by_test_id("user").last).to_contain_text("And a short one?")
+
+
+def test_region_tools(page) -> None:
+    from playwright.sync_api import expect
+    upload_scene(page)
+    page.get_by_label("Box (2 clicks)").check()
+    click_pixel(page, 380, 330)
+    toast(page, "opposite corner")
+    click_pixel(page, 640, 560)
+    expect(page.locator("#chips")).to_contain_text("<region1>")
+    page.get_by_label("Point −").check()
+    click_pixel(page, 400, 540)
+    time.sleep(0.5)
+    expect(page.locator("#chips .gallery-item, #chips button")).to_have_count(1)  # refined in place
+
+    page.locator("#everything").click()
+    page.locator("#candidates .legend-item").first.wait_for()
+    page.locator("#candidates .legend-item").nth(0).click()
+    expect(page.locator("#chips")).to_contain_text("<region2>")
+
+    page.get_by_role("tab", name="Scribble").click()
+    canvas = page.locator("#editor canvas").first
+    canvas.wait_for()
+    box = canvas.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.45)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.22, box["y"] + box["height"] * 0.75, steps=10)
+    page.mouse.up()
+    page.locator("#use_scribble").click()
+    expect(page.locator("#chips")).to_contain_text("<region3>")
+    page.get_by_role("tab", name="Click").click()
+    shot(page, "4-tools")
+
+    page.locator("#chips").get_by_text("<region2>").click()
+    expect(page.locator("#msg textarea")).to_have_value("<region2> ")
+    page.locator("#remove_region").click()
+    expect(page.locator("#chips")).not_to_contain_text("<region2>")
+    expect(page.locator("#chips")).to_contain_text("<region3>")
+
+
+def test_example_gallery_sets_regions_and_question(page) -> None:
+    from playwright.sync_api import expect
+    page.locator("#examples").get_by_text("Which is taller").click()
+    expect(page.locator("#chips")).to_contain_text("<region2>")
+    expect(page.locator("#msg textarea")).to_have_value("Which is taller, <region1> or <region2>?")
+
+
+def test_bad_uploads_show_a_message_and_the_page_stays_usable(page, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(Path(SCENE).read_bytes()[:3000])
+    notes = tmp_path / "notes.png"
+    notes.write_text("this is text, not a picture")
+    huge = tmp_path / "huge.png"
+    buf = io.BytesIO()
+    Image.new("1", (9000, 5000)).save(buf, format="PNG")
+    huge.write_bytes(buf.getvalue())
+    for path, message in [(corrupt, "corrupt|truncated"), (notes, "not an image"), (huge, "too large")]:
+        upload(page, str(path))
+        toast(page, message)
+        expect(page.locator("#image img")).to_have_count(0)  # the refused file is taken off the canvas
+    expect(page.locator("#history .gallery-item, #history button")).to_have_count(0)  # no empty chats left behind
+    send(page, " ")
+    toast(page, "Type a question first")
+    upload_scene(page)
+    click_pixel(page, 510, 270)
+    expect(page.locator("#chips")).to_contain_text("<region1>")
+    click_pixel(page, 959, 719)  # the far corner is inside: still fine
+    expect(page.locator("#chips")).to_contain_text("<region2>")

@@ -1,0 +1,177 @@
+"""`ChatService` and the page's pure helpers, without a server."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.api import parse_prompt
+from app.config import AppConfig
+from app.owners import AuthFileError, browser_owner, new_token, parse_credentials, pinned_secret, session_owner
+from app.render import chat_messages, message_html
+from app.service import ChatService, MessageView, RegionView, UserError
+from app.ui import scribble_stroke
+from assistant.engine import Assistant
+from assistant.store import ChatStore
+
+SCENE = Path(__file__).resolve().parents[1] / "examples" / "scene.jpg"
+
+
+@pytest.fixture(scope="module")
+def bot_factory(tmp_path_factory):
+    def make(data: Path) -> ChatService:
+        config = AppConfig(data_dir=data, tiny=True, everything_grid=4, everything_min_iou=0.0)
+        return ChatService(Assistant.tiny(store=ChatStore(config.db_path, config.image_dir)), config)
+    return make
+
+
+@pytest.fixture
+def service(bot_factory, tmp_path: Path) -> ChatService:
+    return bot_factory(tmp_path)
+
+
+def test_negative_click_refines_the_latest_new_region_in_place(service: ChatService) -> None:
+    cid = service.new_chat("ann")
+    service.set_image("ann", cid, SCENE)
+    first = service.click("ann", cid, 510, 270)
+    refined = service.click("ann", cid, 100, 600, positive=False)
+    assert refined.number == first.number == 1
+    conv = service.conversation("ann", cid)
+    assert conv.regions[1].prompt.labels == (1, 0)
+    stored = service.store.get_conversation("ann", cid).regions
+    assert len(stored) == 1 and stored[0].prompt["labels"] == [1, 0]
+    service.stream("ann", cid, "What is <region1>?", max_new_tokens=2).text()
+    with pytest.raises(UserError, match="click a positive point first"):
+        service.click("ann", cid, 90, 600, positive=False)  # region1 was sent: frozen
+
+
+def test_undo_makes_its_regions_new_again_and_regenerate_repeats(service: ChatService) -> None:
+    cid = service.new_chat("ann")
+    service.set_image("ann", cid, SCENE)
+    service.click("ann", cid, 510, 270)
+    first = service.stream("ann", cid, "Describe it.", max_new_tokens=6)
+    first_text = first.text()
+    prompt = service.conversation("ann", cid).turns[0].prompt
+    again = service.regenerate("ann", cid, max_new_tokens=6).text()
+    assert again == first_text
+    assert service.conversation("ann", cid).turns[0].prompt == prompt, "the region line comes back with the retry"
+    assert service.undo("ann", cid) == "Describe it."
+    assert service.conversation("ann", cid).new_regions == [1]
+    assert service.store.get_conversation("ann", cid).messages == []
+
+
+def test_a_second_stream_in_the_same_chat_is_refused_while_one_runs(service: ChatService) -> None:
+    cid = service.new_chat("ann")
+    service.set_image("ann", cid, SCENE)
+    running = service.stream("ann", cid, "One.", max_new_tokens=50)
+    it = iter(running)
+    next(it)
+    with pytest.raises(UserError, match="still being written"):
+        service.undo("ann", cid)
+    assert service.stop("ann", cid) is True
+    list(it)
+    assert not service.conversation("ann", cid).turns[-1].complete
+
+
+def test_reopened_after_restart_the_chat_and_overlay_are_identical(bot_factory, tmp_path: Path) -> None:
+    one = bot_factory(tmp_path)
+    cid = one.new_chat("ann")
+    one.set_image("ann", cid, SCENE)
+    one.click("ann", cid, 510, 270)
+    one.add_region("ann", cid, parse_prompt({"box": [380, 330, 640, 560]}))
+    one.remove_region("ann", cid, 1)
+    one.stream("ann", cid, "What is <region2>?", max_new_tokens=5).text()
+    before, overlay = one.snapshot("ann", cid), np.asarray(one.overlay("ann", cid))
+    two = bot_factory(tmp_path)  # a new process over the same files
+    after = two.snapshot("ann", cid)
+    assert after.to_dict() == before.to_dict()
+    assert np.array_equal(np.asarray(two.overlay("ann", cid)), overlay)
+    assert [r.number for r in after.regions] == [2]
+
+
+def test_export_markdown_zip_has_the_annotated_image(service: ChatService) -> None:
+    cid = service.new_chat("ann")
+    service.set_image("ann", cid, SCENE)
+    service.click("ann", cid, 510, 270)
+    service.stream("ann", cid, "Name <region1>.", max_new_tokens=3).text()
+    with zipfile.ZipFile(service.export("ann", cid, "markdown")) as zf:
+        assert sorted(zf.namelist()) == ["annotated.png", "chat.md"]
+        md = zf.read("chat.md").decode()
+    assert md.startswith("# Name <region1>.") and "![annotated image](annotated.png)" in md
+    assert "`<region1>`" in md and "**You:** Name <region1>." in md
+    with pytest.raises(UserError, match="json or markdown"):
+        service.export("ann", cid, "pdf")
+
+
+def test_everything_candidates_and_focus_overlay(service: ChatService) -> None:
+    cid = service.new_chat("ann")
+    service.set_image("ann", cid, SCENE)
+    with pytest.raises(UserError, match="Segment everything first"):
+        service.adopt("ann", cid, 1)
+    found = service.segment_everything("ann", cid)
+    image, masks = service.everything_overlay("ann", cid)
+    assert image.shape == (720, 960, 3) and len(masks) == len(found) > 0
+    region = service.adopt("ann", cid, 1)
+    plain = np.asarray(service.overlay("ann", cid)).astype(int)
+    focused = np.asarray(service.overlay("ann", cid, focus=region.number)).astype(int)
+    assert np.abs(plain - focused).sum() > 0
+
+
+def test_upload_limits(service: ChatService, tmp_path: Path) -> None:
+    service.config.max_upload_mb = 0
+    cid = service.new_chat("ann")
+    with pytest.raises(UserError, match="limit is 0 MB"):
+        service.set_image("ann", cid, SCENE)
+    with pytest.raises(UserError, match="did not arrive"):
+        service.set_image("ann", cid, tmp_path / "missing.png")
+    with pytest.raises(UserError, match="Start a chat first"):
+        service.snapshot("ann", "")
+
+
+def test_message_html_escapes_and_links_region_references() -> None:
+    html = message_html("<b>hi</b> see <region2> and <region7>\x07", {2: "#ff0000"})
+    assert "<b>" not in html and "&lt;b&gt;hi&lt;/b&gt;" in html
+    assert 'data-region="2"' in html and "#ff0000" in html and 'data-region="7"' in html
+    assert "\x07" not in html
+    regions = [RegionView(2, "dog", 0.9, "a dog", [0, 0, 5, 5], 1.0, "#ff0000")]
+    msgs = [MessageView("user", "hi <region2>"), MessageView("assistant", "a dog", complete=False)]
+    assert chat_messages(msgs, regions)[1]["content"].endswith("*(stopped)*")
+    assert chat_messages(msgs, regions, streaming=True)[1]["content"].endswith("▌")
+
+
+def test_scribble_stroke_follows_the_drawing() -> None:
+    layer = np.zeros((100, 200, 4), np.uint8)
+    layer[40:44, 20:180, 3] = 255  # a horizontal stroke
+    stroke = scribble_stroke({"layers": [layer]})
+    xs = [x for x, _ in stroke]
+    assert xs == sorted(xs) or xs == sorted(xs, reverse=True)
+    assert min(xs) == 20 and max(xs) == 179
+    with pytest.raises(UserError, match="Draw over an object"):
+        scribble_stroke({"layers": [np.zeros((10, 10, 4), np.uint8)]})
+
+
+def test_prompt_specs() -> None:
+    assert parse_prompt({"points": [[1, 2], [3, 4]], "labels": [1, 0]}).labels == (1, 0)
+    assert parse_prompt({"box": [1, 2, 30, 40]}).kind == "box"
+    assert len(parse_prompt({"scribble": [[i, i] for i in range(50)]}).points) == 9
+    with pytest.raises(UserError):
+        parse_prompt([1, 2])
+
+
+def test_owners_and_credentials(tmp_path: Path) -> None:
+    token = new_token()
+    assert browser_owner(token) == browser_owner(token) != browser_owner(new_token())
+    assert browser_owner("forged") is None and browser_owner("") is None
+    assert session_owner("a") != session_owner("b")
+    secret = pinned_secret(tmp_path)
+    assert pinned_secret(tmp_path) == secret and (tmp_path / "browser-secret").stat().st_mode & 0o077 == 0
+    auth = tmp_path / "users.txt"
+    auth.write_text("# team\nalice:pw:with:colons\n\nbob: spaced\n")
+    assert parse_credentials(["carol:x"], [auth]) == [("carol", "x"), ("alice", "pw:with:colons"), ("bob", " spaced")]
+    with pytest.raises(AuthFileError, match="expected user:password"):
+        parse_credentials(["nopassword"], [])
+    with pytest.raises(AuthFileError, match="cannot read"):
+        parse_credentials([], [tmp_path / "absent.txt"])
