@@ -30,7 +30,7 @@ from tokenizer_tap.errors import TapError
 from tokenizer_tap.image_io import load_image
 from tokenizer_tap.predictor import Region
 from tokenizer_tap.prompts import Prompt
-from tokenizer_tap.visualize import colour, draw_regions
+from tokenizer_tap.visualize import anchor, annotate, colour, tint
 
 from .config import AppConfig
 
@@ -38,6 +38,7 @@ DEFAULT_TITLE = "New chat"
 TITLE_CHARS = 48
 MAX_NEW_TOKENS = 1024
 EVERYTHING_REGIONS = 16
+OVERLAY_CACHE = 8  # chats whose tinted overlay is kept (one image-sized array each)
 T = TypeVar("T")
 
 
@@ -120,6 +121,9 @@ class ChatService:
         self._masks: dict[tuple[str, int], tuple[str | None, np.ndarray]] = {}
         self._everything: dict[tuple[str, str], tuple[str, list[Region]]] = {}
         self._running: dict[tuple[str, str], threading.Event] = {}  # chats with an answer being written
+        self._tinted: dict[str, tuple[str | None, list[np.ndarray], np.ndarray]] = {}
+        self._anchors: dict[tuple[str, int], tuple[np.ndarray, tuple[int, int] | None]] = {}
+        self._images: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
     # -------------------------------------------------------------------------------------- conversations
@@ -157,7 +161,7 @@ class ChatService:
         conv = self.conversation(owner, cid)
         pixels = None
         if image and conv.image_sha is not None:
-            pixels = load_image(self.store.image_path(conv.image_sha), max_pixels=1 << 40)
+            pixels = self._pixels(conv.image_sha)
         messages: list[MessageView] = []
         for turn in conv.turns:
             messages.append(MessageView("user", turn.text, True, tuple(turn.regions)))
@@ -193,7 +197,6 @@ class ChatService:
     def add_region(self, owner: str, cid: str, prompt: Prompt) -> RegionView:
         conv = self.conversation(owner, cid)
         entry = self.bot.add_region(conv, prompt)
-        self._masks[(cid, entry.number)] = (conv.image_key, entry.region.mask)
         return self._view(conv, entry.number)
 
     @friendly
@@ -207,8 +210,7 @@ class ChatService:
             raise UserError("A negative point refines the region you just added: click a positive point first.")
         old = conv.regions[latest].prompt
         prompt = Prompt(old.points + ((x, y),), old.labels + (0,), old.box, kind=old.kind or "point")
-        entry = self.bot.refine_region(conv, latest, prompt)
-        self._masks[(cid, latest)] = (conv.image_key, entry.region.mask)
+        self.bot.refine_region(conv, latest, prompt)
         return self._view(conv, latest)
 
     @friendly
@@ -235,7 +237,7 @@ class ChatService:
         found = self._everything.get((owner, cid))
         if found is None or found[0] != conv.image_key or conv.image_sha is None:
             return None
-        image = load_image(self.store.image_path(conv.image_sha), max_pixels=1 << 40)
+        image = self._pixels(conv.image_sha)
         return image, [(r.mask.astype(np.float32), f"{i + 1} {r.concept}") for i, r in enumerate(found[1])]
 
     @friendly
@@ -260,24 +262,36 @@ class ChatService:
 
     @friendly
     def overlay(self, owner: str, cid: str, focus: int | None = None) -> Image.Image | None:
-        """The current image with every active region tinted, outlined and numbered; `focus` stands out."""
+        """The current image with every active region tinted, outlined and numbered; `focus` stands out.
+
+        The tinted image is kept per chat: a click that adds a region tints only the new mask onto it.
+        """
         conv = self.conversation(owner, cid)
         if conv.image_sha is None:
             return None
-        image = load_image(self.store.image_path(conv.image_sha), max_pixels=1 << 40)
+        image = self._pixels(conv.image_sha)
         views = self.regions(conv)
-        if not views:
-            return Image.fromarray(image)
         masks = [self._mask(conv, v.number) for v in views]
-        labels = [f"{v.number} {v.concept}" for v in views]
         cols = [colour(v.number - 1) for v in views]
-        if focus is None or focus not in {v.number for v in views}:
-            return draw_regions(image, masks, labels, colours=cols)
-        rest = [i for i, v in enumerate(views) if v.number != focus]
-        dim = np.asarray(draw_regions(image, [masks[i] for i in rest], [labels[i] for i in rest], alpha=0.15,
-                                      colours=[cols[i] for i in rest]))
-        i = next(i for i, v in enumerate(views) if v.number == focus)
-        return draw_regions(dim, [masks[i]], [labels[i]], alpha=0.6, colours=[cols[i]])
+        if focus in {v.number for v in views}:
+            i = next(i for i, v in enumerate(views) if v.number == focus)
+            rest = [j for j in range(len(views)) if j != i]
+            base = tint(tint(image, [masks[j] for j in rest], [cols[j] for j in rest], alpha=0.15),
+                        [masks[i]], [cols[i]], alpha=0.6)
+        else:
+            with self._lock:
+                sha, drawn, base = self._tinted.pop(cid, (None, [], None))
+            if sha != conv.image_sha or len(drawn) > len(masks) or any(a is not b for a, b in zip(drawn, masks)):
+                drawn, base = [], image
+            base = tint(base, masks[len(drawn):], cols[len(drawn):])
+            with self._lock:
+                self._tinted[cid] = (conv.image_sha, masks, base)
+                while len(self._tinted) > OVERLAY_CACHE:
+                    self._tinted.pop(next(iter(self._tinted)))
+        anchors = [self._anchor(conv.id, v.number, m) for v, m in zip(views, masks)]
+        # labels at 1/24 of the shorter side: still readable when the page shows the image scaled down
+        return annotate(Image.fromarray(base), anchors, [f"{v.number} {v.concept}" for v in views], cols,
+                        size=max(14, min(image.shape[:2]) // 24))
 
     # ------------------------------------------------------------------------------------------ chatting
     @friendly
@@ -383,6 +397,27 @@ class ChatService:
             if (owner, cid) in self._running:
                 raise UserError("An answer is still being written: stop it first.")
 
+    def _pixels(self, sha: str) -> np.ndarray:
+        """A stored image, decoded once and kept for the few most recent images (every redraw needs it)."""
+        with self._lock:
+            if sha in self._images:
+                self._images.move_to_end(sha)
+                return self._images[sha]
+        pixels = load_image(self.store.image_path(sha), max_pixels=1 << 40)
+        pixels.flags.writeable = False  # shared by every redraw
+        with self._lock:
+            self._images[sha] = pixels
+            while len(self._images) > OVERLAY_CACHE:
+                self._images.popitem(last=False)
+        return pixels
+
+    def _anchor(self, cid: str, number: int, mask: np.ndarray) -> tuple[int, int] | None:
+        cached = self._anchors.get((cid, number))
+        if cached is None or cached[0] is not mask:
+            cached = (mask, anchor(mask))
+            _bounded_put(self._anchors, (cid, number), cached)
+        return cached[1]
+
     def _mask(self, conv: Conversation, number: int) -> np.ndarray:
         entry = conv.regions[number]
         if entry.region is not None:
@@ -391,7 +426,7 @@ class ChatService:
         if cached is None or cached[0] != entry.image_key:
             rec = next(r for r in self.store.get_conversation(conv.owner, conv.id).regions if r.number == number)
             cached = (entry.image_key, rle_decode(rec.mask).astype(bool))
-            self._masks[(conv.id, number)] = cached
+            _bounded_put(self._masks, (conv.id, number), cached)
         return cached[1]
 
     def _view(self, conv: Conversation, number: int) -> RegionView:
@@ -401,6 +436,14 @@ class ChatService:
         box = None if ys.size == 0 else [int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1]
         return RegionView(number, g.concept, round(float(g.prob), 3), g.caption, box, round(float(g.area_percent), 2),
                           _hex(colour(number - 1)))
+
+
+def _bounded_put(cache: dict, key: Any, value: Any, limit: int = 1024) -> None:
+    """Insert, dropping the oldest entries beyond `limit` (dicts keep insertion order)."""
+    cache.pop(key, None)
+    cache[key] = value
+    while len(cache) > limit:
+        cache.pop(next(iter(cache)))
 
 
 def _read_upload(path: str | Path, max_mb: int) -> bytes:

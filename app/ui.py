@@ -133,7 +133,7 @@ def build(service: ChatService, *, auth: bool, banner: str = "") -> gr.Blocks:
             with gr.Column(scale=3):
                 with gr.Tabs():
                     with gr.Tab("Click", id="click"):
-                        image = gr.Image(type="filepath", sources=["upload", "clipboard"], format="png",
+                        image = gr.Image(type="filepath", sources=["upload", "clipboard"], format="jpeg",
                                          label="Image — click to add a region", elem_id="image", height=480)
                         mode = gr.Radio(MODES, value=MODES[0], show_label=False, elem_id="mode")
                     with gr.Tab("Scribble", id="scribble"):
@@ -264,7 +264,7 @@ def build(service: ChatService, *, auth: bool, banner: str = "") -> gr.Blocks:
                 region = service.add_region(who, conv_id, Prompt.from_box(first[0], first[1], x, y))
             else:
                 region = service.click(who, conv_id, x, y, positive=how == MODES[0])
-            overlay, chip_ds, _ = view(who, conv_id, region.number)
+            overlay, chip_ds, _ = view(who, conv_id)
             return overlay, chip_ds, region.number, None
 
         image.select(on_click, [owner, cid, mode, corner], region_outputs, api_visibility="private",
@@ -273,7 +273,7 @@ def build(service: ChatService, *, auth: bool, banner: str = "") -> gr.Blocks:
         @_warned(len(region_outputs))
         def on_scribble(who: str, conv_id: str, value: dict | None):
             region = service.add_region(who, conv_id, Prompt.scribble(scribble_stroke(value)))
-            overlay, chip_ds, _ = view(who, conv_id, region.number)
+            overlay, chip_ds, _ = view(who, conv_id)
             return overlay, chip_ds, region.number, None
 
         scribble_btn.click(on_scribble, [owner, cid, editor], region_outputs, api_visibility="private",
@@ -319,7 +319,7 @@ def build(service: ChatService, *, auth: bool, banner: str = "") -> gr.Blocks:
         @_warned(3)
         def on_adopt(who: str, conv_id: str, evt: gr.SelectData):
             region = service.adopt(who, conv_id, int(evt.index) + 1)
-            overlay, chip_ds, _ = view(who, conv_id, region.number)
+            overlay, chip_ds, _ = view(who, conv_id)
             return overlay, chip_ds, region.number
 
         candidates.select(on_adopt, [owner, cid], [image, chips, focus], api_visibility="private",

@@ -92,6 +92,18 @@ def test_reopened_after_restart_the_chat_and_overlay_are_identical(bot_factory, 
     assert [r.number for r in after.regions] == [2]
 
 
+def test_incremental_overlay_equals_a_full_redraw(bot_factory, tmp_path: Path) -> None:
+    one = bot_factory(tmp_path)
+    cid = one.new_chat("ann")
+    one.set_image("ann", cid, SCENE)
+    for x, y in [(510, 270), (175, 400), (700, 600)]:
+        one.click("ann", cid, x, y)
+        one.overlay("ann", cid)  # each click tints only its new mask onto the kept overlay
+    one.click("ann", cid, 820, 100, positive=False)  # refining swaps the last mask: redrawn, not stacked
+    fresh = bot_factory(tmp_path)  # no cache: draws everything from the stored masks
+    assert np.array_equal(np.asarray(one.overlay("ann", cid)), np.asarray(fresh.overlay("ann", cid)))
+
+
 def test_export_markdown_zip_has_the_annotated_image(service: ChatService) -> None:
     cid = service.new_chat("ann")
     service.set_image("ann", cid, SCENE)

@@ -25,23 +25,45 @@ def _edges(mask: np.ndarray) -> np.ndarray:
     return mask & ~inner
 
 
-def draw_regions(image: np.ndarray, masks: Sequence[np.ndarray], labels: Sequence[str], alpha: float = 0.45,
-                 colours: Sequence[tuple[int, int, int]] | None = None) -> Image.Image:
-    """Tint each (H, W) bool mask over the RGB `image`, outline it and write its label at its centre."""
-    out = image.astype(np.float32).copy()
-    cols = list(colours) if colours is not None else [colour(i) for i in range(len(masks))]
-    for mask, col in zip(masks, cols):
-        out[mask] = out[mask] * (1 - alpha) + np.asarray(col, np.float32) * alpha
-        out[_edges(mask)] = col
-    canvas = Image.fromarray(out.clip(0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(canvas)
-    size = max(12, min(canvas.size) // 40)
-    font = ImageFont.load_default(size=size)
-    for mask, col, text in zip(masks, cols, labels):
-        ys, xs = np.nonzero(mask)
-        if not ys.size or not text:
+def tint(image: np.ndarray, masks: Sequence[np.ndarray], colours: Sequence[tuple[int, int, int]],
+         alpha: float = 0.45) -> np.ndarray:
+    """Each (H, W) bool mask tinted over the RGB `image` in its colour and outlined; later masks on top.
+
+    Work is confined to each mask's bounding box, so compact regions cost little on large images.
+    """
+    out = image.astype(np.float32)
+    for mask, col in zip(masks, colours):
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        if not rows.size:
             continue
-        x, y = int(xs.mean()), int(ys.mean())  # label at the mask's centre of mass
+        # one pixel of margin, so a pixel on the box's edge still sees its outside neighbour (outline)
+        ys = slice(max(rows[0] - 1, 0), rows[-1] + 2)
+        xs = slice(max(cols[0] - 1, 0), cols[-1] + 2)
+        m, view = mask[ys, xs], out[ys, xs]
+        view[m] = view[m] * (1 - alpha) + np.asarray(col, np.float32) * alpha
+        view[_edges(m)] = col
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def anchor(mask: np.ndarray) -> tuple[int, int] | None:
+    """Where a mask's label goes: its centre of mass (None for an empty mask)."""
+    ys, xs = np.nonzero(mask)
+    return (int(xs.mean()), int(ys.mean())) if ys.size else None
+
+
+def annotate(canvas: Image.Image, anchors: Sequence[tuple[int, int] | None], labels: Sequence[str],
+             colours: Sequence[tuple[int, int, int]], size: int | None = None) -> Image.Image:
+    """Write each label in a box of its colour, centred on its anchor and kept inside the image (in place).
+
+    `size` is the font size in image pixels (default: 1/40 of the shorter side).
+    """
+    draw = ImageDraw.Draw(canvas)
+    size = size or max(12, min(canvas.size) // 40)
+    font = ImageFont.load_default(size=size)
+    for point, col, text in zip(anchors, colours, labels):
+        if point is None or not text:
+            continue
+        x, y = point
         box = draw.textbbox((x, y), text, font=font)
         x -= (box[2] - box[0]) // 2
         x = max(0, min(x, canvas.width - (box[2] - box[0]) - 4))
@@ -50,3 +72,11 @@ def draw_regions(image: np.ndarray, masks: Sequence[np.ndarray], labels: Sequenc
         draw.rectangle((box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2), fill=col)
         draw.text((x + 2, y + 2), text, fill=(0, 0, 0) if sum(col) > 380 else (255, 255, 255), font=font)
     return canvas
+
+
+def draw_regions(image: np.ndarray, masks: Sequence[np.ndarray], labels: Sequence[str], alpha: float = 0.45,
+                 colours: Sequence[tuple[int, int, int]] | None = None) -> Image.Image:
+    """Tint each (H, W) bool mask over the RGB `image`, outline it and write its label at its centre."""
+    cols = list(colours) if colours is not None else [colour(i) for i in range(len(masks))]
+    canvas = Image.fromarray(tint(image, masks, cols, alpha))
+    return annotate(canvas, [anchor(m) for m in masks], labels, cols)
