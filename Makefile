@@ -1,9 +1,9 @@
-# Two commands for a fresh machine: `make run` (demo) and `make test`. Both create .venv with pip first.
+# Two commands for a fresh machine: `make run` (the app) and `make test`. Both create .venv with pip first.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench parity clean
+.PHONY: run demo test lint bench screenshots parity clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -11,8 +11,13 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $(STAMP)
 
-## run: describe regions of the bundled example image, then ask about one (tiny random models, no download)
+## run: the app on http://127.0.0.1:7860 (real weights from the HF cache; offline without them it says so and runs
+## tiny random models). Pass options with ARGS, e.g. make run ARGS="--tiny" or ARGS="--auth alice:secret".
 run: $(STAMP)
+	$(PY) -m app $(ARGS)
+
+## demo: the command-line tools on the bundled example image (tiny random models, no download)
+demo: $(STAMP)
 	mkdir -p out
 	$(PY) -m tokenizer_tap describe examples/scene.jpg --tiny --point 510,270 --box 380,330,640,560 \
 		--scribble "175,260 170,330 176,400 172,470 178,540" --out out/overlay.png
@@ -29,6 +34,11 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_tokenizer.py
 	$(PY) bench/bench_assistant.py
+	$(PY) bench/bench_app.py
+
+## screenshots: refresh docs/screenshots from the browser tests (needs Debian chromium, see DEVELOPERS.md)
+screenshots: $(STAMP)
+	TAPCHAT_SCREENSHOTS=docs/screenshots $(PY) -m pytest -q tests/test_app_browser.py
 
 parity: $(STAMP)
 	$(PY) -m tokenizer_tap parity ../shared/reference/tap-parity/A
