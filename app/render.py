@@ -23,7 +23,7 @@ def message_html(text: str, colours: dict[int, str]) -> str:
     def ref(m: re.Match[str]) -> str:
         n = int(m.group(1))
         col = colours.get(n, "#888888")
-        return (f'<span class="tap-ref" data-region="{n}" title="highlight region {n}" '
+        return (f'<span class="tap-ref tap-ref-{n}" title="highlight region {n}" '
                 f'style="border-bottom: 3px solid {col}; font-weight: 600; cursor: pointer">&lt;region{n}&gt;</span>')
     return _REF.sub(ref, html.escape(clean(text), quote=False))
 

@@ -33,17 +33,23 @@ CSS = """
 #chips .gallery-item, #history .gallery-item { text-align: left; }
 """
 
-# Clicking a <regionN> reference in the chat highlights that region in the overlay.
+# Pointing at or clicking a <regionN> reference in the chat highlights that region in the overlay.
 JS = """
 () => {
-  document.addEventListener('click', (e) => {
-    const ref = e.target.closest('.tap-ref');
-    if (!ref) return;
+  const focus = (always) => (e) => {
+    const ref = e.target.closest && e.target.closest('.tap-ref');
     const box = document.querySelector('#focus_in textarea');
-    if (!box) return;
-    box.value = ref.dataset.region;
+    const n = ref && (ref.className.match(/tap-ref-(\\d+)/) || [])[1];  // the sanitizer drops data-* attributes
+    if (!n || !box || (!always && box.value === n)) return;
+    if (box.value === n) {  // a click re-highlights even if the overlay was redrawn since
+      box.value = '';
+      box.dispatchEvent(new Event('input', {bubbles: true}));
+    }
+    box.value = n;
     box.dispatchEvent(new Event('input', {bubbles: true}));
-  });
+  };
+  document.addEventListener('click', focus(true));
+  document.addEventListener('mouseover', focus(false));
 }
 """
 
@@ -292,7 +298,8 @@ def build(service: ChatService, *, auth: bool, banner: str = "") -> gr.Blocks:
             n = int(number) if str(number).isdigit() else None
             return service.overlay(who, conv_id, n), n
 
-        focus_in.input(on_focus, [owner, cid, focus_in], [image, focus], api_visibility="private")
+        focus_in.change(on_focus, [owner, cid, focus_in], [image, focus], api_visibility="private",
+                       trigger_mode="always_last")
 
         @_warned(3)
         def on_remove(who: str, conv_id: str, number: int | None):

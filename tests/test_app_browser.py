@@ -155,9 +155,13 @@ def test_click_ask_stream_then_reload_and_reopen(page, server, slow_model) -> No
         lengths.add(len(text))
         time.sleep(0.05)
     assert len(lengths) >= 2, "the answer appeared piece by piece"
-    expect(page.get_by_test_id("user").last.locator(".tap-ref")).to_have_text("<region1>")
+    ref = page.get_by_test_id("user").last.locator(".tap-ref")
+    expect(ref).to_have_text("<region1>")
     answer = bot.inner_text()
     shot(page, "2-answer")
+    plain = overlay_src(page)
+    ref.click()  # a reference in the chat highlights its region on the image
+    page.wait_for_function("old => document.querySelector('#image img')?.src !== old", arg=plain)
 
     page.reload()
     page.wait_for_selector("#image")
@@ -254,3 +258,45 @@ def test_bad_uploads_show_a_message_and_the_page_stays_usable(page, tmp_path: Pa
     expect(page.locator("#chips")).to_contain_text("<region1>")
     click_pixel(page, 959, 719)  # the far corner is inside: still fine
     expect(page.locator("#chips")).to_contain_text("<region2>")
+
+
+def test_sidebar_search_rename_export_delete_and_owners(browser, page, server) -> None:
+    from playwright.sync_api import expect
+    for question in ["Where is the zebra?", "Count the windows."]:
+        page.locator("#new_chat").click()
+        expect(page.locator("#image img")).to_have_count(0)
+        upload_scene(page)
+        send(page, question)
+        expect(page.locator("#history")).to_contain_text(question)
+        expect(page.get_by_test_id("submit-button")).to_be_visible()
+    page.locator("#search textarea, #search input").first.fill("zebra")
+    expect(page.locator("#history")).not_to_contain_text("Count the windows.")
+    page.locator("#history").get_by_text("Where is the zebra?").click()
+    expect(page.get_by_test_id("user").last).to_contain_text("Where is the zebra?")
+
+    page.get_by_text("This chat", exact=True).click()
+    page.locator("#title textarea, #title input").first.fill("Zebra hunt")
+    page.locator("#rename").click()
+    page.locator("#search textarea, #search input").first.fill("")
+    expect(page.locator("#history")).to_contain_text("Zebra hunt")
+    with page.expect_download() as download:
+        page.locator("#export_json").click()
+        page.locator("#export_file a").first.click()
+    assert "Where is the zebra?" in Path(download.value.path()).read_text()
+
+    other = browser.new_context()  # another browser: another anonymous owner
+    stranger = other.new_page()
+    stranger.goto(server[0])
+    stranger.wait_for_selector("#image")
+    time.sleep(1)
+    expect(stranger.locator("#history")).not_to_contain_text("Zebra hunt")
+    other.close()
+
+    page.locator("#delete").click()
+    page.locator("#cancel_delete").click()
+    expect(page.locator("#history")).to_contain_text("Zebra hunt")
+    page.locator("#delete").click()
+    page.locator("#confirm_delete").click()
+    expect(page.locator("#history")).not_to_contain_text("Zebra hunt")
+    expect(page.locator("#history")).to_contain_text("Count the windows.")
+    expect(page.get_by_test_id("bot")).to_have_count(0)

@@ -146,7 +146,7 @@ def test_upload_limits(service: ChatService, tmp_path: Path) -> None:
 def test_message_html_escapes_and_links_region_references() -> None:
     html = message_html("<b>hi</b> see <region2> and <region7>\x07", {2: "#ff0000"})
     assert "<b>" not in html and "&lt;b&gt;hi&lt;/b&gt;" in html
-    assert 'data-region="2"' in html and "#ff0000" in html and 'data-region="7"' in html
+    assert "tap-ref-2" in html and "#ff0000" in html and "tap-ref-7" in html
     assert "\x07" not in html
     regions = [RegionView(2, "dog", 0.9, "a dog", [0, 0, 5, 5], 1.0, "#ff0000")]
     msgs = [MessageView("user", "hi <region2>"), MessageView("assistant", "a dog", complete=False)]
