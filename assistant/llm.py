@@ -13,6 +13,7 @@ import torch
 from transformers import PhiConfig, PhiForCausalLM, PreTrainedTokenizerFast
 
 from tokenizer_tap.errors import WeightsNotFoundError
+from tokenizer_tap.hub import hub_reachable
 
 DEFAULT_LLM = "microsoft/phi-2"
 TINY_LLM = "tiny-phi"
@@ -152,8 +153,7 @@ def _missing_message(name: str | Path, missing: list[str], exc: Exception) -> st
 
 
 def _offline(name: str | Path) -> bool:
-    """True when files must come from disk: a local folder, or HF_HUB_OFFLINE set."""
-    import os
+    """True when files must come from disk: a local folder, HF_HUB_OFFLINE set, or the hub unreachable."""
     if Path(str(name)).expanduser().is_dir():
         return True
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    return not hub_reachable()

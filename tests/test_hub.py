@@ -51,3 +51,20 @@ def test_tokenizer_from_hub_is_md5_verified(monkeypatch, tmp_path, llama_tokeniz
     monkeypatch.setattr(hub_module, "hub_file", lambda *a: bad)
     with pytest.raises(WeightsNotFoundError, match="wrong md5"):
         tokenizer_path()
+
+
+def test_hub_reachable_is_checked_quickly_and_respects_offline_and_proxies(monkeypatch) -> None:
+    import socket
+
+    from tokenizer_tap import hub
+
+    def unreachable(*args, **kwargs):
+        raise OSError("no route to host")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    for offline, proxy, expected in [("1", "", False), ("0", "", False), ("0", "http://proxy:3128", True)]:
+        monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+        monkeypatch.setenv("HTTPS_PROXY", proxy)
+        hub.hub_reachable.cache_clear()
+        assert hub.hub_reachable() is expected
+    hub.hub_reachable.cache_clear()

@@ -5,8 +5,12 @@ Offline or missing files raise `WeightsNotFoundError` with one message per file 
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 from .config import CONCEPT_FILES, HUB_REPO, TAPConfig
 from .errors import WeightsNotFoundError
@@ -16,6 +20,25 @@ TOKENIZER_MD5 = "eeec4125e9c7560836b4873b6f8e3025"
 TOKENIZER_REPOS = ("TinyLlama/TinyLlama-1.1B-Chat-v1.0", "hf-internal-testing/llama-tokenizer")
 
 
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers at all (checked once per process).
+
+    Without this, an offline machine spends ~20 s of retries per missing file before saying it is missing. With a
+    proxy configured we cannot tell from here, so we let the hub client try.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def hub_file(repo: str, filename: str, what: str, flag: str) -> Path:
     """Local path of `repo/filename`, from the HF cache or downloaded into it."""
     try:
@@ -23,6 +46,8 @@ def hub_file(repo: str, filename: str, what: str, flag: str) -> Path:
         try:  # a cached copy needs no network round trip
             return Path(hf_hub_download(repo, filename, local_files_only=True))
         except Exception:
+            if not hub_reachable():
+                raise ConnectionError("huggingface.co cannot be reached from this machine") from None
             return Path(hf_hub_download(repo, filename))
     except Exception as exc:  # offline, no network, gated, not found: all mean "not available here"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
