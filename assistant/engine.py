@@ -129,8 +129,14 @@ class Assistant:
         else:
             config = ChatConfig(mode="grounded", **({"llm": llm} if llm else {}))
         parts, missing = {}, []
-        loaders = {"predictor": lambda: TapPredictor.from_pretrained(tap_model or config.tap_model, tap_checkpoint,
-                                                                     device=str(dev), **tap_kwargs),
+        tap_name = tap_model or config.tap_model
+
+        def predictor() -> TapPredictor:
+            if tap_name == "tap_tiny":  # no public weights: the seed-0 random model, as in `tiny` and training
+                return TapPredictor.random("tap_tiny", seed=0, device=str(dev))
+            return TapPredictor.from_pretrained(tap_name, tap_checkpoint, device=str(dev), **tap_kwargs)
+
+        loaders = {"predictor": predictor,
                    "chat": lambda: (ChatModel.from_pretrained(checkpoint, dtype=dt, device=dev,
                                                               quantization=quantization, llm=llm)
                                     if checkpoint is not None else

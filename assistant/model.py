@@ -144,14 +144,7 @@ class ChatModel(nn.Module):
         return self.config.projector.num_tokens() if self.projector is not None else 0
 
     def tokenize(self, text: str) -> list[int]:
-        """Token ids with one `IMAGE_TOKEN` per `<image>` (chunks are tokenized separately, as Bunny does)."""
-        ids: list[int] = []
-        for i, chunk in enumerate(text.split("<image>")):
-            if i:
-                ids.append(IMAGE_TOKEN)
-            if chunk:
-                ids.extend(self.tokenizer(chunk, add_special_tokens=False).input_ids)
-        return ids
+        return tokenize_with_image(self.tokenizer, text)
 
     def visual_tokens(self, features: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) TAP trunk features -> (B, N, hidden) LLM input embeddings."""
@@ -203,6 +196,17 @@ class ChatModel(nn.Module):
         out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache,
                        use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()
+
+
+def tokenize_with_image(tokenizer, text: str) -> list[int]:
+    """Token ids with one `IMAGE_TOKEN` per `<image>` (chunks are tokenized separately, as Bunny does)."""
+    ids: list[int] = []
+    for i, chunk in enumerate(text.split("<image>")):
+        if i:
+            ids.append(IMAGE_TOKEN)
+        if chunk:
+            ids.extend(tokenizer(chunk, add_special_tokens=False).input_ids)
+    return ids
 
 
 def merge_checkpoint(src: str | Path, dst: str | Path) -> Path:

@@ -1,0 +1,115 @@
+"""The model being trained: TAP's vision tower + projector + Phi-2 (LoRA), with only the chosen parts learning."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from assistant.config import ChatConfig
+from assistant.llm import TINY_LLM, LoraSettings, TinyPhi
+from assistant.model import IMAGE_TOKEN, ChatModel
+from assistant.projector import ProjectorConfig
+from tokenizer_tap.build import build_tap
+from tokenizer_tap.modeling.tap import TAP
+
+from .config import TrainConfig
+from .data import IGNORE, Encoded
+from .vision import VisionTower
+
+
+@dataclass
+class Batch:
+    samples: list[Encoded]
+    images: torch.Tensor | None  # (n, S, S, 3) uint8 for the samples that have an image, in order
+    keys: list[str]  # cache keys of those images
+
+
+def build_chat(config: TrainConfig, device: torch.device, dtype: torch.dtype) -> tuple[ChatModel, TAP]:
+    """A new TAP-Chat model from the config, or the `model.init` checkpoint to continue from."""
+    m = config.model
+    if m.init:
+        chat = ChatModel.from_pretrained(m.init, dtype=dtype, device=device, quantization=m.quantization)
+        tap_name = chat.config.tap_model
+    else:
+        tap_name = m.tap_model
+    # tap_tiny has no public weights: it is the seed-0 random model, exactly what the assistant builds for it
+    tap = build_tap(tap_name, m.tap_checkpoint or None, concepts=None, device=device, dtype=torch.float32,
+                    random_weights=tap_name == "tap_tiny", seed=0)
+    if m.init:
+        if chat.encoder_state:
+            tap.image_encoder.load_state_dict(chat.encoder_state, strict=False)
+        return chat, tap
+    tiny = TinyPhi(**m.tiny_llm) if m.llm == TINY_LLM else None
+    hidden = tiny.hidden_size if tiny is not None else None
+    chat_config = ChatConfig(mode="tapchat", tap_model=tap_name, llm=m.llm,
+                             projector=ProjectorConfig(in_dim=tap.config.encoder_embed_dim,
+                                                       out_dim=hidden or 2560,
+                                                       grid=tap.config.grid_size, **m.projector),
+                             lora=(LoraSettings(r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout)
+                                   if config.trainable.llm == "lora" else None))
+    chat = ChatModel.create(chat_config, dtype=dtype, device=device, quantization=m.quantization, seed=m.seed,
+                            tiny=tiny)
+    return chat, tap
+
+
+class TrainModel(nn.Module):
+    """forward(batch) -> (summed token loss, number of trained tokens)."""
+
+    def __init__(self, chat: ChatModel, vision: VisionTower) -> None:
+        super().__init__()
+        self.chat, self.vision = chat, vision
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        chat = self.chat
+        visual = None
+        if batch.images is not None:
+            trunk = self.vision(batch.images.to(chat.device), batch.keys)
+            visual = chat.projector(trunk.to(chat.projector.merge.weight.dtype))
+        rows, labels, v = [], [], 0
+        for s in batch.samples:
+            vis = None
+            lab = s.labels
+            if IMAGE_TOKEN in s.ids:
+                vis = visual[v]
+                v += 1
+                k = s.ids.index(IMAGE_TOKEN)
+                lab = lab[:k] + [IGNORE] * vis.shape[0] + lab[k + 1:]
+            rows.append(chat._embed_one(s.ids, vis))
+            labels.append(lab)
+        length = max(r.shape[0] for r in rows)
+        embeds = torch.zeros(len(rows), length, rows[0].shape[-1], dtype=rows[0].dtype, device=chat.device)
+        mask = torch.zeros(len(rows), length, dtype=torch.long, device=chat.device)
+        target = torch.full((len(rows), length), IGNORE, dtype=torch.long, device=chat.device)
+        for i, (row, lab) in enumerate(zip(rows, labels)):  # right padding: positions run 0..n-1 per row
+            embeds[i, :row.shape[0]] = row
+            mask[i, :row.shape[0]] = 1  # from lengths, so trained EOS tokens (pad == eos) stay attended
+            target[i, :len(lab)] = torch.tensor(lab, device=chat.device)
+        positions = torch.arange(length, device=chat.device).expand(len(rows), -1)
+        logits = chat.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
+        shifted = target[:, 1:]
+        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted.flatten(),
+                                           ignore_index=IGNORE, reduction="sum")
+        return loss, (shifted != IGNORE).sum()
+
+
+def set_trainable(chat: ChatModel, config: TrainConfig) -> None:
+    """Freeze the LLM except what `trainable.llm` asks for; the projector per `trainable.projector`."""
+    mode = config.trainable.llm
+    for name, p in chat.llm.named_parameters():
+        p.requires_grad_(mode == "full" or (mode == "lora" and "lora_" in name))
+    if chat.projector is not None:
+        for p in chat.projector.parameters():
+            p.requires_grad_(config.trainable.projector)
+
+
+def parameter_groups(model: TrainModel, config: TrainConfig) -> list[dict]:
+    """AdamW groups: LLM (LoRA or full) at `lr`, projector at `projector_lr`, encoder blocks at `encoder_lr`."""
+    o = config.optim
+    proj_lr = o.projector_lr if o.projector_lr is not None else o.lr
+    enc_lr = o.encoder_lr if o.encoder_lr is not None else proj_lr
+    groups = [("llm", [p for p in model.chat.llm.parameters() if p.requires_grad], o.lr),
+              ("projector", [p for p in model.chat.projector.parameters() if p.requires_grad], proj_lr),
+              ("encoder", [p for p in model.vision.parameters() if p.requires_grad], enc_lr)]
+    return [{"name": n, "params": ps, "lr": lr, "weight_decay": o.weight_decay} for n, ps, lr in groups if ps]

@@ -1,0 +1,112 @@
+"""TAP's image encoder as a trainable vision tower: frozen up to the last k blocks, differentiable after them.
+
+The output is exactly what the assistant feeds the projector at inference: the last stage's cross-window conv
+features (`TapPredictor.trunk_features`), from the same resize-and-pad preprocessing. With k > 0 the last k blocks,
+the final LayerNorm and the last cross-window conv learn; k must fit in the encoder's last stage (the blocks after
+the previous cross-window conv).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from torch import nn
+
+from tokenizer_tap.image_io import load_image
+from tokenizer_tap.modeling.image_encoder import window_merge, window_partition
+from tokenizer_tap.modeling.tap import TAP
+from tokenizer_tap.transforms import ResizeInfo, resize_and_pad
+
+
+def preprocess(rgb: np.ndarray, size: int) -> torch.Tensor:
+    """(H, W, 3) RGB -> (size, size, 3) uint8 BGR, resized and padded as `TapPredictor` does."""
+    info = ResizeInfo.for_image(*rgb.shape[:2], size=size)
+    return torch.from_numpy(resize_and_pad(np.ascontiguousarray(rgb[..., ::-1]), info))
+
+
+def read_image(path: str, size: int, blank: bool = False) -> torch.Tensor:
+    """An image file, preprocessed; `blank` gives the same shape in black (the image-blind baseline)."""
+    if blank:
+        return preprocess(np.zeros((size, size, 3), np.uint8), size)
+    return preprocess(load_image(path), size)
+
+
+class VisionTower(nn.Module):
+    """(B, S, S, 3) uint8 BGR -> (B, C, g, g) trunk features; the frozen part's output can be cached per image."""
+
+    def __init__(self, tap: TAP, trainable_blocks: int, cache_size: int = 0) -> None:
+        super().__init__()
+        enc = tap.image_encoder
+        last_stage = enc.cross_indices[-1] - (enc.cross_indices[-2] if len(enc.cross_indices) > 1 else -1)
+        if not 0 <= trainable_blocks <= last_stage:
+            raise ValueError(f"encoder_blocks must be 0..{last_stage} for {tap.config.name} (its last stage has "
+                             f"{last_stage} blocks)")
+        self.tap, self.k = tap, trainable_blocks
+        self.cut = len(enc.blocks) - trainable_blocks  # blocks[cut:] are trainable
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        for p in tap.parameters():
+            p.requires_grad_(False)
+        for module in self.trainable_modules():
+            for p in module.parameters():
+                p.requires_grad_(True)
+
+    def trainable_modules(self) -> list[nn.Module]:
+        if self.k == 0:
+            return []
+        enc = self.tap.image_encoder
+        return [*enc.blocks[self.cut:], enc.norm, enc.cross_conv[-1]]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The tuned weights, keyed as in `tap.image_encoder.state_dict()` (the checkpoint's encoder.safetensors)."""
+        names = {id(p) for m in self.trainable_modules() for p in m.parameters()}
+        return {k: v.detach().cpu().clone() for k, v in self.tap.image_encoder.named_parameters() if id(v) in names}
+
+    def forward(self, images: torch.Tensor, keys: list[str] | None = None) -> torch.Tensor:
+        enc = self.tap.image_encoder
+        frozen = []
+        for i in range(images.shape[0]):
+            key = keys[i] if keys is not None and self.cache_size else None
+            if key is not None and key in self._cache:
+                self._cache.move_to_end(key)
+                frozen.append(self._cache[key])
+                continue
+            with torch.no_grad():
+                x = self._frozen(images[i:i + 1])
+            if key is not None:
+                self._cache[key] = x
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+            frozen.append(x)
+        x = torch.cat(frozen)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.k > 0):
+            if self.k:
+                x = enc.run_blocks(window_partition(x.contiguous(), enc.window), enc.blocks[self.cut:])
+                x = window_merge(x, enc.window, enc.grid)
+            x = enc.norm(x)
+            x = enc.cross_conv[-1](x.permute(0, 3, 1, 2))
+        return x
+
+    def _frozen(self, images: torch.Tensor) -> torch.Tensor:
+        """Everything before the trainable blocks: (B, g, g, C) channels-last."""
+        enc = self.tap.image_encoder
+        x = self.tap.normalize(images).contiguous(memory_format=torch.channels_last)
+        x = enc.patch_embed(x).flatten(2).transpose(1, 2) + enc.pos_embed.weight
+        x = x.view(-1, enc.grid, enc.grid, x.shape[-1])
+        start = 0
+        for k, end in enumerate(enc.cross_indices):
+            stop = min(end + 1, self.cut) if k == len(enc.cross_indices) - 1 else end + 1
+            if stop > start:
+                x = enc.run_blocks(window_partition(x.contiguous(), enc.window), enc.blocks[start:stop])
+                x = window_merge(x, enc.window, enc.grid)
+            if k < len(enc.cross_indices) - 1:
+                x = enc.cross_conv[k](x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            start = end + 1
+        return x
+
+
+def image_key(path: str) -> str:
+    return hashlib.sha1(path.encode()).hexdigest()
