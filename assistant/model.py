@@ -19,6 +19,7 @@ Checkpoint folder (`save_pretrained` / `from_pretrained`), every path relative t
 
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 
@@ -110,8 +111,13 @@ class ChatModel(nn.Module):
         if self.config.lora is None:
             return self.llm
         base = self.llm.get_base_model()
+        if getattr(base, "is_quantized", False):  # QLoRA on a base that must be stored (tiny): store it unquantised
+            base = copy.deepcopy(base)
+            base.dequantize()
         state = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
-        plain = type(base)(base.config).to(dtype=self.dtype)
+        config = copy.deepcopy(base.config)
+        config.quantization_config = None
+        plain = type(base)(config).to(dtype=self.dtype)
         plain.load_state_dict(state)
         return plain
 

@@ -95,6 +95,10 @@ class TrainConfig:
                 node = node.setdefault(p, {})
             node[leaf] = yaml.safe_load(value)
         config = _build(cls, data, "")  # relative paths are relative to the working directory, as in HF scripts
+        for obj, attr in [(config.data, "path"), (config.data, "image_folder"), (config.model, "init"),
+                          (config, "output_dir")]:
+            if getattr(obj, attr):
+                setattr(obj, attr, str(Path(getattr(obj, attr)).expanduser()))
         config.validate()
         return config
 

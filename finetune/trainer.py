@@ -232,6 +232,10 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         progress = json.loads((folder / "progress.json").read_text())
         self.step = progress["step"]
+        metrics = self.out / "metrics.jsonl"
+        if metrics.is_file() and self.acc.is_main_process:  # steps logged after the checkpoint will be redone
+            rows = [r for r in metrics.read_text().splitlines() if r and json.loads(r)["step"] <= self.step]
+            metrics.write_text("".join(r + "\n" for r in rows))
         epoch, micro = progress["epoch"], progress["micro"]
         if micro >= self.micro_per_epoch:
             epoch, micro = epoch + 1, 0

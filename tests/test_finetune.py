@@ -201,6 +201,18 @@ def test_one_step_moves_only_trainable_weights(shapes, tmp_path: Path) -> None:
     assert (tmp_path / "config.json").is_file() and (tmp_path / "encoder.safetensors").is_file()
 
 
+def test_qlora_trains_lora_over_a_4bit_base_and_the_result_loads(shapes, tmp_path: Path) -> None:
+    from assistant.engine import Assistant
+    t = Trainer(config(shapes, tmp_path, "max_steps=1", "model.quantization=4bit", "trainable.llm=lora",
+                       "model.lora_r=4", "model.lora_alpha=8", "trainable.encoder_blocks=0", "save_every=0"))
+    llm_trainable = [n for n, p in t.model.chat.llm.named_parameters() if p.requires_grad]
+    assert llm_trainable and all("lora_" in n for n in llm_trainable)
+    assert getattr(t.model.chat.llm.get_base_model(), "is_quantized", False)
+    t.train()
+    bot = Assistant.from_pretrained(tmp_path, device="cpu", dtype="float32")
+    assert bot.config.lora.r == 4 and not (tmp_path / "encoder.safetensors").exists()
+
+
 def test_a_killed_run_resumes_on_the_same_loss_curve(shapes, tmp_path: Path, monkeypatch) -> None:
     common = ("max_steps=6", "save_every=3", "trainable.llm=lora", "model.lora_r=4", "model.lora_alpha=8",
               "model.lora_dropout=0.1")
@@ -266,6 +278,11 @@ def test_stage1_then_stage2_then_own_chats_load_in_the_assistant(shapes, tmp_pat
     Trainer(config(shapes, own_run, f"model.init={stage2}", f"data.path={own}",
                    f"data.image_folder={tmp_path / 'images'}", "max_steps=1", "trainable.llm=full")).train()
     assert Assistant.from_pretrained(own_run, device="cpu", dtype="float32").mode == "tapchat"
+    from app.cli import load_assistant
+    from app.config import AppConfig
+    app_bot, banner = load_assistant(AppConfig(data_dir=tmp_path / "app", chat_checkpoint=str(own_run),
+                                               device="cpu"), store)
+    assert banner == "" and app_bot.mode == "tapchat"  # the app loads it with no edits
 
 
 def test_it_learns_from_the_image(colours, tmp_path: Path) -> None:
