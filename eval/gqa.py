@@ -1,0 +1,58 @@
+"""GQA testdev-balanced scoring, as the official script: exact match of the GQA-normalised prediction with
+`answer` over balanced questions, with the binary/open split and breakdowns by structural type, semantic type,
+reasoning steps and question length."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from .normalize import normalize_gqa
+from .questions import read_json_or_tar
+
+BINARY = {"verify", "logical", "choose", "compare"}
+
+
+def load_annotations(path: str | Path) -> dict[str, dict[str, Any]]:
+    """The official `testdev_balanced_questions.json` (or the .tar.gz holding it)."""
+    return json.loads(read_json_or_tar(path, "questions.json"))
+
+
+def score(predictions: dict[str, str], annotations: dict[str, dict[str, Any]], *,
+          partial: bool = False) -> dict[str, Any]:
+    """Accuracy and breakdowns. Like the official script every balanced question needs a prediction, unless
+    `partial` (a --limit run), which scores the answered ones and reports the coverage."""
+    balanced = {q: a for q, a in annotations.items() if a.get("isBalanced", True)}
+    missing = [q for q in balanced if q not in predictions]
+    if missing and not partial:
+        raise ValueError(f"{len(missing)} of {len(balanced)} balanced questions have no prediction "
+                         f"(first: {missing[0]}); score a --limit run with partial=True")
+    groups: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    hits = []
+    for qid, ann in balanced.items():
+        if qid not in predictions:
+            continue
+        ok = normalize_gqa(predictions[qid]) == ann["answer"]
+        hits.append(ok)
+        types = ann.get("types", {})
+        structural = types.get("structural", "unknown")
+        groups["binary/open"]["binary" if structural in BINARY else "open"].append(ok)
+        groups["structural"][structural].append(ok)
+        groups["semantic"][types.get("semantic", "unknown")].append(ok)
+        groups["steps"][str(len(ann.get("semantic", [])))].append(ok)
+        groups["length"][str(len(ann["question"].split()))].append(ok)
+    return {"accuracy": _mean(hits), "scored": len(hits), "balanced": len(balanced),
+            "coverage": len(hits) / max(1, len(balanced)),
+            "breakdowns": {g: {k: {"accuracy": _mean(v), "n": len(v)} for k, v in sorted(d.items(), key=_order)}
+                           for g, d in groups.items()}}
+
+
+def _mean(values: list[bool]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _order(item: tuple[str, Any]) -> tuple[int, Any]:
+    key = item[0]
+    return (0, int(key)) if key.isdigit() else (1, key)
