@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_assistant.py
 	$(PY) bench/bench_app.py
 	$(PY) bench/bench_finetune.py
+	$(PY) bench/bench_eval.py
 
 ## screenshots: refresh docs/screenshots from the browser tests (needs Debian chromium, see DEVELOPERS.md)
 screenshots: $(STAMP)

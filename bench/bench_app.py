@@ -14,7 +14,6 @@ Usage: python bench/bench_app.py [--clicks 20] [--questions 10] [--json out.json
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import socket
@@ -28,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_tokenizer import cpu_name  # noqa: E402
+from bench.bench_tokenizer import cpu_name, emit  # noqa: E402
 
 SCENE = str(ROOT / "examples" / "scene.jpg")
 # Points spread over the example picture; each click adds a region (as a user clicking around would).
@@ -192,9 +191,7 @@ def main() -> None:
         proc.terminate()
         proc.wait(timeout=30)
         shutil.rmtree(data, ignore_errors=True)
-    print(json.dumps(results, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    emit(results, args.json)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ Usage: python bench/bench_finetune.py [--work runs/bench-finetune] [--json out.j
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_tokenizer import cpu_name  # noqa: E402
+from bench.bench_tokenizer import cpu_name, emit  # noqa: E402
 
 
 def main() -> None:
@@ -51,9 +50,7 @@ def main() -> None:
         results[name] = {"steps": run.steps, "train_s": time.perf_counter() - t0, "final_loss": run.final_loss,
                          "samples_per_s": run.samples_per_s, "trained_tokens_per_s": run.tokens_per_s,
                          "accuracy": accuracy(args.work / name, data / "eval.json", blank_images=blank)}
-    print(json.dumps(results, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    emit(results, args.json)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,14 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def emit(results: dict, path: Path | None) -> None:
+    """Print the results as JSON, and also write them to `path` when given (--json)."""
+    text = json.dumps(results, indent=2)
+    print(text)
+    if path:
+        path.write_text(text)
+
+
 def run_one(args: argparse.Namespace, dtype: str) -> dict:
     """All measurements for one dtype (runs in its own process)."""
     import torch

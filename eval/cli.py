@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-BENCHMARKS = ("gqa", "vqav2", "textvqa")
+BENCHMARKS = ("gqa", "vqav2", "textvqa", "seed")
 
 
 def _markdown(result: dict) -> str:
@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="answer a benchmark's questions (resumes an existing answers file)")
     r.add_argument("benchmark", choices=BENCHMARKS)
-    r.add_argument("--questions", type=Path, required=True, help="Bunny-layout question JSONL (or .tar.gz)")
+    r.add_argument("--questions", type=Path, required=True,
+                   help="Bunny-layout question JSONL (or .tar.gz); for seed, the official SEED-Bench.json")
+    r.add_argument("--video-frames", action="store_true", help="seed: also the video questions (middle frames)")
     r.add_argument("--images", type=Path, default=None, help="the image folder the question paths are under")
     r.add_argument("--answers", type=Path, required=True, help="answers JSONL, appended to (resume)")
     who = r.add_mutually_exclusive_group(required=True)
@@ -54,9 +56,11 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--num-shards", type=int, default=1)
     r.add_argument("--shard", type=int, default=0)
     s = sub.add_parser("score", help="score an answers file with the benchmark's official rules (no model)")
-    s.add_argument("benchmark", choices=("gqa", "vqav2"))
+    s.add_argument("benchmark", choices=BENCHMARKS)
     s.add_argument("answers", type=Path)
-    s.add_argument("--annotations", type=Path, help="gqa: testdev_balanced_questions.json (or .tar.gz)")
+    s.add_argument("--annotations", type=Path, help="gqa: testdev_balanced_questions.json (or .tar.gz); "
+                                                     "textvqa: TextVQA_0.5.1_val.json; seed: SEED-Bench.json")
+    s.add_argument("--lenient", action="store_true", help="seed: first letter of the output (lmms-eval's rule)")
     s.add_argument("--partial", action="store_true", help="gqa: score only the answered questions (--limit runs)")
     s.add_argument("--submission", type=Path, help="vqav2: where to write the EvalAI upload JSON")
     s.add_argument("--all-questions", type=Path, help="vqav2: every test question (unanswered ones get \"\")")
@@ -78,7 +82,19 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{n} answers -> {args.submission} (upload to EvalAI, VQA challenge, test-dev phase)")
             return
         if args.annotations is None:
-            sys.exit("gqa needs --annotations testdev_balanced_questions.json")
+            sys.exit(f"{args.benchmark} needs --annotations (see --help)")
+        if args.benchmark in ("seed", "textvqa"):
+            from . import seed, textvqa
+            from .runner import load_answers
+            if args.benchmark == "seed":
+                result = seed.score(load_answers(args.answers), seed.load(args.annotations), lenient=args.lenient)
+            else:
+                rows = [json.loads(x) for x in args.answers.read_text().splitlines() if x.strip()]
+                result = textvqa.score(rows, args.annotations)
+            print(json.dumps(result, indent=2))
+            if args.report:
+                args.report.write_text(json.dumps(result, indent=2))
+            return
         try:
             result = score_gqa(args.answers, args.annotations, args.partial)
         except ValueError as exc:
@@ -94,7 +110,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from .questions import load_questions
     from .runner import run, shard
-    questions, bad = load_questions(args.questions)
+    if args.benchmark == "seed":
+        from . import seed
+        questions, bad = seed.questions(seed.load(args.questions), video_frames=args.video_frames), {}
+    else:
+        questions, bad = load_questions(args.questions)
     questions = shard(questions, args.num_shards, args.shard)
     if args.limit:
         questions = questions[:args.limit]

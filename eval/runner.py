@@ -65,7 +65,10 @@ def run(bot: Assistant, questions: Sequence[Question], image_folder: str | Path 
     path.parent.mkdir(parents=True, exist_ok=True)
     done = answered_ids(path)
     stats = RunStats(already_done=sum(q.id in done for q in questions))
-    todo = [q for q in questions if q.id not in done]
+    # Questions about the same image go together: their shared prompt prefix (system text + visual tokens) is
+    # computed once per batch. Answers are keyed by id, so the file's order does not matter to scoring or resume.
+    todo = sorted((q for q in questions if q.id not in done), key=lambda q: q.image or "")
+    images: dict[str, object] = {}  # one decoded array per image and batch: the engine groups by object
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
     bar = tqdm(total=len(todo), disable=not progress, desc="answering", mininterval=5)
     with path.open("a") as out:
@@ -75,13 +78,16 @@ def run(bot: Assistant, questions: Sequence[Question], image_folder: str | Path 
                 image = None
                 if q.image is not None:
                     try:
-                        image = load_image(Path(image_folder or ".") / q.image)
+                        if q.image not in images:
+                            images[q.image] = load_image(Path(image_folder or ".") / q.image)
+                        image = images[q.image]
                     except ImageError as exc:
                         stats.bad[q.id] = str(exc)
                         continue
                 batch.append(q)
                 items.append(BatchItem(image, q.text))
             texts = bot.answer_batch(items, settings, batch_size=batch_size) if items else []
+            images.clear()
             for q, text in zip(batch, texts):
                 out.write(json.dumps({"question_id": q.raw_id, "prompt": q.text, "text": text,
                                       "answer_id": uuid.uuid4().hex, "model_id": bot.model_id,

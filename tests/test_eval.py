@@ -105,7 +105,7 @@ def test_end_to_end_run_and_score_with_tiny_models(tiny_gqa: Path, capsys) -> No
     out = capsys.readouterr().out
     assert "12 answered, 0 already" in out and "1 bad records" in out and "bad: empty question" in out
     lines = [json.loads(x) for x in answers.read_text().splitlines()]
-    assert [x["question_id"] for x in lines] == [str(100 + i) for i in range(12)]
+    assert sorted(x["question_id"] for x in lines) == [str(100 + i) for i in range(12)]  # grouped by image
     eval_main(["score", "gqa", str(answers), "--annotations", str(tiny_gqa / "annotations.json"),
                "--report", str(tiny_gqa / "report.json")])
     result = json.loads((tiny_gqa / "report.json").read_text())
@@ -169,3 +169,47 @@ def test_vqav2_submission_covers_every_question(tmp_path: Path) -> None:
                "--all-questions", str(tmp_path / "all.jsonl")])
     assert json.loads((tmp_path / "up.json").read_text()) == [
         {"question_id": 5, "answer": ""}, {"question_id": 6, "answer": "2"}, {"question_id": 7, "answer": ""}]
+
+
+def test_seed_prompts_and_official_and_lenient_scoring(tmp_path: Path) -> None:
+    from eval import seed
+    rng = np.random.default_rng(1)
+    (tmp_path / "SEED-Bench-image").mkdir()
+    bench = {"question_type": {"Scene Understanding": 1, "Instances Counting": 5, "Action Recognition": 10},
+             "questions": []}
+    for i in range(6):
+        qtype = [1, 5, 10][i % 3]
+        kind = "video" if qtype == 10 else "image"
+        bench["questions"].append({"question_id": f"q{i}", "question": f"What is {i}?", "choice_a": "cat",
+                                   "choice_b": "dog", "choice_c": "cow", "choice_d": "hen", "answer": "B",
+                                   "data_id": f"{i}.jpg", "data_type": kind, "question_type_id": qtype})
+        if kind == "image":
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "SEED-Bench-image" /
+                                                                                    f"{i}.jpg")
+    (tmp_path / "SEED-Bench.json").write_text(json.dumps(bench))
+    qs = seed.questions(bench)
+    assert len(qs) == 4 and qs[0].text == ("What is 0?\nA. cat\nB. dog\nC. cow\nD. hen\n"
+                                           "Answer with the option's letter from the given choices directly.")
+    assert qs[0].category == "Scene Understanding" and qs[0].image == "SEED-Bench-image/0.jpg"
+    preds = {"q0": "B", "q1": "B. dog", "q3": " B ", "q4": "A", "q2": "B"}
+    strict, lenient = seed.score(preds, bench), seed.score(preds, bench, lenient=True)
+    assert strict["total"] == {"accuracy": 0.6, "n": 5} and lenient["total"]["accuracy"] == 0.8
+    assert strict["image"]["n"] == 4 and strict["video"]["n"] == 1
+    assert strict["Instances Counting"] == {"accuracy": 0.0, "n": 2}
+    answers = tmp_path / "answers.jsonl"
+    eval_main(["run", "seed", "--questions", str(tmp_path / "SEED-Bench.json"), "--images", str(tmp_path),
+               "--answers", str(answers), "--tiny", "--max-new-tokens", "2"])
+    assert len(answers.read_text().splitlines()) == 4
+
+
+def test_textvqa_matches_by_image_and_question(tmp_path: Path) -> None:
+    from eval import textvqa
+    (tmp_path / "val.json").write_text(json.dumps({"data": [
+        {"image_id": "img1", "question": "What brand?", "answers": ["dakota"] * 7 + ["kodak"] * 3},
+        {"image_id": "img2", "question": "What number?", "answers": ["10"] * 10}]}))
+    rows = [{"question_id": "img1", "prompt": "What brand?\nReference OCR token: DAKOTA\nAnswer briefly.",
+             "text": "Dakota"},
+            {"question_id": "img2", "prompt": "what number?\nAnswer briefly.", "text": "ten"},
+            {"question_id": "img3", "prompt": "Other?", "text": "x"}]
+    result = textvqa.score(rows, tmp_path / "val.json")
+    assert result == {"accuracy": 1.0, "scored": 2, "unmatched": 1}
