@@ -31,6 +31,29 @@ def _need(path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def reference():
+    """`reference(path)`: a file from ../shared/reference, or skip (fail in CI) when it is absent."""
+    return _need
+
+
+@pytest.fixture
+def bad_images(tmp_path: Path) -> list[tuple[Path, str]]:
+    """Uploads a user can get wrong, each with the message it must produce: corrupt, not an image, too large."""
+    import io
+
+    from PIL import Image
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes((ROOT / "examples" / "scene.jpg").read_bytes()[:2000])
+    text = tmp_path / "notes.png"
+    text.write_text("this is text, not a picture")
+    huge = tmp_path / "huge.png"
+    buf = io.BytesIO()
+    Image.new("1", (9000, 5000)).save(buf, format="PNG")  # 45 MP, tiny on disk
+    huge.write_bytes(buf.getvalue())
+    return [(corrupt, "corrupt|truncated"), (text, "not an image"), (huge, "too large")]
+
+
+@pytest.fixture(scope="session")
 def fixture_a() -> Path:
     return _need(FIXTURE_A / "expected.npz").parent
 

@@ -7,14 +7,12 @@ there as PNGs (`make screenshots` refreshes docs/screenshots).
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import time
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -246,17 +244,9 @@ def test_example_gallery_sets_regions_and_question(page) -> None:
     expect(page.locator("#msg textarea")).to_have_value("Which is taller, <region1> or <region2>?")
 
 
-def test_bad_uploads_show_a_message_and_the_page_stays_usable(page, tmp_path: Path) -> None:
+def test_bad_uploads_show_a_message_and_the_page_stays_usable(page, bad_images) -> None:
     from playwright.sync_api import expect
-    corrupt = tmp_path / "corrupt.jpg"
-    corrupt.write_bytes(Path(SCENE).read_bytes()[:3000])
-    notes = tmp_path / "notes.png"
-    notes.write_text("this is text, not a picture")
-    huge = tmp_path / "huge.png"
-    buf = io.BytesIO()
-    Image.new("1", (9000, 5000)).save(buf, format="PNG")
-    huge.write_bytes(buf.getvalue())
-    for path, message in [(corrupt, "corrupt|truncated"), (notes, "not an image"), (huge, "too large")]:
+    for path, message in bad_images:
         upload(page, str(path))
         toast(page, message)
         expect(page.locator("#image img")).to_have_count(0)  # the refused file is taken off the canvas

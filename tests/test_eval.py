@@ -19,15 +19,6 @@ from eval.runner import answered_ids, merge, run, shard
 BENCH = Path(__file__).resolve().parents[2] / "shared" / "reference" / "benchmarks"
 
 
-def need(path: Path) -> Path:
-    import os
-    if not path.exists():
-        if os.environ.get("TAP_REQUIRE_FIXTURES") == "1":
-            pytest.fail(f"{path} is required in CI but missing")
-        pytest.skip(f"{path} not present (the benchmark files ship beside the repo)")
-    return path
-
-
 @pytest.mark.parametrize(("raw", "expected"), [
     ("Two dogs.", "2 dogs"), ("the cat", "cat"), ("dont", "don't"), ("A man's hat", "man 's hat"),
     ("Yes!", "yes"), ("3.5", "3.5"), ("1,000", "1000"), ("red-white", "red white"), ("ten", "10"),
@@ -50,8 +41,8 @@ def test_gqa_rule_is_strict() -> None:
     assert normalize_gqa("Yes.") == "yes" and normalize_gqa("A dog") == "a dog"
 
 
-def test_gqa_scorer_on_the_full_official_file() -> None:
-    ann = load_annotations(need(BENCH / "gqa" / "testdev_balanced_questions.tar.gz"))
+def test_gqa_scorer_on_the_full_official_file(reference) -> None:
+    ann = load_annotations(reference(BENCH / "gqa" / "testdev_balanced_questions.tar.gz"))
     assert len(ann) == 12578
     oracle = score({q: a["answer"].capitalize() + "." for q, a in ann.items()}, ann)
     assert oracle["accuracy"] == 1.0 and oracle["balanced"] == 12578
@@ -71,8 +62,8 @@ def test_gqa_scorer_on_the_full_official_file() -> None:
     ("textvqa/bunny_textvqa_val_v051_ocr.jsonl", 5000, None),
     ("vqav2/bunny_vqav2_mscoco_test-dev2015.tar.gz", 107394, None),
 ])
-def test_real_question_files_load_as_they_are(name: str, rows: int, first: str | None) -> None:
-    questions, bad = load_questions(need(BENCH / name))
+def test_real_question_files_load_as_they_are(reference, name: str, rows: int, first: str | None) -> None:
+    questions, bad = load_questions(reference(BENCH / name))
     assert len(questions) == rows and not bad
     assert all(q.text.endswith("Answer the question using a single word or phrase.") for q in questions[:50])
     if first:
