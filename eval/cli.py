@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-BENCHMARKS = ("gqa", "vqav2", "textvqa", "seed")
+BENCHMARKS = ("gqa", "vqav2", "textvqa", "seed", "mmbench")
 
 
 def _markdown(result: dict) -> str:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     r = sub.add_parser("run", help="answer a benchmark's questions (resumes an existing answers file)")
     r.add_argument("benchmark", choices=BENCHMARKS)
     r.add_argument("--questions", type=Path, required=True,
-                   help="Bunny-layout question JSONL (or .tar.gz); for seed, the official SEED-Bench.json")
+                   help="Bunny-layout question JSONL (or .tar.gz); seed: SEED-Bench.json; mmbench: the legacy TSV")
     r.add_argument("--video-frames", action="store_true", help="seed: also the video questions (middle frames)")
     r.add_argument("--images", type=Path, default=None, help="the image folder the question paths are under")
     r.add_argument("--answers", type=Path, required=True, help="answers JSONL, appended to (resume)")
@@ -59,8 +59,10 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("benchmark", choices=BENCHMARKS)
     s.add_argument("answers", type=Path)
     s.add_argument("--annotations", type=Path, help="gqa: testdev_balanced_questions.json (or .tar.gz); "
-                                                     "textvqa: TextVQA_0.5.1_val.json; seed: SEED-Bench.json")
+                                                     "textvqa: TextVQA_0.5.1_val.json; seed: SEED-Bench.json; "
+                                                     "mmbench: the legacy TSV")
     s.add_argument("--lenient", action="store_true", help="seed: first letter of the output (lmms-eval's rule)")
+    s.add_argument("--strict", action="store_true", help="mmbench: exact letter (default: first letter)")
     s.add_argument("--partial", action="store_true", help="gqa: score only the answered questions (--limit runs)")
     s.add_argument("--submission", type=Path, help="vqav2: where to write the EvalAI upload JSON")
     s.add_argument("--all-questions", type=Path, help="vqav2: every test question (unanswered ones get \"\")")
@@ -83,10 +85,13 @@ def main(argv: list[str] | None = None) -> None:
             return
         if args.annotations is None:
             sys.exit(f"{args.benchmark} needs --annotations (see --help)")
-        if args.benchmark in ("seed", "textvqa"):
-            from . import seed, textvqa
+        if args.benchmark in ("seed", "textvqa", "mmbench"):
+            from . import mmbench, seed, textvqa
             from .runner import load_answers
-            if args.benchmark == "seed":
+            if args.benchmark == "mmbench":
+                result = mmbench.score(load_answers(args.answers), mmbench.load(args.annotations),
+                                       lenient=not args.strict)
+            elif args.benchmark == "seed":
                 result = seed.score(load_answers(args.answers), seed.load(args.annotations), lenient=args.lenient)
             else:
                 rows = [json.loads(x) for x in args.answers.read_text().splitlines() if x.strip()]
@@ -113,6 +118,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.benchmark == "seed":
         from . import seed
         questions, bad = seed.questions(seed.load(args.questions), video_frames=args.video_frames), {}
+    elif args.benchmark == "mmbench":
+        from . import mmbench
+        if args.images is None:
+            sys.exit("mmbench needs --images DIR: the TSV's images are written there")
+        language = "cn" if "_CN" in args.questions.name.upper() else "en"
+        questions, bad = mmbench.questions(mmbench.load(args.questions), args.images, language=language), {}
     else:
         questions, bad = load_questions(args.questions)
     questions = shard(questions, args.num_shards, args.shard)

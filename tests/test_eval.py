@@ -204,3 +204,39 @@ def test_textvqa_matches_by_image_and_question(tmp_path: Path) -> None:
             {"question_id": "img3", "prompt": "Other?", "text": "x"}]
     result = textvqa.score(rows, tmp_path / "val.json")
     assert result == {"accuracy": 1.0, "scored": 2, "unmatched": 1}
+
+
+def test_mmbench_circular_prompts_and_scoring(tmp_path: Path) -> None:
+    import base64
+    import csv
+    import io
+
+    from eval import mmbench
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 24), "red").save(buf, format="PNG")
+    image = base64.b64encode(buf.getvalue()).decode()
+    header = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image"]
+    rows = [["1", "What colour?", "nan", "red", "blue", "green", "pink", "A", "attribute", image],
+            ["2", "How many?", "Count them.", "one", "two", "three", "", "C", "counting", image]]
+    tsv = tmp_path / "MMBench_DEV_EN_legacy.tsv"
+    with tsv.open("w", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(header)
+        w.writerows(rows)
+    loaded = mmbench.load(tsv)
+    qs = mmbench.questions(loaded, tmp_path / "images")
+    assert [q.id for q in qs] == ["1-0", "1-1", "1-2", "1-3", "2-0", "2-1", "2-2"]  # 4 + 3 options
+    assert qs[1].text == ("What colour?\nA. blue\nB. green\nC. pink\nD. red\n"
+                          "Answer with the option's letter from the given choices directly.")
+    assert qs[4].text.startswith("Count them.\nHow many?\nA. one\nB. two\nC. three\nAnswer")
+    assert (tmp_path / "images" / "1.png").is_file()
+    oracle = {f"{r['index']}-{k}": mmbench.rotated_answer(r, k) + "." for r in loaded for k in range(4)}
+    assert mmbench.score(oracle, loaded)["circular"]["overall"]["accuracy"] == 1.0
+    oracle["2-1"] = "A"  # one rotation wrong: question 2 fails circularly, its first rotation is still right
+    result = mmbench.score(oracle, loaded)
+    assert result["circular"]["overall"] == {"accuracy": 0.5, "n": 2} and result["first_rotation_accuracy"] == 1.0
+    assert mmbench.score(oracle, loaded, lenient=False)["circular"]["overall"]["accuracy"] == 0.0  # "A." != "A"
+    answers = tmp_path / "answers.jsonl"
+    eval_main(["run", "mmbench", "--questions", str(tsv), "--images", str(tmp_path / "images"),
+               "--answers", str(answers), "--tiny", "--max-new-tokens", "2"])
+    assert len(answers.read_text().splitlines()) == 7
