@@ -167,7 +167,7 @@ class ChatModel(nn.Module):
         length of a cached prefix shared by all rows: the mask covers it, then each row's padding (masked), then
         its tokens, whose positions continue right after the prefix.
         """
-        rows = [self._embed_one(ids, vis) for ids, vis in zip(sequences, visuals, strict=True)]
+        rows = [self.embed_sequence(ids, vis) for ids, vis in zip(sequences, visuals, strict=True)]
         length = max(r.shape[0] for r in rows)
         hidden = rows[0].shape[-1]
         embeds = torch.zeros(len(rows), length, hidden, dtype=self.dtype, device=self.device)
@@ -179,7 +179,8 @@ class ChatModel(nn.Module):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
         return embeds, mask, positions
 
-    def _embed_one(self, ids: list[int], visual: torch.Tensor | None) -> torch.Tensor:
+    def embed_sequence(self, ids: list[int], visual: torch.Tensor | None) -> torch.Tensor:
+        """(positions, hidden) input embeddings of one sequence, its `IMAGE_TOKEN` replaced by `visual`."""
         text = [i for i in ids if i != IMAGE_TOKEN]
         if not text:
             raise ValueError("empty prompt")

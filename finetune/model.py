@@ -8,10 +8,12 @@ import torch
 from torch import nn
 
 from assistant.config import ChatConfig
-from assistant.llm import TINY_LLM, LoraSettings, TinyPhi
+from assistant.llm import TINY_LLM, LoraSettings, TinyPhi, missing_files
 from assistant.model import IMAGE_TOKEN, ChatModel
 from assistant.projector import ProjectorConfig
 from tokenizer_tap.build import build_tap
+from tokenizer_tap.errors import WeightsNotFoundError
+from tokenizer_tap.hub import hub_reachable
 from tokenizer_tap.modeling.tap import TAP
 
 from .config import TrainConfig
@@ -42,16 +44,26 @@ def build_chat(config: TrainConfig, device: torch.device, dtype: torch.dtype) ->
             tap.image_encoder.load_state_dict(chat.encoder_state, strict=False)
         return chat, tap
     tiny = TinyPhi(**m.tiny_llm) if m.llm == TINY_LLM else None
-    hidden = tiny.hidden_size if tiny is not None else None
+    hidden = tiny.hidden_size if tiny is not None else _hidden_size(m.llm)
     chat_config = ChatConfig(mode="tapchat", tap_model=tap_name, llm=m.llm,
                              projector=ProjectorConfig(in_dim=tap.config.encoder_embed_dim,
-                                                       out_dim=hidden or 2560,
+                                                       out_dim=hidden,
                                                        grid=tap.config.grid_size, **m.projector),
                              lora=(LoraSettings(r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout)
                                    if config.trainable.llm == "lora" else None))
     chat = ChatModel.create(chat_config, dtype=dtype, device=device, quantization=m.quantization, seed=m.seed,
                             tiny=tiny)
     return chat, tap
+
+
+def _hidden_size(llm: str) -> int:
+    """The LLM's embedding width (the projector's output), from its config in the cache or a folder."""
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(llm, local_files_only=not hub_reachable()).hidden_size
+    except OSError:
+        raise WeightsNotFoundError(f"{llm}: config.json not found locally or on the hub; missing: "
+                                   f"{', '.join(missing_files(llm)) or 'config.json'}") from None
 
 
 class TrainModel(nn.Module):
@@ -76,7 +88,7 @@ class TrainModel(nn.Module):
                 v += 1
                 k = s.ids.index(IMAGE_TOKEN)
                 lab = lab[:k] + [IGNORE] * vis.shape[0] + lab[k + 1:]
-            rows.append(chat._embed_one(s.ids, vis))
+            rows.append(chat.embed_sequence(s.ids, vis))
             labels.append(lab)
         length = max(r.shape[0] for r in rows)
         embeds = torch.zeros(len(rows), length, rows[0].shape[-1], dtype=rows[0].dtype, device=chat.device)
