@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "check":
         sys.exit(check(config))
     from .trainer import Trainer
-    result = Trainer(config).train(resume=args.resume)
-    print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}, {result.samples_per_s:.1f} samples/s, "
-          f"{result.tokens_per_s:.0f} trained tokens/s; skipped images: {len(result.skipped_images)}; "
-          f"checkpoint: {result.output_dir}")
+    trainer = Trainer(config)
+    result = trainer.train(resume=args.resume)
+    if trainer.acc.is_main_process:
+        print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}, {result.samples_per_s:.1f} samples/s, "
+              f"{result.tokens_per_s:.0f} trained tokens/s; skipped images: {len(result.skipped_images)}; "
+              f"checkpoint: {result.output_dir}")

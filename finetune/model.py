@@ -69,16 +69,23 @@ def _hidden_size(llm: str) -> int:
 class TrainModel(nn.Module):
     """forward(batch) -> (summed token loss, number of trained tokens)."""
 
-    def __init__(self, chat: ChatModel, vision: VisionTower) -> None:
+    def __init__(self, chat: ChatModel, vision: VisionTower, uniform: bool = False) -> None:
         super().__init__()
         self.chat, self.vision = chat, vision
+        self.uniform = uniform
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         chat = self.chat
-        visual = None
-        if batch.images is not None:
-            trunk = self.vision(batch.images.to(chat.device), batch.keys)
-            visual = chat.projector(trunk.to(chat.projector.merge.weight.dtype))
+        visual, unused = None, None
+        images = batch.images
+        if images is None and self.uniform and chat.projector is not None:
+            # With several ranks every rank must run the same modules (DDP reduces their gradients, ZeRO-3 gathers
+            # their weights in order): a text-only micro-batch passes a blank image through and adds 0 x its features.
+            size = self.vision.tap.config.image_size
+            images, unused = torch.zeros(1, size, size, 3, dtype=torch.uint8), True
+        if images is not None:
+            trunk = self.vision(images.to(chat.device), None if unused else batch.keys)
+            visual = chat.projector(trunk.to(next(chat.projector.parameters()).dtype))
         rows, labels, v = [], [], 0
         for s in batch.samples:
             vis = None
@@ -98,6 +105,8 @@ class TrainModel(nn.Module):
             embeds[i, :row.shape[0]] = row
             mask[i, :row.shape[0]] = 1  # from lengths, so trained EOS tokens (pad == eos) stay attended
             target[i, :len(lab)] = torch.tensor(lab, device=chat.device)
+        if unused:  # joined before the LLM, so backward reaches the vision weights in the same order on every rank
+            embeds = embeds + 0 * visual.sum()
         positions = torch.arange(length, device=chat.device).expand(len(rows), -1)
         logits = chat.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
         shifted = target[:, 1:]

@@ -2,8 +2,9 @@
 periodic checkpoints that resume exactly, and the assistant checkpoint folder at the end.
 
 One process or many (`accelerate launch` / `torchrun`: DDP through accelerate, each rank taking its share of every
-global batch). Resuming restores trainable weights, optimizer, schedule, RNG and the position in the data order, so
-a killed run continues on the same loss curve as an uninterrupted one.
+global batch; or DeepSpeed ZeRO-2/3 through accelerate, where the engine owns the sharded optimizer and the
+checkpoints hold its shards). Resuming restores trainable weights, optimizer, schedule, RNG and the position in the
+data order, so a killed run continues on the same loss curve as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DistributedType
+from accelerate import Accelerator, DistributedType, PartialState
 from tqdm import tqdm
 
 from assistant.model import merge_checkpoint
@@ -58,10 +60,10 @@ class Trainer:
         self.config = config
         cuda = torch.cuda.is_available()
         precision = {"bf16": "bf16", "fp16": "fp16"}.get(config.precision, "no") if cuda else "no"
-        self.acc = Accelerator(mixed_precision=precision, cpu=not cuda)
-        if self.acc.distributed_type == DistributedType.DEEPSPEED:
-            raise NotImplementedError("DeepSpeed is not supported yet (sharded optimizer states need their own "
-                                      "checkpointing); use DDP: accelerate launch --multi_gpu -m finetune train ...")
+        if not cuda and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+            PartialState(backend="gloo")  # accelerate names no backend for DeepSpeed on CPU (tests, tiny runs)
+        self.acc = Accelerator(mixed_precision=precision)
+        self.deepspeed = self.acc.distributed_type == DistributedType.DEEPSPEED
         self.out = Path(config.output_dir)
         torch.manual_seed(config.seed)
         dtype = torch.float32  # master weights; autocast gives bf16/fp16 compute on GPUs
@@ -71,7 +73,7 @@ class Trainer:
         vision = VisionTower(tap, config.trainable.encoder_blocks, cache_size=cache)
         if config.gradient_checkpointing and hasattr(chat.llm, "gradient_checkpointing_enable"):
             chat.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model = TrainModel(chat, vision).train()
+        self.model = TrainModel(chat, vision, uniform=self.acc.num_processes > 1).train()
         tap.eval()  # TAP has no dropout; eval keeps its norms as at inference
         tokenizer_fn = chat.tokenize
         raws = load_records(config.data.path)
@@ -83,7 +85,7 @@ class Trainer:
         world = self.acc.num_processes
         self.accum = max(1, config.global_batch // (config.micro_batch * world))
         self.micro_per_epoch = math.ceil(len(self.samples) / (config.micro_batch * world))
-        self.steps_per_epoch = max(1, self.micro_per_epoch // self.accum)
+        self.steps_per_epoch = math.ceil(self.micro_per_epoch / self.accum)  # a short last window still steps
         total = math.ceil(self.steps_per_epoch * config.epochs)
         self.total_steps = min(total, config.max_steps) if config.max_steps else total
         groups = parameter_groups(self.model, config)
@@ -91,9 +93,22 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(groups, betas=config.optim.betas, weight_decay=config.optim.weight_decay)
         warmup = round(config.optim.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_with_warmup(self.total_steps, warmup))
+        if self.deepspeed:
+            self._configure_deepspeed()
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         self.step, self.skipped_images = 0, []
         self.image_size = tap.config.image_size
+
+    def _configure_deepspeed(self) -> None:
+        """Batch sizes and clipping come from our config, so the global batch means the same as under DDP."""
+        ds = self.acc.state.deepspeed_plugin.deepspeed_config
+        if "scheduler" in ds or "optimizer" in ds:
+            raise ValueError("the DeepSpeed config must not define an optimizer or scheduler: the trainer's AdamW and "
+                             "warm-up/cosine schedule (optim.* in the training config) are used")
+        ds["train_micro_batch_size_per_gpu"] = self.config.micro_batch
+        ds["gradient_accumulation_steps"] = self.accum
+        ds["train_batch_size"] = self.config.micro_batch * self.accum * self.acc.num_processes
+        ds["gradient_clipping"] = self.config.optim.max_grad_norm
 
     # ------------------------------------------------------------------------------------------------ data
     def epoch_order(self, epoch: int) -> list[int]:
@@ -149,8 +164,8 @@ class Trainer:
                     window.append(batch)
                 if (m + 1) % self.accum and m + 1 != self.micro_per_epoch:
                     continue
-                last_loss, tokens = self._optimizer_step(window)
-                seen_samples += sum(len(b.samples) for b in window)
+                last_loss, tokens, samples = self._optimizer_step(window)
+                seen_samples += samples
                 seen_tokens += tokens
                 window = []
                 self.step += 1
@@ -174,58 +189,85 @@ class Trainer:
         return Result(self.out, self.step, last_loss, seen_samples / elapsed, seen_tokens / elapsed, self.report,
                       self.skipped_images)
 
-    def _optimizer_step(self, window: list[Batch]) -> tuple[float, int]:
-        """Accumulate the window's gradients (loss = mean over its trained tokens), clip, step."""
+    def _optimizer_step(self, window: list[Batch]) -> tuple[float, int, int]:
+        """Accumulate the window's gradients, clip, step. The loss is the mean over every trained token of the global
+        batch, whatever the number of ranks (DDP and DeepSpeed average gradients over ranks, hence `* world`), so one
+        process and eight take the same steps.
+
+        Returns the global batch's mean loss, trained tokens and samples."""
         acc = self.acc
-        counts = [sum(sum(1 for t in s.labels if t != IGNORE) for s in b.samples) for b in window]
-        total = max(1, sum(counts))
+        local = sum(sum(1 for t in s.labels if t != IGNORE) for b in window for s in b.samples)
+        tokens = int(acc.reduce(torch.tensor(local, device=acc.device), "sum").item())
+        scale = acc.num_processes / max(1, tokens)
         loss_sum = 0.0
         for i, batch in enumerate(window):
-            sync = acc.no_sync(self.model) if i < len(window) - 1 else contextlib.nullcontext()
-            with sync, acc.autocast():
-                loss, _ = self.model(batch)
-                acc.backward(loss / total)
+            last = i == len(window) - 1
+            if self.deepspeed:  # the engine accumulates, clips and steps at the boundary we mark
+                with acc.autocast():
+                    loss, _ = self.model(batch)
+                self.model.set_gradient_accumulation_boundary(last)
+                self.model.backward(loss * scale, scale_wrt_gas=False)
+                if last:
+                    self.model.step()
+            else:
+                with acc.no_sync(self.model) if not last else contextlib.nullcontext(), acc.autocast():
+                    loss, _ = self.model(batch)
+                    acc.backward(loss * scale)
             loss_sum += float(loss.detach())
-        if self.config.optim.max_grad_norm > 0 and self.trainable:
-            acc.clip_grad_norm_(self.trainable, self.config.optim.max_grad_norm)
-        self.optimizer.step()
+        if not self.deepspeed:
+            if self.config.optim.max_grad_norm > 0 and self.trainable:
+                acc.clip_grad_norm_(self.trainable, self.config.optim.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum / total, total
+        stats = acc.reduce(torch.tensor([loss_sum, sum(len(b.samples) for b in window)], dtype=torch.float64,
+                                        device=acc.device), "sum").tolist()
+        return stats[0] / max(1, tokens), tokens, int(stats[1])
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def latest_checkpoint(self) -> Path | None:
-        found = sorted((self.out / "checkpoints").glob("step-*"))
+        found = sorted(p.parent for p in (self.out / "checkpoints").glob("step-*/progress.json"))
         return found[-1] if found else None
 
     def save_checkpoint(self, epoch: int, micro: int) -> Path:
-        """Trainable weights, optimizer, schedule, RNG and data position; the oldest beyond `keep` are removed."""
+        """Trainable weights, optimizer, schedule, RNG and data position; the oldest beyond `keep` are removed.
+
+        Under DeepSpeed every rank writes its own optimizer shard through the engine (frozen weights left out)."""
         acc = self.acc
         folder = self.out / "checkpoints" / f"step-{self.step:07d}"
+        if self.deepspeed:
+            self.model.save_checkpoint(str(folder), tag="engine", exclude_frozen_parameters=True)
         if acc.is_main_process:
             folder.mkdir(parents=True, exist_ok=True)
-            model = acc.unwrap_model(self.model)
-            torch.save({n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-                       folder / "trainable.pt")
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "rng": torch.get_rng_state(),
-                        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                       folder / "state.pt")
-            (folder / "progress.json").write_text(json.dumps({"step": self.step, "epoch": epoch, "micro": micro}))
+            state = {"scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state(),
+                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            if not self.deepspeed:
+                model = acc.unwrap_model(self.model)
+                torch.save({n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+                           folder / "trainable.pt")
+                state["optimizer"] = self.optimizer.state_dict()
+            torch.save(state, folder / "state.pt")
+            partial = folder / "progress.json.tmp"  # written last and renamed: its presence marks a whole checkpoint
+            partial.write_text(json.dumps({"step": self.step, "epoch": epoch, "micro": micro}))
+            os.replace(partial, folder / "progress.json")
             for old in sorted((self.out / "checkpoints").glob("step-*"))[:-self.config.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return folder
 
     def load_checkpoint(self, folder: Path) -> tuple[int, int]:
-        model = self.acc.unwrap_model(self.model)
-        weights = torch.load(folder / "trainable.pt", map_location=self.acc.device)
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in weights.items():
-                params[name].copy_(value)
+        if self.deepspeed:
+            self.model.load_checkpoint(str(folder), tag="engine", load_module_strict=False)
+        else:
+            model = self.acc.unwrap_model(self.model)
+            weights = torch.load(folder / "trainable.pt", map_location=self.acc.device)
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, value in weights.items():
+                    params[name].copy_(value)
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if not self.deepspeed:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
@@ -245,16 +287,25 @@ class Trainer:
         """The assistant checkpoint folder (config, projector, adapter, tuned encoder blocks), plus merged if asked."""
         acc = self.acc
         acc.wait_for_everyone()
+        model = acc.unwrap_model(self.model)
+        with self._gathered(model):
+            if acc.is_main_process:
+                chat = model.chat
+                chat.encoder_state = model.vision.trainable_state()
+                chat.eval()
+                chat.save_pretrained(self.out)
         if not acc.is_main_process:
             return
-        model = acc.unwrap_model(self.model)
-        chat = model.chat
-        chat.encoder_state = model.vision.trainable_state()
-        chat.eval()
-        chat.save_pretrained(self.out)
         (self.out / "train_config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
         if self.config.merged_export and chat.config.lora is not None:
             merge_checkpoint(self.out, self.out / "merged")
+
+    def _gathered(self, model: TrainModel):
+        """ZeRO-3 keeps each weight in shards across ranks; saving needs the full tensors on every rank for a while."""
+        if not (self.deepspeed and self.acc.state.deepspeed_plugin.zero_stage == 3):
+            return contextlib.nullcontext()
+        import deepspeed
+        return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
 
     # --------------------------------------------------------------------------------------------- logging
     def _writers(self) -> dict:

@@ -35,7 +35,12 @@ def read_image(path: str, size: int, blank: bool = False) -> torch.Tensor:
 
 
 class VisionTower(nn.Module):
-    """(B, S, S, 3) uint8 BGR -> (B, C, g, g) trunk features; the frozen part's output can be cached per image."""
+    """(B, S, S, 3) uint8 BGR -> (B, C, g, g) trunk features; the frozen part's output can be cached per image.
+
+    Only the trainable tail is a registered submodule (`tail`): DDP and DeepSpeed see just that, so under ZeRO-3 the
+    frozen encoder stays whole on every rank, runs (or hits its cache) without collectives, and ranks holding
+    different images never disagree on which sharded weights to gather.
+    """
 
     def __init__(self, tap: TAP, trainable_blocks: int, cache_size: int = 0) -> None:
         super().__init__()
@@ -44,15 +49,16 @@ class VisionTower(nn.Module):
         if not 0 <= trainable_blocks <= last_stage:
             raise ValueError(f"encoder_blocks must be 0..{last_stage} for {tap.config.name} (its last stage has "
                              f"{last_stage} blocks)")
-        self.tap, self.k = tap, trainable_blocks
+        object.__setattr__(self, "tap", tap)  # frozen and unregistered (see the class docstring)
+        self.k = trainable_blocks
         self.cut = len(enc.blocks) - trainable_blocks  # blocks[cut:] are trainable
         self.cache_size = cache_size
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         for p in tap.parameters():
             p.requires_grad_(False)
-        for module in self.trainable_modules():
-            for p in module.parameters():
-                p.requires_grad_(True)
+        self.tail = nn.ModuleList(self.trainable_modules())
+        for p in self.tail.parameters():
+            p.requires_grad_(True)
 
     def trainable_modules(self) -> list[nn.Module]:
         if self.k == 0:
@@ -82,9 +88,13 @@ class VisionTower(nn.Module):
                     self._cache.popitem(last=False)
             frozen.append(x)
         x = torch.cat(frozen)
+        if self.k:  # DeepSpeed may hold the tail in bf16 while the frozen part computes in float32
+            x = x.to(next(self.tail.parameters()).dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.k > 0):
-            if self.k:
-                x = enc.run_blocks(window_partition(x.contiguous(), enc.window), enc.blocks[self.cut:])
+            if self.k:  # one call per block whatever the batch (ZeRO-3 gathers a block's weights per call)
+                x = window_partition(x.contiguous(), enc.window)
+                for block in enc.blocks[self.cut:]:
+                    x = block(x, block.attn.rel_pos_embed(x.dtype))
                 x = window_merge(x, enc.window, enc.grid)
             x = enc.norm(x)
             x = enc.cross_conv[-1](x.permute(0, 3, 1, 2))

@@ -171,7 +171,8 @@ def test_exactly_the_intended_parameters_learn(trainer: Trainer) -> None:
     assert got <= trainable
     assert any("lora_" in n for n in got) and any(n.startswith("chat.projector.") for n in got)
     assert all("lora_" in n for n in trainable if n.startswith("chat.llm."))
-    encoder = {n.removeprefix("vision.tap.image_encoder.") for n in trainable if n.startswith("vision.")}
+    encoder = {n for n, p in model.vision.tap.image_encoder.named_parameters() if p.requires_grad}
+    assert len(encoder) == len([n for n in trainable if n.startswith("vision.tail.")])
     depth = len(model.vision.tap.image_encoder.blocks)
     assert encoder and all(n.startswith((f"blocks.{depth - 1}.", "norm.", "cross_conv.3.")) for n in encoder)
     assert not any(p.requires_grad for n, p in model.vision.tap.named_parameters()
