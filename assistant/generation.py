@@ -28,6 +28,7 @@ class GenerationSettings:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    allowed_tokens: tuple[int, ...] | None = None  # only these may be chosen (multiple-choice by likelihood)
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_new_tokens <= 4096:
@@ -41,12 +42,15 @@ class GenerationSettings:
 
     def to_dict(self) -> dict:
         return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                "repetition_penalty": self.repetition_penalty, "seed": self.seed}
+                "repetition_penalty": self.repetition_penalty, "seed": self.seed, "allowed_tokens": self.allowed_tokens}
 
 
 def next_tokens(logits: torch.Tensor, seen: list[list[int]], settings: GenerationSettings,
                 generator: torch.Generator | None) -> torch.Tensor:
     """Choose one token per row of (B, vocab) float logits. `seen` (per row) feeds the repetition penalty."""
+    if settings.allowed_tokens is not None:
+        keep = torch.tensor(settings.allowed_tokens, device=logits.device)
+        logits = torch.full_like(logits, float("-inf")).index_copy(1, keep, logits.index_select(1, keep))
     if settings.repetition_penalty != 1.0:
         for row, ids in enumerate(seen):
             if ids:

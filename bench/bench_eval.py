@@ -34,7 +34,7 @@ def main() -> None:
     args = ap.parse_args()
     from assistant.engine import Assistant
     from eval.questions import Question
-    from eval.runner import run
+    from eval.runner import ChatAnswerer, run
 
     work = Path(tempfile.mkdtemp(prefix="tapchat-bench-eval-"))
     rng = np.random.default_rng(0)
@@ -47,7 +47,7 @@ def main() -> None:
     bot = Assistant.tiny()
     # Warm-up: one question per image, so both timed runs find every image already encoded (TAP's feature cache
     # holds 8); encoding costs the same batched or not and would otherwise land on whichever run goes first.
-    run(bot, questions[::per_image], work, work / "warm.jsonl", batch_size=4, max_new_tokens=8, progress=False)
+    run(ChatAnswerer(bot, 8), questions[::per_image], work, work / "warm.jsonl", batch_size=4, progress=False)
     results: dict = {"machine": f"{cpu_name()}, {os.cpu_count()} cores", "questions": args.questions,
                      "images": args.images}
     for name, batch in [("batched", args.batch_size), ("one_by_one", 1)]:
@@ -63,7 +63,7 @@ def main() -> None:
 
         bot.answer_batch = timed
         t0 = time.perf_counter()
-        run(bot, questions, work, work / f"{name}.jsonl", batch_size=batch, max_new_tokens=8, progress=False)
+        run(ChatAnswerer(bot, 8), questions, work, work / f"{name}.jsonl", batch_size=batch, progress=False)
         total = time.perf_counter() - t0
         bot.answer_batch = real
         results[name] = {"batch_size": batch, "total_s": total, "questions_per_s": args.questions / total,

@@ -17,6 +17,7 @@ class Question:
     text: str
     category: str = "default"
     raw_id: str | int = ""
+    box: tuple[float, float, float, float] | None = None  # region captioning: the prompt box, x0 y0 x1 y1 pixels
 
 
 def read_json_or_tar(path: str | Path, member_suffix: str) -> bytes:

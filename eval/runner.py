@@ -10,7 +10,9 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
+import numpy as np
 from tqdm import tqdm
 
 from assistant.engine import Assistant, BatchItem
@@ -58,22 +60,64 @@ def load_answers(path: str | Path) -> dict[str, str]:
     return out
 
 
-def run(bot: Assistant, questions: Sequence[Question], image_folder: str | Path | None, answers: str | Path, *,
-        batch_size: int = 16, max_new_tokens: int = 128, progress: bool = True) -> RunStats:
-    """Answer every question not yet in `answers` (greedy), appending as each batch finishes."""
+class Answerer(Protocol):
+    """What `run` drives: the chat model answering questions, or TAP captioning regions."""
+
+    model_id: str
+
+    def answer(self, items: list[tuple[Question, np.ndarray | None]], batch_size: int) -> list[str]: ...
+
+
+@dataclass
+class ChatAnswerer:
+    """Greedy answers from the assistant; questions on one image share their prompt prefix within a batch."""
+
+    bot: Assistant
+    max_new_tokens: int = 128
+    choices: str = ""  # e.g. "ABCD": answer with the most likely of these letters (one token), not free text
+
+    @property
+    def model_id(self) -> str:
+        return self.bot.model_id
+
+    def answer(self, items: list[tuple[Question, np.ndarray | None]], batch_size: int) -> list[str]:
+        settings = GenerationSettings(max_new_tokens=self.max_new_tokens)
+        if self.choices:
+            settings = GenerationSettings(max_new_tokens=1, allowed_tokens=letter_tokens(self.bot, self.choices))
+        return self.bot.answer_batch([BatchItem(image, q.text) for q, image in items], settings,
+                                     batch_size=batch_size)
+
+
+def letter_tokens(bot: Assistant, letters: str) -> tuple[int, ...]:
+    """The single tokens that spell each letter at the start of an answer, with and without a leading space."""
+    tokenizer = bot.chat.tokenizer
+    ids = set()
+    for letter in letters:
+        for text in (letter, " " + letter):
+            encoded = tokenizer.encode(text, add_special_tokens=False)
+            if len(encoded) == 1:
+                ids.add(encoded[0])
+    if not ids:
+        raise ValueError(f"the tokenizer has no single tokens for {letters!r}")
+    return tuple(sorted(ids))
+
+
+def run(answerer: Answerer, questions: Sequence[Question], image_folder: str | Path | None, answers: str | Path, *,
+        batch_size: int = 16, progress: bool = True) -> RunStats:
+    """Answer every question not yet in `answers`, appending (and fsyncing) as each batch finishes."""
     path = Path(answers)
     path.parent.mkdir(parents=True, exist_ok=True)
     done = answered_ids(path)
     stats = RunStats(already_done=sum(q.id in done for q in questions))
-    # Questions about the same image go together: their shared prompt prefix (system text + visual tokens) is
-    # computed once per batch. Answers are keyed by id, so the file's order does not matter to scoring or resume.
+    # Questions about the same image go together: the chat model computes their shared prompt prefix (system text
+    # + visual tokens) once per batch, TAP encodes the image once. Answers are keyed by id, so the file's order
+    # does not matter to scoring or resume.
     todo = sorted((q for q in questions if q.id not in done), key=lambda q: q.image or "")
-    images: dict[str, object] = {}  # one decoded array per image and batch: the engine groups by object
-    settings = GenerationSettings(max_new_tokens=max_new_tokens)
+    images: dict[str, np.ndarray] = {}  # one decoded array per image and batch: the engine groups by object
     bar = tqdm(total=len(todo), disable=not progress, desc="answering", mininterval=5)
     with path.open("a") as out:
         for start in range(0, len(todo), batch_size):
-            batch, items = [], []
+            items = []
             for q in todo[start:start + batch_size]:
                 image = None
                 if q.image is not None:
@@ -84,17 +128,16 @@ def run(bot: Assistant, questions: Sequence[Question], image_folder: str | Path 
                     except ImageError as exc:
                         stats.bad[q.id] = str(exc)
                         continue
-                batch.append(q)
-                items.append(BatchItem(image, q.text))
-            texts = bot.answer_batch(items, settings, batch_size=batch_size) if items else []
+                items.append((q, image))
+            texts = answerer.answer(items, batch_size) if items else []
             images.clear()
-            for q, text in zip(batch, texts):
+            for (q, _), text in zip(items, texts):
                 out.write(json.dumps({"question_id": q.raw_id, "prompt": q.text, "text": text,
-                                      "answer_id": uuid.uuid4().hex, "model_id": bot.model_id,
+                                      "answer_id": uuid.uuid4().hex, "model_id": answerer.model_id,
                                       "metadata": {"category": q.category}}) + "\n")
             out.flush()
             os.fsync(out.fileno())
-            stats.answered += len(batch)
+            stats.answered += len(items)
             bar.update(len(todo[start:start + batch_size]))
     bar.close()
     return stats

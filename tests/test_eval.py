@@ -14,7 +14,7 @@ from eval.cli import main as eval_main
 from eval.gqa import load_annotations, score
 from eval.normalize import normalize_gqa, normalize_vqa, vqa_accuracy
 from eval.questions import load_questions
-from eval.runner import answered_ids, merge, run, shard
+from eval.runner import ChatAnswerer, answered_ids, merge, run, shard
 
 BENCH = Path(__file__).resolve().parents[2] / "shared" / "reference" / "benchmarks"
 
@@ -101,7 +101,10 @@ def test_end_to_end_run_and_score_with_tiny_models(tiny_gqa: Path, capsys) -> No
                "--report", str(tiny_gqa / "report.json")])
     result = json.loads((tiny_gqa / "report.json").read_text())
     assert result["scored"] == 12 and 0 <= result["accuracy"] <= 1
-    assert (tiny_gqa / "report.md").read_text().startswith("| group |")
+    table = (tiny_gqa / "report.md").read_text()
+    assert "| **ours, overall** |" in table and "| Bunny-v1.0-3B, testdev-balanced (published) | 62.5 |" in table
+    assert "| structural | accuracy | n |" in table
+    assert (tiny_gqa / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_killed_run_resumes_without_recomputing_or_duplicating(tiny_gqa: Path, monkeypatch) -> None:
@@ -109,7 +112,7 @@ def test_a_killed_run_resumes_without_recomputing_or_duplicating(tiny_gqa: Path,
     questions, _ = load_questions(tiny_gqa / "questions.jsonl")
     bot = Assistant.tiny()
     whole = tiny_gqa / "whole.jsonl"
-    run(bot, questions, tiny_gqa / "images", whole, batch_size=4, max_new_tokens=4, progress=False)
+    run(ChatAnswerer(bot, 4), questions, tiny_gqa / "images", whole, batch_size=4, progress=False)
     killed = tiny_gqa / "killed.jsonl"
     calls = []
     real = bot.answer_batch
@@ -122,12 +125,12 @@ def test_a_killed_run_resumes_without_recomputing_or_duplicating(tiny_gqa: Path,
 
     monkeypatch.setattr(bot, "answer_batch", dies_after_two_batches)
     with pytest.raises(KeyboardInterrupt):
-        run(bot, questions, tiny_gqa / "images", killed, batch_size=4, max_new_tokens=4, progress=False)
+        run(ChatAnswerer(bot, 4), questions, tiny_gqa / "images", killed, batch_size=4, progress=False)
     with killed.open("a") as f:
         f.write('{"question_id": "1')  # a line torn by the kill
     assert len(answered_ids(killed)) == 8
     monkeypatch.setattr(bot, "answer_batch", real)
-    stats = run(bot, questions, tiny_gqa / "images", killed, batch_size=4, max_new_tokens=4, progress=False)
+    stats = run(ChatAnswerer(bot, 4), questions, tiny_gqa / "images", killed, batch_size=4, progress=False)
     assert stats.answered == 4 and stats.already_done == 8
 
     def texts(path: Path) -> list[tuple[str, str]]:
@@ -240,3 +243,23 @@ def test_mmbench_circular_prompts_and_scoring(tmp_path: Path) -> None:
     eval_main(["run", "mmbench", "--questions", str(tsv), "--images", str(tmp_path / "images"),
                "--answers", str(answers), "--tiny", "--max-new-tokens", "2"])
     assert len(answers.read_text().splitlines()) == 7
+
+
+def test_accelerate_launch_shards_merges_in_order_and_scores(tiny_gqa: Path) -> None:
+    import subprocess
+    import sys
+    answers = tiny_gqa / "answers.jsonl"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "-m", "eval", "run", "gqa", "--questions", str(tiny_gqa / "questions.jsonl"),
+           "--images", str(tiny_gqa / "images"),
+           "--answers", str(answers), "--annotations", str(tiny_gqa / "annotations.json"), "--tiny",
+           "--batch-size", "4", "--max-new-tokens", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "12 answers merged in order" in done.stdout
+    questions = [json.loads(x)["question_id"] for x in (tiny_gqa / "questions.jsonl").read_text().splitlines()]
+    merged = [json.loads(x)["question_id"] for x in answers.read_text().splitlines()]
+    parts = [json.loads(x)["question_id"] for r in range(2)
+             for x in (tiny_gqa / f"answers.shard-{r}-of-2.jsonl").read_text().splitlines()]
+    assert merged == parts and sorted(merged) == sorted(q for q in questions if q != "bad")  # "bad": empty question
+    assert json.loads((tiny_gqa / "answers.report.json").read_text())["scored"] == 12

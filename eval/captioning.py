@@ -1,0 +1,131 @@
+"""Region captioning for TAP itself, as the official `eval_cap.py`: ground-truth boxes as prompts, greedy captions
+from the semantic token, PTB tokenisation, then BLEU-1..4, METEOR, ROUGE-L and CIDEr (pycocoevalcap; SPICE when
+its models are installed).
+
+Annotations are COCO-style JSON: `images` (`id`, `file_name`) and `annotations` (`id`, `image_id`, `bbox` as x y w h,
+and `caption`, or `captions`/`sentences` for several references). Visual Genome is GRiT's `test.json` (one caption
+per region); RefCOCOg is the same layout with its referring sentences as references.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tokenizer_tap.predictor import TapPredictor
+from tokenizer_tap.prompts import Prompt
+
+from .questions import Question
+
+log = logging.getLogger("tapchat.eval")
+
+
+def _references(ann: dict[str, Any]) -> list[str]:
+    refs = ann.get("captions") or ann.get("sentences") or [ann.get("caption", "")]
+    if isinstance(refs, str):
+        refs = [refs]
+    texts = [r.get("raw") or r.get("sent") or "" if isinstance(r, dict) else str(r) for r in refs]
+    return [t for t in texts if t.strip()]
+
+
+def load(path: str | Path) -> tuple[list[Question], dict[str, list[str]], dict[str, str]]:
+    """Questions (one per region, the box as prompt), references by region id, and bad records with reasons."""
+    data = json.loads(Path(path).read_text())
+    files = {img["id"]: img["file_name"] for img in data.get("images", [])}
+    questions, references, bad = [], {}, {}
+    for n, ann in enumerate(data.get("annotations", [])):
+        rid = str(ann.get("id", n))
+        try:
+            x, y, w, h = (float(v) for v in ann["bbox"])
+            image = files[ann["image_id"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            bad[rid] = f"no usable bbox/image ({type(exc).__name__}: {exc})"
+            continue
+        refs = _references(ann)
+        if w <= 0 or h <= 0 or not refs:
+            bad[rid] = "empty box" if refs else "no reference caption"
+            continue
+        questions.append(Question(rid, image, "", "region", ann.get("id", n), box=(x, y, x + w, y + h)))
+        references[rid] = refs
+    return questions, references, bad
+
+
+@dataclass
+class RegionCaptioner:
+    """TAP's caption for each region's box; the image is encoded once for all its regions in a batch."""
+
+    predictor: TapPredictor
+    max_new_tokens: int | None = None
+    model_id: str = "tap"
+
+    def answer(self, items: list[tuple[Question, np.ndarray | None]], batch_size: int) -> list[str]:
+        out: list[str] = []
+        start = 0
+        while start < len(items):
+            image = items[start][1]
+            end = start
+            while end < len(items) and items[end][1] is image:
+                end += 1
+            key = self.predictor.set_image(image)
+            h, w = image.shape[:2]  # annotation boxes may overhang the image by a pixel or two
+            prompts = [Prompt.from_box(*np.clip(q.box, 0, [w - 1, h - 1, w - 1, h - 1])) for q, _ in items[start:end]]
+            regions = self.predictor.predict(prompts, image=key, top_k=1, max_new_tokens=self.max_new_tokens)
+            out += [r.caption for r in regions]
+            start = end
+        return out
+
+
+METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
+
+
+def score(predictions: dict[str, str], references: dict[str, list[str]], *, meteor: bool = True,
+          spice: bool = False) -> dict[str, Any]:
+    """pycocoevalcap scores (x100 as papers print them) over the regions that have a prediction.
+
+    METEOR, and the PTB tokeniser, run on Java; without `java` the tokeniser falls back to lower-casing and stripping
+    punctuation, METEOR is skipped, and `notes` says so. SPICE is skipped with a note when it cannot run (it
+    downloads Stanford CoreNLP models on first use)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    ids = [i for i in references if i in predictions]
+    if not ids:
+        raise ValueError("no region has both a prediction and a reference")
+    notes = []
+    java = shutil.which("java") is not None
+    gts = {i: [{"caption": c} for c in references[i]] for i in ids}
+    res = {i: [{"caption": predictions[i]}] for i in ids}
+    if java:
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+        gts, res = PTBTokenizer().tokenize(gts), PTBTokenizer().tokenize(res)
+    else:
+        notes.append("java not found: simple tokenisation instead of PTB, METEOR skipped")
+        gts = {i: [_simple_tokens(c["caption"]) for c in v] for i, v in gts.items()}
+        res = {i: [_simple_tokens(c["caption"]) for c in v] for i, v in res.items()}
+    result: dict[str, Any] = {}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    result.update({f"BLEU-{n + 1}": 100 * b for n, b in enumerate(bleu)})
+    if meteor and java:
+        from pycocoevalcap.meteor.meteor import Meteor
+        result["METEOR"] = 100 * Meteor().compute_score(gts, res)[0]
+    result["ROUGE-L"] = 100 * Rouge().compute_score(gts, res)[0]
+    result["CIDEr"] = 100 * Cider().compute_score(gts, res)[0]
+    if spice:
+        try:
+            from pycocoevalcap.spice.spice import Spice
+            result["SPICE"] = 100 * Spice().compute_score(gts, res)[0]
+        except Exception as exc:  # noqa: BLE001 - any failure (no models, no network) means "skip with a note"
+            notes.append(f"SPICE skipped: {type(exc).__name__}: {str(exc)[:200]}")
+    return {"metrics": result, "scored": len(ids), "regions": len(references),
+            "coverage": len(ids) / len(references), "notes": notes}
+
+
+def _simple_tokens(text: str) -> str:
+    return " ".join("".join(c if c.isalnum() or c.isspace() else " " for c in text.lower()).split())

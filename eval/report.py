@@ -1,0 +1,122 @@
+"""Reports: one scored run as JSON + a Markdown table (overall, breakdowns, published numbers beside ours) + a bar
+chart PNG of per-category accuracy; and the comparison of two reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+# Published numbers to read ours against (percent). Bunny-v1.0-3B = bunny-phi-2-siglip (README model zoo); TAP's
+# region captioning on VG from its evaluation notebooks (v1.1 checkpoints). TAP-v2's own chat numbers are not in
+# our references, so they are not quoted.
+PUBLISHED: dict[str, dict[str, Any]] = {
+    "gqa": {"Bunny-v1.0-3B, testdev-balanced": 62.5},
+    "vqav2": {"Bunny-v1.0-3B, test-dev": 79.8},
+    "seed": {"Bunny-v1.0-3B, all": 62.5, "Bunny-v1.0-3B, image": 70.7},
+    "mmbench": {"Bunny-v1.0-3B, dev": 68.6, "Bunny-v1.0-3B, test": 69.2},
+    "textvqa": {},
+    "vg": {"TAP-B v1.1": {"BLEU-4": 12.2, "METEOR": 17.7, "ROUGE-L": 36.0, "CIDEr": 152.3},
+           "TAP-L v1.1": {"BLEU-4": 12.4, "METEOR": 17.9, "ROUGE-L": 36.2, "CIDEr": 154.7},
+           "TAP-H v1.1": {"BLEU-4": 12.4, "METEOR": 17.8, "ROUGE-L": 36.2, "CIDEr": 154.2}},
+    "refcocog": {},
+}
+# The breakdown drawn in the chart, per benchmark (the first one with several categories otherwise).
+CHART = {"gqa": "structural", "seed": "dimension", "mmbench": "category", "vqav2": "answer type"}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    name, lines = report["benchmark"], [f"# {report['benchmark']}: {report.get('model', '')}", ""]
+    if "metrics" in report:
+        keys = list(report["metrics"])
+        lines += ["| | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys),
+                  "| ours | " + " | ".join(f"{report['metrics'][k]:.1f}" for k in keys) + " |"]
+        for who, numbers in PUBLISHED.get(name, {}).items():
+            lines.append(f"| {who} (published) | " + " | ".join(
+                f"{numbers[k]:.1f}" if k in numbers else "" for k in keys) + " |")
+    else:
+        lines += ["| | accuracy | n |", "|---|---:|---:|",
+                  f"| **ours, overall** | **{100 * report['accuracy']:.2f}** | {report['scored']} |"]
+        lines += [f"| {who} (published) | {value:.1f} | |" for who, value in PUBLISHED.get(name, {}).items()]
+        for group, rows in report.get("breakdowns", {}).items():
+            lines += ["", f"| {group} | accuracy | n |", "|---|---:|---:|"]
+            lines += [f"| {k} | {100 * r['accuracy']:.2f} | {r['n']} |" for k, r in rows.items()]
+    extra = {k: report[k] for k in ("coverage", "bad_records", "notes") if report.get(k)}
+    if extra.get("coverage", 1) < 1:
+        lines += ["", f"Partial run: {100 * extra['coverage']:.1f}% of the questions scored."]
+    if extra.get("bad_records"):
+        lines += ["", f"Bad records (not answered): {extra['bad_records']}."]
+    lines += [f"Note: {n}" for n in extra.get("notes", [])]
+    return "\n".join(lines) + "\n"
+
+
+def chart(report: dict[str, Any], path: Path) -> bool:
+    """Bar chart of the per-category accuracy (or of the caption metrics); False when there is nothing to draw."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    if "metrics" in report:
+        labels, values, title = list(report["metrics"]), list(report["metrics"].values()), "caption metrics"
+    else:
+        groups = report.get("breakdowns", {})
+        group = CHART.get(report["benchmark"])
+        if group not in groups:
+            group = next((g for g, rows in groups.items() if len(rows) > 1), None)
+        if group is None:
+            return False
+        labels = list(groups[group])
+        values = [100 * groups[group][k]["accuracy"] for k in labels]
+        title = f"accuracy by {group}"
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(labels) + 2), 3.6), dpi=100)
+    ax.bar(range(len(labels)), values, color="#4C72B0")
+    ax.set_xticks(range(len(labels)), labels, rotation=45 if len(labels) > 4 else 0, ha="right", fontsize=8)
+    ax.set_ylabel("%")
+    ax.set_title(f"{report['benchmark']} - {title}", fontsize=10)
+    if "metrics" not in report:
+        ax.axhline(100 * report["accuracy"], color="#DD8452", linestyle="--", linewidth=1, label="ours, overall")
+        for (who, value), colour in zip(PUBLISHED.get(report["benchmark"], {}).items(), ("#55A868", "#8172B3")):
+            ax.axhline(value, color=colour, linestyle=":", linewidth=1, label=f"{who} (published)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def write(report: dict[str, Any], prefix: str | Path) -> list[Path]:
+    """PREFIX.json, PREFIX.md and (when there are categories) PREFIX.png."""
+    prefix = Path(prefix)
+    if prefix.suffix in (".json", ".md", ".png"):  # `--report out/gqa.json` means the prefix out/gqa
+        prefix = prefix.with_suffix("")
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    out = [prefix.with_name(prefix.name + ".json"), prefix.with_name(prefix.name + ".md")]
+    out[0].write_text(json.dumps(report, indent=2))
+    out[1].write_text(markdown(report))
+    png = prefix.with_name(prefix.name + ".png")
+    if chart(report, png):
+        out.append(png)
+    return out
+
+
+def compare(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """Markdown table of two reports of one benchmark: overall and every category, with the difference."""
+    if a["benchmark"] != b["benchmark"]:
+        raise ValueError(f"cannot compare {a['benchmark']} with {b['benchmark']}")
+    head = [f"# {a['benchmark']}: {a.get('model', 'A')} vs {b.get('model', 'B')}", "",
+            "| | A | B | B - A |", "|---|---:|---:|---:|"]
+    rows = []
+    if "metrics" in a:
+        rows += [(k, a["metrics"].get(k), b["metrics"].get(k)) for k in dict.fromkeys([*a["metrics"], *b["metrics"]])]
+    else:
+        rows.append(("overall", 100 * a["accuracy"], 100 * b["accuracy"]))
+        for group in dict.fromkeys([*a.get("breakdowns", {}), *b.get("breakdowns", {})]):
+            ga, gb = a.get("breakdowns", {}).get(group, {}), b.get("breakdowns", {}).get(group, {})
+            for k in dict.fromkeys([*ga, *gb]):
+                rows.append((f"{group}: {k}", 100 * ga[k]["accuracy"] if k in ga else None,
+                             100 * gb[k]["accuracy"] if k in gb else None))
+
+    def cell(v: float | None) -> str:
+        return "" if v is None else f"{v:.2f}"
+    body = [f"| {name} | {cell(x)} | {cell(y)} | {cell(y - x) if x is not None and y is not None else ''} |"
+            for name, x, y in rows]
+    return "\n".join(head + body) + "\n"
