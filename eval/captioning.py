@@ -4,13 +4,14 @@ its models are installed).
 
 Annotations are COCO-style JSON: `images` (`id`, `file_name`) and `annotations` (`id`, `image_id`, `bbox` as x y w h,
 and `caption`, or `captions`/`sentences` for several references). Visual Genome is GRiT's `test.json` (one caption
-per region); RefCOCOg is the same layout with its referring sentences as references.
+per region). RefCOCOg is that layout with its referring expressions as references, or the refer toolkit's folder
+(`refs(umd).p` + `instances.json`).
 """
 
 from __future__ import annotations
 
 import json
-import logging
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,6 @@ from tokenizer_tap.prompts import Prompt
 
 from .questions import Question
 
-log = logging.getLogger("tapchat.eval")
-
 
 def _references(ann: dict[str, Any]) -> list[str]:
     refs = ann.get("captions") or ann.get("sentences") or [ann.get("caption", "")]
@@ -35,8 +34,14 @@ def _references(ann: dict[str, Any]) -> list[str]:
 
 
 def load(path: str | Path) -> tuple[list[Question], dict[str, list[str]], dict[str, str]]:
-    """Questions (one per region, the box as prompt), references by region id, and bad records with reasons."""
-    data = json.loads(Path(path).read_text())
+    """Questions (one per region, the box as prompt), references by region id, and bad records with reasons.
+    A folder is read as RefCOCOg in the refer toolkit's layout (`load_refer`, val split)."""
+    if Path(path).is_dir():
+        return load_refer(path)
+    return _regions(json.loads(Path(path).read_text()))
+
+
+def _regions(data: dict[str, Any]) -> tuple[list[Question], dict[str, list[str]], dict[str, str]]:
     files = {img["id"]: img["file_name"] for img in data.get("images", [])}
     questions, references, bad = [], {}, {}
     for n, ann in enumerate(data.get("annotations", [])):
@@ -54,6 +59,32 @@ def load(path: str | Path) -> tuple[list[Question], dict[str, list[str]], dict[s
         questions.append(Question(rid, image, "", "region", ann.get("id", n), box=(x, y, x + w, y + h)))
         references[rid] = refs
     return questions, references, bad
+
+
+class _PlainData(pickle.Unpickler):
+    """`refs(umd).p` is a pickle of lists, dicts and strings: refuse anything else (a pickle can run code)."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"{module}.{name} is not plain data")
+
+
+def load_refer(folder: str | Path, split: str = "val") -> tuple[list[Question], dict[str, list[str]], dict[str, str]]:
+    """RefCOCOg in the refer toolkit's layout (`refs(umd).p` + `instances.json`): one region per referred object of
+    `split`, its referring expressions as the references."""
+    folder = Path(folder)
+    refs_file = next((folder / n for n in ("refs(umd).p", "refs(google).p") if (folder / n).exists()), None)
+    if refs_file is None or not (folder / "instances.json").exists():
+        raise FileNotFoundError(f"{folder} needs refs(umd).p and instances.json (RefCOCOg from the refer toolkit)")
+    with refs_file.open("rb") as f:
+        refs = _PlainData(f).load()
+    instances = json.loads((folder / "instances.json").read_text())
+    boxes = {a["id"]: a["bbox"] for a in instances["annotations"]}
+    data = {"images": instances["images"], "annotations": []}
+    for ref in refs:
+        if ref.get("split") == split:
+            data["annotations"].append({"id": ref["ref_id"], "image_id": ref["image_id"],
+                                        "bbox": boxes.get(ref["ann_id"]), "sentences": ref.get("sentences", [])})
+    return _regions(data)
 
 
 @dataclass
@@ -111,16 +142,16 @@ def score(predictions: dict[str, str], references: dict[str, list[str]], *, mete
         res = {i: [_simple_tokens(c["caption"]) for c in v] for i, v in res.items()}
     result: dict[str, Any] = {}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    result.update({f"BLEU-{n + 1}": 100 * b for n, b in enumerate(bleu)})
+    result.update({f"BLEU-{n + 1}": 100 * float(b) for n, b in enumerate(bleu)})
     if meteor and java:
         from pycocoevalcap.meteor.meteor import Meteor
-        result["METEOR"] = 100 * Meteor().compute_score(gts, res)[0]
-    result["ROUGE-L"] = 100 * Rouge().compute_score(gts, res)[0]
-    result["CIDEr"] = 100 * Cider().compute_score(gts, res)[0]
+        result["METEOR"] = 100 * float(Meteor().compute_score(gts, res)[0])
+    result["ROUGE-L"] = 100 * float(Rouge().compute_score(gts, res)[0])
+    result["CIDEr"] = 100 * float(Cider().compute_score(gts, res)[0])
     if spice:
         try:
             from pycocoevalcap.spice.spice import Spice
-            result["SPICE"] = 100 * Spice().compute_score(gts, res)[0]
+            result["SPICE"] = 100 * float(Spice().compute_score(gts, res)[0])
         except Exception as exc:  # noqa: BLE001 - any failure (no models, no network) means "skip with a note"
             notes.append(f"SPICE skipped: {type(exc).__name__}: {str(exc)[:200]}")
     return {"metrics": result, "scored": len(ids), "regions": len(references),

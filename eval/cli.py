@@ -60,13 +60,14 @@ def load_data(args: argparse.Namespace) -> tuple[list, Any, dict[str, str]]:
         if args.benchmark in CAPTIONS:
             sys.exit("region captioning reads COCO-style JSON (--questions), not parquet")
         from .lmms import load
-        loaded = load(args.benchmark, args.hf, args.images, split=args.split)
+        loaded = load(args.benchmark, args.hf, args.images, split=args.split, ocr=args.ocr)
         return loaded.questions, loaded.annotations, loaded.bad
     if args.questions is None:
         sys.exit(f"{args.benchmark}: pass --questions FILE (Bunny/official layout) or --hf SOURCE (lmms-lab parquet)")
     if args.benchmark in CAPTIONS:
-        questions, references, bad = captioning.load(args.questions)
-        return questions, references, bad
+        if args.questions.is_dir():
+            return captioning.load_refer(args.questions, args.split or "val")
+        return captioning.load(args.questions)
     if args.benchmark == "seed":
         bench = seed.load(args.questions)
         return seed.questions(bench, video_frames=args.video_frames), bench, {}
@@ -143,11 +144,13 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("benchmark", choices=BENCHMARKS)
     src = r.add_mutually_exclusive_group()
     src.add_argument("--questions", type=Path, help="Bunny-layout question JSONL (or .tar.gz); seed: SEED-Bench.json; "
-                                                    "mmbench: the legacy TSV; vg/refcocog: COCO-style region JSON")
+                                                    "mmbench: the legacy TSV; vg/refcocog: COCO-style region JSON "
+                                                    "(refcocog: or the refer toolkit's folder)")
     src.add_argument("--hf", help="lmms-lab parquet: a folder of .parquet files or a dataset id in the HF cache")
-    r.add_argument("--split", help="--hf split (default: the benchmark's evaluation split)")
+    r.add_argument("--split", help="--hf split (default: the benchmark's evaluation split); refcocog folder: val")
     r.add_argument("--images", type=Path, default=None, help="the image folder (--hf and mmbench write images there)")
     r.add_argument("--video-frames", action="store_true", help="seed: also the video questions (middle frames)")
+    r.add_argument("--ocr", action="store_true", help="textvqa --hf: add the Reference OCR token line to prompts")
     r.add_argument("--answers", type=Path, required=True, help="answers JSONL, appended to (resume)")
     who = r.add_mutually_exclusive_group(required=True)
     who.add_argument("--checkpoint", help="a TAP-Chat checkpoint folder (vg/refcocog: a TAP .pkl/.safetensors)")
@@ -172,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--hf", help="take the annotations from lmms-lab parquet instead (folder or dataset id)")
     s.add_argument("--split")
     s.add_argument("--images", type=Path, help="--hf: where its images are (or get) written")
-    s.add_argument("--lenient", action="store_true", help="seed: first letter of the output (lmms-eval's rule)")
+    s.add_argument("--lenient", action="store_true", help="lmms-eval's rules: seed: the output's first letter; "
+                                                           "gqa: exact_match ignoring case and punctuation")
     s.add_argument("--strict", action="store_true", help="mmbench: exact letter (default: first letter)")
     s.add_argument("--partial", action="store_true", help="gqa: score only the answered questions (--limit runs)")
     s.add_argument("--spice", action="store_true", help="vg/refcocog: also SPICE (needs its Stanford models)")

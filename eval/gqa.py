@@ -9,7 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .normalize import normalize_gqa
+from .normalize import normalize_exact_match, normalize_gqa
 from .questions import read_json_or_tar
 
 BINARY = {"verify", "logical", "choose", "compare"}
@@ -21,9 +21,10 @@ def load_annotations(path: str | Path) -> dict[str, dict[str, Any]]:
 
 
 def score(predictions: dict[str, str], annotations: dict[str, dict[str, Any]], *,
-          partial: bool = False) -> dict[str, Any]:
+          partial: bool = False, lenient: bool = False) -> dict[str, Any]:
     """Accuracy and breakdowns. Like the official script every balanced question needs a prediction, unless
-    `partial` (a --limit run), which scores the answered ones and reports the coverage."""
+    `partial` (a --limit run), which scores the answered ones and reports the coverage. `lenient` is lmms-eval's
+    exact_match (punctuation anywhere ignored) instead of the official rule."""
     balanced = {q: a for q, a in annotations.items() if a.get("isBalanced", True)}
     missing = [q for q in balanced if q not in predictions]
     if missing and not partial:
@@ -34,7 +35,8 @@ def score(predictions: dict[str, str], annotations: dict[str, dict[str, Any]], *
     for qid, ann in balanced.items():
         if qid not in predictions:
             continue
-        ok = normalize_gqa(predictions[qid]) == ann["answer"]
+        ok = (normalize_exact_match(predictions[qid]) == normalize_exact_match(ann["answer"]) if lenient
+              else normalize_gqa(predictions[qid]) == ann["answer"])
         hits.append(ok)
         types = ann.get("types", {})
         structural = types.get("structural", "unknown")

@@ -92,17 +92,21 @@ def _write(image_dir: Path, name: str, value: Any) -> str | None:
 
 
 def load(benchmark: str, source: str | Path, image_dir: str | Path, *, split: str | None = None,
-         images_source: str | Path | None = None) -> Loaded:
-    """Questions and annotations of `benchmark` from its lmms-lab parquet (`source`: folder or dataset id)."""
-    repo, config, default_split = HUB[benchmark]
+         ocr: bool = False) -> Loaded:
+    """Questions and annotations of `benchmark` from its lmms-lab parquet (`source`: folder or dataset id).
+    `ocr` adds TextVQA's "Reference OCR token" line to the prompt (lmms-eval's option, off by default there too)."""
+    _, config, default_split = HUB[benchmark]
     rows = read_rows(source, config, split or default_split)
     image_dir = Path(image_dir)
     image_dir.mkdir(parents=True, exist_ok=True)
-    return {"gqa": _gqa, "vqav2": _vqa, "textvqa": _vqa, "seed": _seed, "mmbench": _mmbench}[benchmark](
-        rows, image_dir, images_source or source, benchmark)
+    if benchmark == "gqa":
+        return _gqa(rows, image_dir, source)
+    if benchmark in ("vqav2", "textvqa"):
+        return _vqa(rows, image_dir, benchmark, ocr)
+    return _seed(rows, image_dir) if benchmark == "seed" else _mmbench(rows, image_dir)
 
 
-def _gqa(rows: list[dict], image_dir: Path, source: str | Path, _: str) -> Loaded:
+def _gqa(rows: list[dict], image_dir: Path, source: str | Path) -> Loaded:
     wanted = {r["imageId"] for r in rows}
     written = {}
     for r in read_rows(source, GQA_IMAGES, "testdev"):
@@ -121,7 +125,7 @@ def _gqa(rows: list[dict], image_dir: Path, source: str | Path, _: str) -> Loade
     return Loaded(questions, annotations, bad)
 
 
-def _vqa(rows: list[dict], image_dir: Path, _: str | Path, benchmark: str) -> Loaded:
+def _vqa(rows: list[dict], image_dir: Path, benchmark: str, ocr: bool) -> Loaded:
     """VQAv2 val / TextVQA val: annotations are question id -> (answers, answer type) for local VQA accuracy."""
     questions, annotations, bad = [], {}, {}
     for r in rows:
@@ -136,11 +140,13 @@ def _vqa(rows: list[dict], image_dir: Path, _: str | Path, benchmark: str) -> Lo
         question = r["question"]
         if benchmark == "textvqa":
             question = question[:1].upper() + question[1:]
+            if ocr and r.get("ocr_tokens"):
+                question += "\nReference OCR token: " + ", ".join(r["ocr_tokens"])
         questions.append(Question(qid, name, question + SHORT, r.get("answer_type") or "default", r["question_id"]))
     return Loaded(questions, annotations, bad)
 
 
-def _seed(rows: list[dict], image_dir: Path, _: str | Path, __: str) -> Loaded:
+def _seed(rows: list[dict], image_dir: Path) -> Loaded:
     """To the official SEED-Bench.json shape, with images where `seed.questions` looks for them."""
     from . import seed
     bench = {"question_type": {v: k for k, v in SEED_DIMENSIONS.items()}, "questions": []}
@@ -158,7 +164,7 @@ def _seed(rows: list[dict], image_dir: Path, _: str | Path, __: str) -> Loaded:
     return Loaded(seed.questions(bench, video_frames=True), bench, bad)
 
 
-def _mmbench(rows: list[dict], image_dir: Path, _: str | Path, __: str) -> Loaded:
+def _mmbench(rows: list[dict], image_dir: Path) -> Loaded:
     """To the legacy TSV's rows (base64 image), then the TSV path: circular questions, same scorer."""
     from . import mmbench
     tsv = []

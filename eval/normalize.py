@@ -8,6 +8,7 @@ number words to digits; articles dropped; contractions restored (dont -> don't).
 from __future__ import annotations
 
 import re
+import string
 from collections.abc import Sequence
 
 PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?",
@@ -66,3 +67,9 @@ def normalize_gqa(answer: str) -> str:
     if s.endswith("."):
         s = s[:-1]
     return s.lower().strip()
+
+
+def normalize_exact_match(answer: str) -> str:
+    """lmms-eval's `exact_match` (ignore_case, ignore_punctuation): lowercase and delete every punctuation character;
+    no article or number rules."""
+    return answer.strip().lower().translate(str.maketrans("", "", string.punctuation)).strip()

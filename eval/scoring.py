@@ -37,14 +37,15 @@ def load_annotations(benchmark: str, path: str | Path) -> Any:
 
 def score(benchmark: str, rows: list[dict[str, Any]], annotations: Any, *, lenient: bool = False,
           strict: bool = False, partial: bool = False, spice: bool = False) -> dict[str, Any]:
-    """Score answer rows; `lenient` is SEED's first-letter rule, `strict` MMBench's exact letter, `partial` lets a
-    GQA --limit run be scored on the answered questions."""
+    """Score answer rows; `lenient` is SEED's first-letter rule or GQA's lmms-eval exact_match, `strict` MMBench's
+    exact letter, `partial` lets a GQA --limit run be scored on the answered questions."""
     predictions: dict[str, str] = {}
     for row in rows:
         predictions.setdefault(str(row["question_id"]), str(row["text"]))
     report: dict[str, Any] = {"benchmark": benchmark}
     if benchmark == "gqa":
-        report.update(gqa.score(predictions, annotations, partial=partial))
+        report.update(gqa.score(predictions, annotations, partial=partial, lenient=lenient),
+                      rule="lmms-eval exact_match" if lenient else "official")
     elif benchmark == "vqav2" or (benchmark == "textvqa" and isinstance(annotations, dict)):
         report.update(vqa.score(predictions, annotations))
     elif benchmark == "textvqa":

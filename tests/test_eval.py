@@ -263,3 +263,13 @@ def test_accelerate_launch_shards_merges_in_order_and_scores(tiny_gqa: Path) -> 
              for x in (tiny_gqa / f"answers.shard-{r}-of-2.jsonl").read_text().splitlines()]
     assert merged == parts and sorted(merged) == sorted(q for q in questions if q != "bad")  # "bad": empty question
     assert json.loads((tiny_gqa / "answers.report.json").read_text())["scored"] == 12
+
+
+def test_gqa_lenient_is_lmms_evals_exact_match() -> None:
+    from eval.normalize import normalize_exact_match
+    ann = {"1": {"question": "q", "answer": "t-shirt", "isBalanced": True},
+           "2": {"question": "q", "answer": "yes", "isBalanced": True}}
+    preds = {"1": "T-shirt", "2": "Yes!"}
+    assert score(preds, ann)["accuracy"] == 0.5  # official: "yes!" != "yes"
+    assert score(preds, ann, lenient=True)["accuracy"] == 1.0
+    assert normalize_exact_match(" The dog, running. ") == "the dog running"

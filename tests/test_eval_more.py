@@ -228,3 +228,65 @@ def test_likelihood_choice_answers_with_one_letter(hf: Path, tmp_path: Path) -> 
                "--answers", str(answers), "--tiny", "--likelihood"])
     texts = [json.loads(line)["text"] for line in answers.read_text().splitlines()]
     assert len(texts) == 2 and all(t in {"A", "B", "C", "D"} for t in texts)
+
+
+def test_refcocog_in_the_refer_toolkit_layout(regions: Path, capsys) -> None:
+    import pickle
+    folder = regions / "refcocog"
+    folder.mkdir()
+    (folder / "instances.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}],
+        "annotations": [{"id": 100, "image_id": 1, "bbox": [5, 5, 30, 20]},
+                        {"id": 101, "image_id": 2, "bbox": [10, 10, 40, 30]}]}))
+    refs = [{"ref_id": 7, "ann_id": 100, "image_id": 1, "split": "val",
+             "sentences": [{"raw": "The red box on the left.", "sent": "the red box on the left"},
+                           {"raw": "left square", "sent": "left square"}]},
+            {"ref_id": 8, "ann_id": 101, "image_id": 2, "split": "train", "sentences": [{"raw": "x", "sent": "x"}]}]
+    (folder / "refs(umd).p").write_bytes(pickle.dumps(refs))
+    answers = regions / "refcocog.jsonl"
+    eval_main(["run", "refcocog", "--questions", str(folder), "--images", str(regions / "images"), "--answers",
+               str(answers), "--tiny", "--max-new-tokens", "4"])
+    assert "1 answered" in capsys.readouterr().out  # the val ref only
+    report = json.loads((regions / "refcocog.report.json").read_text())
+    assert report["scored"] == 1 and "CIDEr" in report["metrics"]
+    evil = folder / "evil"
+    evil.mkdir()
+    (evil / "instances.json").write_text("{}")
+    (evil / "refs(umd).p").write_bytes(pickle.dumps(print))  # a callable: refused, never run
+    from eval.captioning import load_refer
+    with pytest.raises(pickle.UnpicklingError, match="not plain data"):
+        load_refer(evil)
+
+
+def test_spice_is_skipped_with_a_note_when_it_cannot_run() -> None:
+    result = caption_score({"1": "a red car"}, REFS, meteor=False, spice=True)
+    assert "SPICE" in result["metrics"] or any(n.startswith("SPICE skipped") for n in result["notes"])
+
+
+def test_textvqa_ocr_prompt_option(hf: Path, tmp_path: Path) -> None:
+    from eval.lmms import load
+    plain = load("textvqa", hf / "textvqa", tmp_path).questions[0].text
+    ocr = load("textvqa", hf / "textvqa", tmp_path, ocr=True).questions[0].text
+    assert plain == "What brand is it?\nAnswer the question using a single word or phrase."
+    assert ocr == "What brand is it?\nReference OCR token: KODAK\nAnswer the question using a single word or phrase."
+
+
+def test_vqav2_and_textvqa_run_in_the_bunny_layout(tmp_path: Path, capsys) -> None:
+    (tmp_path / "images").mkdir()
+    for name, colour in (("1.jpg", "red"), ("t1.jpg", "yellow")):
+        Image.new("RGB", (40, 30), colour).save(tmp_path / "images" / name)
+    suffix = "\nAnswer the question using a single word or phrase."
+    (tmp_path / "vqav2.jsonl").write_text(json.dumps({"question_id": 11, "image": "1.jpg",
+                                                      "text": "Is it red?" + suffix}) + "\n")
+    (tmp_path / "vqav2_ann.json").write_text(json.dumps({"annotations": [
+        {"question_id": 11, "answer_type": "yes/no", "answers": [{"answer": "yes"}] * 10}]}))
+    (tmp_path / "textvqa.jsonl").write_text(json.dumps({"question_id": "t1", "image": "t1.jpg",
+                                                        "text": "What brand?\nReference OCR token: KODAK" + suffix}))
+    (tmp_path / "textvqa_ann.json").write_text(json.dumps({"data": [
+        {"image_id": "t1", "question": "What brand?", "answers": ["kodak"] * 10}]}))
+    for name in ("vqav2", "textvqa"):
+        eval_main(["run", name, "--questions", str(tmp_path / f"{name}.jsonl"), "--images", str(tmp_path / "images"),
+                   "--answers", str(tmp_path / f"{name}_answers.jsonl"), "--annotations",
+                   str(tmp_path / f"{name}_ann.json"), "--tiny", "--max-new-tokens", "2"])
+        assert "1 answered" in capsys.readouterr().out
+        assert json.loads((tmp_path / f"{name}_answers.report.json").read_text())["scored"] == 1
