@@ -60,9 +60,11 @@ class Trainer:
         self.config = config
         cuda = torch.cuda.is_available()
         precision = {"bf16": "bf16", "fp16": "fp16"}.get(config.precision, "no") if cuda else "no"
-        if not cuda and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        deepspeed_cpu = not cuda and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+        if deepspeed_cpu:
             PartialState(backend="gloo")  # accelerate names no backend for DeepSpeed on CPU (tests, tiny runs)
-        self.acc = Accelerator(mixed_precision=precision)
+        # cpu=True is what makes accelerate form a gloo process group for DDP on CPUs (else each rank runs alone)
+        self.acc = Accelerator(mixed_precision=precision, cpu=not cuda and not deepspeed_cpu)
         self.deepspeed = self.acc.distributed_type == DistributedType.DEEPSPEED
         self.out = Path(config.output_dir)
         torch.manual_seed(config.seed)
@@ -149,6 +151,8 @@ class Trainer:
             start_epoch, start_micro = self.load_checkpoint(ckpt)
             acc.print(f"resumed from {ckpt} at step {self.step}")
         acc.print(self.report.summary(config.data.max_length))
+        acc.print(f"processes: {acc.num_processes} ({acc.distributed_type.value}); each step: {self.accum} "
+                  f"micro-batches of {config.micro_batch} per process")
         writer = self._writers()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not acc.is_main_process, dynamic_ncols=True,
                    mininterval=0 if sys.stderr.isatty() else 10, desc="train")

@@ -81,9 +81,11 @@ def launch(shapes: Path, out: Path, mode: str, *extra: str) -> list[str]:
             str(ROOT / "finetune" / "configs" / "tiny_shapes.yaml"), *overrides(shapes, out), *extra]
 
 
-def run(cmd: list[str]) -> None:
+def run(cmd: list[str], kind: str) -> None:
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # really two ranks sharing the batch (not two lone processes that would also match one process)
+    assert f"processes: 2 ({kind})" in done.stdout and done.stdout.count("done: 6 steps") == 1, done.stdout[-2000:]
 
 
 def curve(folder: Path) -> dict[int, float]:
@@ -107,7 +109,7 @@ def same_run(a: Path, b: Path) -> None:
 
 @pytest.mark.parametrize("mode", ["ddp", "zero2", "zero3"])
 def test_two_ranks_take_the_same_steps_as_one(mode: str, shapes, one_process, tmp_path: Path) -> None:
-    run(launch(shapes, tmp_path, mode))
+    run(launch(shapes, tmp_path, mode), "MULTI_CPU" if mode == "ddp" else "DEEPSPEED")
     same_run(one_process, tmp_path)
     if mode != "ddp":  # the engine wrote the sharded optimizer (one file per rank) and no plain trainable.pt
         ckpt = tmp_path / "checkpoints" / "step-0000003"
@@ -127,5 +129,5 @@ def test_a_killed_zero_run_resumes_on_the_same_loss_curve(mode: str, shapes, one
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert marker.exists() and not (tmp_path / "config.json").exists(), "the run should die between checkpoint and end"
-    run(launch(shapes, tmp_path, mode, "--resume"))
+    run(launch(shapes, tmp_path, mode, "--resume"), "DEEPSPEED")
     same_run(one_process, tmp_path)
