@@ -185,8 +185,11 @@ def build(service: ChatService, *, auth: bool, banner: str = "") -> gr.Blocks:
         def on_search(who: str, query: str):
             return history_view(who, query)
 
-        search.change(on_search, [owner, search], [history_ds, history_ids], api_visibility="private",
-                      trigger_mode="always_last", queue=False)
+        # Every event that reads or rewrites the chat list shares one queue lane, so a search typed right after a
+        # rename or delete runs after it and never paints the old titles back.
+        history_lane = {"concurrency_id": "history", "api_visibility": "private"}
+        search.change(on_search, [owner, search], [history_ds, history_ids], trigger_mode="always_last",
+                      **history_lane)
 
         def empty_chat():
             return "", None, gr.Dataset(samples=[]), [], None, "", gr.update(value=None), None
@@ -212,22 +215,22 @@ def build(service: ChatService, *, auth: bool, banner: str = "") -> gr.Blocks:
         history_ds.click(on_open, [owner, history_ids, history_ds], open_outputs, api_visibility="private")
 
         @_warned(3)
-        def on_rename(who: str, conv_id: str, new_title: str):
+        def on_rename(who: str, conv_id: str, new_title: str, query: str):
             service.rename(who, conv_id, new_title)
-            return (*history_view(who, ""), gr.update())
+            return (*history_view(who, query), gr.update())
 
-        rename_btn.click(on_rename, [owner, cid, title], [history_ds, history_ids, title], api_visibility="private")
+        rename_btn.click(on_rename, [owner, cid, title, search], [history_ds, history_ids, title], **history_lane)
         delete_btn.click(lambda: gr.Row(visible=True), None, confirm_row, queue=False, api_visibility="private")
         cancel_btn.click(lambda: gr.Row(visible=False), None, confirm_row, queue=False, api_visibility="private")
 
         delete_outputs = [confirm_row, history_ds, history_ids, *new_outputs]
 
         @_warned(len(delete_outputs))
-        def on_delete(who: str, conv_id: str):
+        def on_delete(who: str, conv_id: str, query: str):
             service.delete(who, conv_id)
-            return (gr.Row(visible=False), *history_view(who), *empty_chat())
+            return (gr.Row(visible=False), *history_view(who, query), *empty_chat())
 
-        confirm_btn.click(on_delete, [owner, cid], delete_outputs, api_visibility="private")
+        confirm_btn.click(on_delete, [owner, cid, search], delete_outputs, **history_lane)
 
         @_warned(1)
         def on_export(who: str, conv_id: str, fmt: str):

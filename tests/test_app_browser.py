@@ -277,7 +277,10 @@ def test_sidebar_search_rename_export_delete_and_owners(browser, page, server) -
     page.get_by_text("This chat", exact=True).click()
     page.locator("#title textarea, #title input").first.fill("Zebra hunt")
     page.locator("#rename").click()
+    expect(page.locator("#history")).to_contain_text("Zebra hunt")  # the list keeps the search applied
+    expect(page.locator("#history")).not_to_contain_text("Count the windows.")
     page.locator("#search textarea, #search input").first.fill("")
+    expect(page.locator("#history")).to_contain_text("Count the windows.")
     expect(page.locator("#history")).to_contain_text("Zebra hunt")
     with page.expect_download() as download:
         page.locator("#export_json").click()
