@@ -119,7 +119,10 @@ def build(service: ChatService, *, auth: bool, banner: str = "") -> gr.Blocks:
 
         gr.Markdown("## TAP-Chat — chat about your image, region by region")
         gr.Markdown(banner, elem_id="banner", visible=bool(banner))
-        with gr.Row():
+        # Nothing can be clicked before the page knows whose chats it shows (on_load), or an early upload would
+        # belong to nobody; on a busy server that first round trip can take seconds.
+        connecting = gr.Markdown("Connecting…", elem_id="connecting")
+        with gr.Row(visible=False, elem_id="workspace") as workspace:
             with gr.Column(scale=1, min_width=220):
                 new_btn = gr.Button("New chat", elem_id="new_chat", variant="primary")
                 search = gr.Textbox(placeholder="Search chats", show_label=False, elem_id="search")
@@ -177,9 +180,10 @@ def build(service: ChatService, *, auth: bool, banner: str = "") -> gr.Blocks:
         # ------------------------------------------------------------------------------ owner and history
         def on_load(tok: str, request: gr.Request):
             tok, who = owner_of(tok, request)
-            return (tok, who, *history_view(who))
+            return (tok, who, *history_view(who), gr.Row(visible=True), gr.Markdown(visible=False))
 
-        demo.load(on_load, [token], [token, owner, history_ds, history_ids], api_visibility="private")
+        demo.load(on_load, [token], [token, owner, history_ds, history_ids, workspace, connecting],
+                  api_visibility="private")
 
         @_warned(2)
         def on_search(who: str, query: str):

@@ -88,7 +88,8 @@ def upload(page, path: str) -> None:
 
 def wait_image(page) -> None:
     page.locator("#image img").first.wait_for()
-    page.wait_for_function("() => document.querySelector('#image img')?.naturalWidth > 0")
+    page.wait_for_function("() => { const i = document.querySelector('#image img'); "
+                           "return i?.complete && i.naturalWidth > 0 }")
 
 
 def upload_scene(page) -> None:
@@ -100,7 +101,8 @@ def upload_scene(page) -> None:
 
 
 def click_pixel(page, x: float, y: float) -> None:
-    """Click image pixel (x, y): undo the component's scale-down and centring."""
+    """Click image pixel (x, y): undo the component's scale-down and centring (measured once the image is loaded)."""
+    wait_image(page)
     img = page.locator("#image img").first
     box = img.bounding_box()
     nw, nh = img.evaluate("e => [e.naturalWidth, e.naturalHeight]")
@@ -275,7 +277,9 @@ def test_sidebar_search_rename_export_delete_and_owners(browser, page, server) -
     expect(page.get_by_test_id("user").last).to_contain_text("Where is the zebra?")
 
     page.get_by_text("This chat", exact=True).click()
-    page.locator("#title textarea, #title input").first.fill("Zebra hunt")
+    title = page.locator("#title textarea, #title input").first
+    expect(title).to_have_value("Where is the zebra?")  # typing before the opened box shows its value gets overwritten
+    title.fill("Zebra hunt")
     page.locator("#rename").click()
     expect(page.locator("#history")).to_contain_text("Zebra hunt")  # the list keeps the search applied
     expect(page.locator("#history")).not_to_contain_text("Count the windows.")
