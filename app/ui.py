@@ -218,12 +218,12 @@ def build(service: ChatService, *, auth: bool, banner: str = "") -> gr.Blocks:
 
         history_ds.click(on_open, [owner, history_ids, history_ds], open_outputs, api_visibility="private")
 
-        @_warned(3)
+        @_warned(2)
         def on_rename(who: str, conv_id: str, new_title: str, query: str):
             service.rename(who, conv_id, new_title)
-            return (*history_view(who, query), gr.update())
+            return history_view(who, query)
 
-        rename_btn.click(on_rename, [owner, cid, title, search], [history_ds, history_ids, title], **history_lane)
+        rename_btn.click(on_rename, [owner, cid, title, search], [history_ds, history_ids], **history_lane)
         delete_btn.click(lambda: gr.Row(visible=True), None, confirm_row, queue=False, api_visibility="private")
         cancel_btn.click(lambda: gr.Row(visible=False), None, confirm_row, queue=False, api_visibility="private")
 
