@@ -132,7 +132,7 @@ class Assistant:
         tap_name = tap_model or config.tap_model
 
         def predictor() -> TapPredictor:
-            if tap_name == "tap_tiny":  # no public weights: the seed-0 random model, as in `tiny` and training
+            if tap_name == "tap_tiny" and tap_checkpoint is None:  # no public weights: the seed-0 random model
                 return TapPredictor.random("tap_tiny", seed=0, device=str(dev))
             return TapPredictor.from_pretrained(tap_name, tap_checkpoint, device=str(dev), **tap_kwargs)
 

@@ -73,7 +73,7 @@ def run_one(args: argparse.Namespace, dtype: str) -> dict:
     from tokenizer_tap.predictor import TapPredictor
     from tokenizer_tap.prompts import Prompt
     from tokenizer_tap.text_tokenizer import TextTokenizer
-    from tokenizer_tap.transforms import ResizeInfo, resize_and_pad
+    from tokenizer_tap.transforms import preprocess
 
     torch.set_num_threads(args.threads)
 
@@ -96,8 +96,8 @@ def run_one(args: argparse.Namespace, dtype: str) -> dict:
     height, width = rgb.shape[:2]
 
     # Image encoder on the padded 1024x1024 batch the predictor would build (BGR, as the model expects).
-    info = ResizeInfo.for_image(height, width, size=model.config.image_size)
-    batch = torch.from_numpy(resize_and_pad(np.ascontiguousarray(rgb[..., ::-1]), info))[None]
+    padded, info = preprocess(rgb, model.config.image_size)
+    batch = torch.from_numpy(padded)[None]
     with torch.inference_mode():
         model.get_features(batch)  # warm-up
         encoder = [timed(model.get_features, batch)[0] for _ in range(args.repeats)]

@@ -1,4 +1,5 @@
-"""`python -m finetune check|train|synthetic|evaluate`."""
+"""`python -m finetune check|train|synthetic|evaluate` (the chat stages) and `tap-train|tap-priors|tap-world`
+(TAP region-level pre-training)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,23 @@ def check(config: TrainConfig) -> int:
     return 0 if samples else 1
 
 
+def tap_train(args: argparse.Namespace) -> int:
+    from .tap.config import TapTrainConfig
+    from .tap.trainer import TapTrainer
+    try:
+        config = TapTrainConfig.load(args.config, args.overrides)
+        trainer = TapTrainer(config)
+    except (ValueError, OSError) as exc:  # bad config, data or weights: a message, not a traceback
+        print(f"{args.config}: {exc}", file=sys.stderr)
+        return 2
+    result = trainer.train(resume=args.resume)
+    if trainer.acc.is_main_process:
+        print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}, {result.images_per_s:.2f} images/s, "
+              f"{result.prompts_per_s:.1f} prompts/s; bad records: {sum(result.bad.get('counts', {}).values())}; "
+              f"checkpoint: {result.output_dir}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m finetune", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -57,8 +75,21 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("checkpoint", type=Path)
     e.add_argument("questions", type=Path)
     e.add_argument("--blank-images", action="store_true")
+    t = sub.add_parser("tap-train", help="TAP region-level pre-training (masks + concept priors, then captions)")
+    t.add_argument("config", type=Path, help="a YAML file (see finetune/configs/tap_*.yaml)")
+    t.add_argument("overrides", nargs="*", help="key=value, e.g. data.sa1b=DIR init=official max_steps=100")
+    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    from .tap import teacher, world
+    teacher.add_arguments(sub.add_parser("tap-priors", help="CLIP concept priors (SemanticSA-1B) for SA-1B masks"))
+    world.add_arguments(sub.add_parser("tap-world", help="write the synthetic scene world (SA-1B layout)"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.command == "tap-priors":
+        sys.exit(teacher.run(args))
+    if args.command == "tap-world":
+        sys.exit(world.run(args))
+    if args.command == "tap-train":
+        sys.exit(tap_train(args))
     if args.command == "synthetic":
         from .synthetic import make
         for key, path in make(args.folder, args.train_images, args.eval_images, args.seed).items():

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,19 +85,10 @@ class TrainConfig:
     seed: int = 0
 
     @classmethod
-    def load(cls, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    def load(cls, path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
         """A YAML file, then `a.b=value` overrides (values parsed as YAML: numbers, booleans, lists)."""
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        for item in overrides:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ValueError(f"override {item!r} is not key=value")
-            node = data
-            *parents, leaf = key.split(".")
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[leaf] = yaml.safe_load(value)
-        config = _build(cls, data, "")  # relative paths are relative to the working directory, as in HF scripts
+        config = build(cls, read_yaml(path, overrides))
+        # relative paths are relative to the working directory, as in HF scripts
         for obj, attr in [(config.data, "path"), (config.data, "image_folder"), (config.model, "init"),
                           (config, "output_dir")]:
             if getattr(obj, attr):
@@ -120,28 +114,53 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+def read_yaml(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """A YAML mapping with `a.b=value` overrides applied (each value parsed as YAML)."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError("the config file must hold a mapping of keys to values")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not key=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {p} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return data
+
+
+def build(cls: type, data: dict[str, Any], where: str = "") -> Any:
     """Nested dataclass from a dict; unknown keys are errors (a typo must not silently fall back to a default)."""
     if not isinstance(data, dict):
-        raise ValueError(f"{where or 'config'} must be a mapping")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+        raise ValueError(f"{where.rstrip('.') or 'config'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"unknown key(s) in {where or 'config'}: {', '.join(unknown)}")
-    kwargs = {}
-    for name, value in data.items():
-        sub = fields[name].type
-        target = {"DataConfig": DataConfig, "ModelConfig": ModelConfig, "TrainableConfig": TrainableConfig,
-                  "OptimConfig": OptimConfig}.get(sub if isinstance(sub, str) else getattr(sub, "__name__", ""))
-        if target is not None:
-            kwargs[name] = _build(target, value, f"{where}{name}.")
-        elif name == "betas":
-            kwargs[name] = tuple(float(v) for v in value)
-        elif sub in ("float", "float | None", "int") and isinstance(value, str):  # YAML reads 1e-3 as text
-            try:
-                kwargs[name] = float(value) if "float" in sub else int(value)
-            except ValueError:
-                raise ValueError(f"{where}{name} must be a number, got {value!r}") from None
-        else:
-            kwargs[name] = value
-    return cls(**kwargs)
+        raise ValueError(f"unknown key(s) in {where.rstrip('.') or 'config'}: {', '.join(unknown)}")
+    return cls(**{name: _convert(hints[name], value, f"{where}{name}") for name, value in data.items()})
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    """Coerce a YAML value to a field's type: nested sections, tuples, and numbers YAML read as text (1e-3)."""
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, where + ".")
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        if value is None:
+            return None
+        hint = args[0]
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where} must be a list")
+        return tuple(_convert(typing.get_args(hint)[0], v, where) for v in value)
+    if hint in (int, float) and not isinstance(value, bool):
+        try:
+            return hint(value) if hint is float or isinstance(value, str) else value
+        except (TypeError, ValueError):
+            raise ValueError(f"{where} must be a number, got {value!r}") from None
+    return value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -34,11 +35,11 @@ def build_chat(config: TrainConfig, device: torch.device, dtype: torch.dtype) ->
     if m.init:
         chat = ChatModel.from_pretrained(m.init, dtype=dtype, device=device, quantization=m.quantization)
         tap_name = chat.config.tap_model
-    else:
-        tap_name = m.tap_model
+    else:  # a TAP checkpoint folder (e.g. from `tap-train`) is recorded as the model, so the result loads with it
+        tap_name = m.tap_checkpoint if m.tap_checkpoint and Path(m.tap_checkpoint).is_dir() else m.tap_model
     # tap_tiny has no public weights: it is the seed-0 random model, exactly what the assistant builds for it
     tap = build_tap(tap_name, m.tap_checkpoint or None, concepts=None, device=device, dtype=torch.float32,
-                    random_weights=tap_name == "tap_tiny", seed=0)
+                    random_weights=tap_name == "tap_tiny" and not m.tap_checkpoint, seed=0)
     if m.init:
         if chat.encoder_state:
             tap.image_encoder.load_state_dict(chat.encoder_state, strict=False)

@@ -16,22 +16,15 @@ import torch
 from torch import nn
 
 from tokenizer_tap.image_io import load_image
-from tokenizer_tap.modeling.image_encoder import window_merge, window_partition
 from tokenizer_tap.modeling.tap import TAP
-from tokenizer_tap.transforms import ResizeInfo, resize_and_pad
-
-
-def preprocess(rgb: np.ndarray, size: int) -> torch.Tensor:
-    """(H, W, 3) RGB -> (size, size, 3) uint8 BGR, resized and padded as `TapPredictor` does."""
-    info = ResizeInfo.for_image(*rgb.shape[:2], size=size)
-    return torch.from_numpy(resize_and_pad(np.ascontiguousarray(rgb[..., ::-1]), info))
+from tokenizer_tap.transforms import preprocess
 
 
 def read_image(path: str, size: int, blank: bool = False) -> torch.Tensor:
-    """An image file, preprocessed; `blank` gives the same shape in black (the image-blind baseline)."""
-    if blank:
-        return preprocess(np.zeros((size, size, 3), np.uint8), size)
-    return preprocess(load_image(path), size)
+    """An image file as the encoder's (size, size, 3) uint8 BGR input; `blank` gives the same in black (the
+    image-blind baseline)."""
+    rgb = np.zeros((size, size, 3), np.uint8) if blank else load_image(path)
+    return torch.from_numpy(preprocess(rgb, size)[0])
 
 
 class VisionTower(nn.Module):
@@ -91,31 +84,15 @@ class VisionTower(nn.Module):
         if self.k:  # DeepSpeed may hold the tail in bf16 while the frozen part computes in float32
             x = x.to(next(self.tail.parameters()).dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.k > 0):
-            if self.k:  # one call per block whatever the batch (ZeRO-3 gathers a block's weights per call)
-                x = window_partition(x.contiguous(), enc.window)
-                for block in enc.blocks[self.cut:]:
-                    x = block(x, block.attn.rel_pos_embed(x.dtype))
-                x = window_merge(x, enc.window, enc.grid)
-            x = enc.norm(x)
-            x = enc.cross_conv[-1](x.permute(0, 3, 1, 2))
-        return x
+            # one call per block whatever the batch (ZeRO-3 gathers a block's weights per call)
+            x = enc.run(x, self.cut, len(enc.blocks), chunked=False)
+            return enc.finish(x)
 
     def _frozen(self, images: torch.Tensor) -> torch.Tensor:
         """Everything before the trainable blocks: (B, g, g, C) channels-last."""
         enc = self.tap.image_encoder
         x = self.tap.normalize(images).contiguous(memory_format=torch.channels_last)
-        x = enc.patch_embed(x).flatten(2).transpose(1, 2) + enc.pos_embed.weight
-        x = x.view(-1, enc.grid, enc.grid, x.shape[-1])
-        start = 0
-        for k, end in enumerate(enc.cross_indices):
-            stop = min(end + 1, self.cut) if k == len(enc.cross_indices) - 1 else end + 1
-            if stop > start:
-                x = enc.run_blocks(window_partition(x.contiguous(), enc.window), enc.blocks[start:stop])
-                x = window_merge(x, enc.window, enc.grid)
-            if k < len(enc.cross_indices) - 1:
-                x = enc.cross_conv[k](x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-            start = end + 1
-        return x
+        return enc.run(enc.stem(x), 0, self.cut)
 
 
 def image_key(path: str) -> str:

@@ -207,3 +207,53 @@ def load_concepts(path: str | Path) -> tuple[np.ndarray, list[str]]:
 def save_safetensors(state: Mapping[str, torch.Tensor], path: str | Path) -> None:
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+
+
+def save_pretrained(tap: nn.Module, folder: str | Path, tokenizer: str | Path,
+                    concepts: tuple[np.ndarray, list[str]] | None = None) -> Path:
+    """Write a TAP checkpoint folder: `config.json` (format tag + TAPConfig), `model.safetensors` (the official key
+    names), the caption tokenizer as `text_tokenizer.model`, and the concept vocabulary as `concepts.safetensors`.
+    `TapPredictor.from_pretrained(folder)`, `build_tap(folder)` and every `--tap-checkpoint` option load it."""
+    import json
+    import shutil
+
+    from .config import FOLDER_FORMAT
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_safetensors({k: v.detach().cpu() for k, v in tap.state_dict().items()}, folder / "model.safetensors")
+    if Path(tokenizer).resolve() != (folder / "text_tokenizer.model").resolve():
+        shutil.copyfile(tokenizer, folder / "text_tokenizer.model")
+    if concepts is not None:
+        from safetensors.torch import save_file
+        weights, names = concepts
+        save_file({"weights": torch.as_tensor(np.asarray(weights, dtype=np.float32)).contiguous()},
+                  str(folder / "concepts.safetensors"), metadata={"names": json.dumps([str(n) for n in names])})
+    config = {"format": FOLDER_FORMAT, "model": tap.config.to_dict()}
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    return folder
+
+
+def load_folder_concepts(folder: str | Path) -> tuple[np.ndarray, list[str]] | None:
+    """A folder's concept vocabulary (W (sem_dim, K), names), or None when it has none."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+    path = Path(folder) / "concepts.safetensors"
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="np") as f:
+            return f.get_tensor("weights").astype(np.float32), list(json.loads(f.metadata()["names"]))
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable concept file ({exc})") from None
+
+
+def save_official_pkl(state: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """The official layout: a pickled OrderedDict of numpy arrays, float16 for floating tensors, int64 for integer
+    buffers (relative-position indices, BatchNorm counters)."""
+    arrays = collections.OrderedDict()
+    for key, value in state.items():
+        v = value.detach().cpu()
+        arrays[key] = (v.to(torch.float16) if v.is_floating_point() else v.to(torch.int64)).numpy()
+    with open(path, "wb") as f:
+        pickle.dump(arrays, f, protocol=2)

@@ -70,10 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="print JSON instead of text")
     d.add_argument("--out", help="write an overlay image with numbered regions here")
 
-    c = sub.add_parser("convert", help="convert an official .pkl checkpoint to .safetensors (no pickle needed later)")
-    c.add_argument("src")
-    c.add_argument("dst")
-    c.add_argument("--model", help="also check the keys and shapes against this model size")
+    c = sub.add_parser("convert", help="convert between checkpoint forms: official .pkl, .safetensors, and a TAP "
+                                       "checkpoint folder (what tap-train writes)")
+    c.add_argument("src", help="a .pkl / .safetensors / .pt weights file or a checkpoint folder")
+    c.add_argument("dst", help="*.safetensors, *.pkl (the official layout: float16 numpy arrays), or a folder")
+    c.add_argument("--model", help="check keys and shapes against this model size (needed for a folder from a file)")
+    c.add_argument("--tokenizer", help="caption tokenizer to put in a folder (default: the LLaMA one, verified)")
+    c.add_argument("--concepts", help="concept vocabulary (.pkl) to put in a folder")
 
     p = sub.add_parser("parity", help="compare with the official outputs stored in a parity fixture directory")
     p.add_argument("fixture")
@@ -124,15 +127,38 @@ def describe(args: argparse.Namespace) -> int:
 
 
 def convert(args: argparse.Namespace) -> int:
-    from .checkpoint import check_state_dict, read_state_dict, save_safetensors
+    from .build import build_tap, checkpoint_folder
+    from .checkpoint import (
+        check_state_dict,
+        load_concepts,
+        load_folder_concepts,
+        read_state_dict,
+        save_official_pkl,
+        save_pretrained,
+        save_safetensors,
+    )
+    from .config import get_config
+    from .modeling import TAP
 
-    state = read_state_dict(args.src)
-    if args.model:
-        from .config import get_config
-        from .modeling import TAP
-        check_state_dict(TAP(get_config(args.model)), state)
-    save_safetensors(state, args.dst)
-    print(f"wrote {len(state)} tensors to {args.dst}")
+    folder = checkpoint_folder("", args.src)
+    state = read_state_dict(folder / "model.safetensors" if folder else args.src)
+    if args.model or folder:
+        check_state_dict(TAP(get_config(args.model or folder)), state)
+    dst = Path(args.dst)
+    if dst.suffix.lower() == ".pkl":
+        save_official_pkl(state, dst)
+    elif dst.suffix.lower() == ".safetensors":
+        save_safetensors(state, dst)
+    else:
+        if not (args.model or folder):
+            raise ValueError("writing a checkpoint folder from a weights file needs --model (tap_vit_b/l/h ...)")
+        from .hub import tokenizer_path
+        tap = build_tap(folder or args.model, None if folder else args.src, concepts=None, device="cpu",
+                        dtype="float32")
+        tokenizer = args.tokenizer or (folder / "text_tokenizer.model" if folder else tokenizer_path())
+        concepts = load_concepts(args.concepts) if args.concepts else (load_folder_concepts(folder) if folder else None)
+        save_pretrained(tap, dst, tokenizer, concepts)
+    print(f"wrote {len(state)} tensors to {dst}")
     return 0
 
 

@@ -8,7 +8,9 @@ official builder. Field names follow the parity-fixture `config.json` so a fixtu
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,10 @@ class TAPConfig:
     text_mlp_ratio: float = 4.0
     text_seq_len: int = 40
     vocab_size: int = 32000
+    # Training-time regularisation (the paper's recipe); no effect in eval mode and no state-dict keys.
+    drop_path: float = 0.0  # stochastic depth of the encoder blocks, rising linearly to this rate
+    decoder_dropout: float = 0.0  # image decoder (attention outputs and MLPs)
+    text_dropout: float = 0.0  # text decoder (residual branches)
     #: Official weights file in the hub repo `BAAI/tokenize-anything`, or "" when none was released.
     hub_file: str = ""
     notes: str = field(default="", compare=False)
@@ -55,6 +61,8 @@ class TAPConfig:
         need(self.image_embed_dim % 2 == 0, "image_embed_dim must be even (sin/cos halves)")
         need(self.num_mask_tokens >= 2, "num_mask_tokens must be >= 2 (mask 0 is the box mask)")
         need(self.text_seq_len >= 3, "text_seq_len must leave room for prefix, BOS and one token")
+        need(all(0.0 <= p < 1.0 for p in (self.drop_path, self.decoder_dropout, self.text_dropout)),
+             "drop_path and dropout rates must be in [0, 1)")
 
     @property
     def grid_size(self) -> int:
@@ -109,11 +117,34 @@ CONCEPT_FILES = {
 }
 
 
-def get_config(name_or_config: str | TAPConfig) -> TAPConfig:
-    """Resolve a preset name (e.g. `tap_vit_l`) or pass a config through."""
+#: Tag in the `config.json` of a TAP checkpoint folder (see `checkpoint.save_pretrained`).
+FOLDER_FORMAT = "tapchat-tap/1"
+
+
+def folder_config(folder: str | Path) -> TAPConfig | None:
+    """The config of a TAP checkpoint folder, or None when `folder` is not one."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise ValueError(f"{path}: not readable JSON") from None
+    if not isinstance(data, dict) or data.get("format") != FOLDER_FORMAT or not isinstance(data.get("model"), dict):
+        return None
+    return TAPConfig.from_dict(data["model"])
+
+
+def get_config(name_or_config: str | Path | TAPConfig) -> TAPConfig:
+    """Resolve a preset name (e.g. `tap_vit_l`), a TAP checkpoint folder, or pass a config through."""
     if isinstance(name_or_config, TAPConfig):
         return name_or_config
-    try:
-        return PRESETS[name_or_config]
-    except KeyError:
-        raise ValueError(f"unknown TAP model {name_or_config!r}; choose one of {', '.join(PRESETS)}") from None
+    if str(name_or_config) in PRESETS:
+        return PRESETS[str(name_or_config)]
+    if Path(name_or_config).is_dir():
+        config = folder_config(name_or_config)
+        if config is None:
+            raise ValueError(f"{name_or_config} is not a TAP checkpoint folder (no config.json with format "
+                             f"{FOLDER_FORMAT!r}; write one with `python -m tokenizer_tap convert`)")
+        return config
+    raise ValueError(f"unknown TAP model {name_or_config!r}; choose one of {', '.join(PRESETS)} or a checkpoint folder")

@@ -20,7 +20,7 @@ from .config import TAPConfig
 from .image_io import load_image
 from .modeling import TAP, route
 from .text_tokenizer import TextTokenizer
-from .transforms import ResizeInfo, resize_and_pad, upscale_masks
+from .transforms import preprocess, upscale_masks
 
 
 @dataclass
@@ -97,9 +97,8 @@ def _run(fixture: Path, cfg: dict, tol: dict, prompt_sets: dict, ref: np.lib.npy
             checks.append(Check(name, f"atol={atol:g}", err, err <= atol))
 
     rgb = load_image(fixture / cfg["image"])
-    bgr = np.ascontiguousarray(rgb[..., ::-1])
-    info = ResizeInfo.for_image(*bgr.shape[:2], size=model.config.image_size)
-    batch = resize_and_pad(bgr, info)[None]
+    batch, info = preprocess(rgb, model.config.image_size)
+    batch = batch[None]
     compare("img_batch_uint8", batch)
     with torch.inference_mode():
         taps: dict[str, torch.Tensor] = {}

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .build import TINY_TOKENIZER, build_tap
+from .build import DEFAULT_CONCEPTS, TINY_TOKENIZER, build_tap, checkpoint_folder
 from .config import get_config
 from .errors import CheckpointError, PromptError, WeightsNotFoundError
 from .hub import checkpoint_path, concepts_path, tokenizer_path
@@ -26,7 +26,7 @@ from .image_io import MAX_PIXELS, ImageSource, load_image
 from .modeling import TAP, route
 from .prompts import Prompt
 from .text_tokenizer import TextTokenizer
-from .transforms import ResizeInfo, resize_and_pad, upscale_masks
+from .transforms import ResizeInfo, preprocess, upscale_masks
 
 
 @dataclass
@@ -108,13 +108,19 @@ class TapPredictor:
         self.encoder_calls = 0  # how many times the image encoder ran (cache misses)
 
     @classmethod
-    def from_pretrained(cls, model: str = "tap_vit_l", checkpoint: str | Path | None = None, *,
-                        concepts: str | Path | None = "merged_2560", tokenizer: str | Path | None = None,
+    def from_pretrained(cls, model: str | Path = "tap_vit_l", checkpoint: str | Path | None = None, *,
+                        concepts: str | Path | None = DEFAULT_CONCEPTS, tokenizer: str | Path | None = None,
                         device: str = "auto", dtype: str = "auto", **kwargs) -> TapPredictor:
-        """Official weights (explicit paths, or the hub cache) on the best available device.
+        """Official weights (explicit paths, or the hub cache), or a TAP checkpoint folder given as `model` or
+        `checkpoint` (its own tokenizer and concepts are the defaults), on the best available device.
 
         Every missing file is reported in one `WeightsNotFoundError`, so an offline user fixes them all at once.
         """
+        folder = checkpoint_folder(model, checkpoint)
+        if folder is not None:
+            own = folder / "text_tokenizer.model"
+            tap = build_tap(folder, concepts=concepts, device=device, dtype=dtype)
+            return cls(tap, TextTokenizer(tokenizer or (own if own.is_file() else tokenizer_path())), **kwargs)
         config = get_config(model)
         resolvers = {"checkpoint": lambda: checkpoint_path(config, checkpoint),
                      "tokenizer": lambda: tokenizer_path(tokenizer)}
@@ -177,12 +183,12 @@ class TapPredictor:
             self._image = None
 
     def _encode(self, rgb: np.ndarray, key: str) -> _Image:
-        info = ResizeInfo.for_image(*rgb.shape[:2], size=self.model.config.image_size)
-        batch = resize_and_pad(np.ascontiguousarray(rgb[..., ::-1]), info)  # the model was trained on BGR
-        taps: dict[str, torch.Tensor] = {}
+        batch, info = preprocess(rgb, self.model.config.image_size)
+        encoder = self.model.image_encoder
         with torch.inference_mode():
-            features = self.model.get_features(torch.from_numpy(batch)[None], taps)
-        trunk = taps[f"cross_conv{len(self.model.config.cross_indices) - 1}"].permute(0, 3, 1, 2)
+            x = self.model.normalize(torch.from_numpy(batch)[None]).contiguous(memory_format=torch.channels_last)
+            trunk = encoder.trunk(x)
+            features = encoder.neck(trunk)
         self.encoder_calls += 1
         return _Image(key, info, features, trunk)
 

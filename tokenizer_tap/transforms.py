@@ -53,6 +53,15 @@ def resize_and_pad(image: np.ndarray, info: ResizeInfo) -> np.ndarray:
     return canvas
 
 
+def preprocess(rgb: np.ndarray, size: int = 1024) -> tuple[np.ndarray, ResizeInfo]:
+    """(H, W, 3) uint8 RGB -> the model's (size, size, 3) uint8 BGR input and how it maps to the original.
+
+    The one place where images become encoder inputs (predictor, fine-tuning, parity, benchmarks): the model was
+    trained on BGR, resized with PIL's antialiased bilinear filter and padded bottom-right."""
+    info = ResizeInfo.for_image(*rgb.shape[:2], size=size)
+    return resize_and_pad(np.ascontiguousarray(rgb[..., ::-1]), info), info
+
+
 def upscale_masks(logits: torch.Tensor, info: ResizeInfo) -> torch.Tensor:
     """(N, h, w) low-res mask logits -> (N, H, W) boolean masks at the original size.
 

@@ -45,9 +45,10 @@ class Attention(nn.Module):
 class TwoWayBlock(nn.Module):
     """Tokens attend to themselves and the image; then the image attends back to the tokens."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_dim: int, skip_first_pe: bool) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int, skip_first_pe: bool, dropout: float = 0.0) -> None:
         super().__init__()
         self.skip_first_pe = skip_first_pe
+        self.dropout = nn.Dropout(dropout)  # on every branch before its residual add (training only)
         self.self_attn = Attention(dim, num_heads, dim)
         self.norm1 = nn.LayerNorm(dim)
         self.cross_attn_token_to_image = Attention(dim, num_heads, dim // 2)
@@ -60,22 +61,25 @@ class TwoWayBlock(nn.Module):
     def forward(self, query: torch.Tensor, key: torch.Tensor, query_pos: torch.Tensor,
                 key_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.skip_first_pe:  # the first block has neither positional encoding nor residual here
-            query = self.norm1(self.self_attn(query, query, query))
+            query = self.norm1(self.dropout(self.self_attn(query, query, query)))
         else:
             q = query + query_pos
-            query = self.norm1(query + self.self_attn(q, q, query))
+            query = self.norm1(query + self.dropout(self.self_attn(q, q, query)))
         q, k = query + query_pos, key + key_pos
-        query = self.norm2(query + self.cross_attn_token_to_image(q, k, key))
-        query = self.norm3(query + self.mlp(query))
+        query = self.norm2(query + self.dropout(self.cross_attn_token_to_image(q, k, key)))
+        query = self.norm3(query + self.dropout(self.mlp(query)))
         q = query + query_pos
-        key = self.norm4(expand(key, query.shape[0]) + self.cross_attn_image_to_token(k, q, query))
+        key = self.norm4(expand(key, query.shape[0]) + self.dropout(self.cross_attn_image_to_token(k, q, query)))
         return query, key
 
 
 class TwoWayTransformer(nn.Module):
-    def __init__(self, depth: int, dim: int, num_heads: int, mlp_dim: int) -> None:
+    """`depth` two-way blocks, then a last token-to-image attention."""
+
+    def __init__(self, depth: int, dim: int, num_heads: int, mlp_dim: int, dropout: float = 0.0) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(TwoWayBlock(dim, num_heads, mlp_dim, skip_first_pe=i == 0) for i in range(depth))
+        self.blocks = nn.ModuleList(TwoWayBlock(dim, num_heads, mlp_dim, i == 0, dropout) for i in range(depth))
+        self.dropout = nn.Dropout(dropout)
         self.final_attn_token_to_image = Attention(dim, num_heads, dim // 2)
         self.norm = nn.LayerNorm(dim)
 
@@ -83,7 +87,7 @@ class TwoWayTransformer(nn.Module):
                 key_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         for block in self.blocks:
             query, key = block(query, key, query_pos, key_pos)
-        query = self.norm(query + self.final_attn_token_to_image(query + query_pos, key + key_pos, key))
+        query = self.norm(query + self.dropout(self.final_attn_token_to_image(query + query_pos, key + key_pos, key)))
         return query, key
 
 
@@ -91,10 +95,10 @@ class ImageDecoder(nn.Module):
     """Decodes prompt tokens against image features into masks, IoU scores and semantic tokens."""
 
     def __init__(self, dim: int, depth: int, num_heads: int, mlp_dim: int, num_mask_tokens: int,
-                 sem_embed_dim: int) -> None:
+                 sem_embed_dim: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.num_mask_tokens = num_mask_tokens
-        self.transformer = TwoWayTransformer(depth, dim, num_heads, mlp_dim)
+        self.transformer = TwoWayTransformer(depth, dim, num_heads, mlp_dim, dropout)
         self.iou_token = nn.Embedding(1, dim)
         self.sem_tokens = nn.Embedding(num_mask_tokens, dim)
         self.mask_tokens = nn.Embedding(num_mask_tokens, dim)

@@ -30,14 +30,16 @@ class TAP(nn.Module):
         self.register_buffer("pixel_rsig", 1.0 / torch.tensor(PIXEL_STD))
         self.image_encoder = ImageEncoder(
             config.encoder_depth, config.encoder_embed_dim, config.encoder_num_heads, config.encoder_mlp_ratio,
-            config.patch_size, config.window_size, config.grid_size, config.image_embed_dim, config.cross_indices)
+            config.patch_size, config.window_size, config.grid_size, config.image_embed_dim, config.cross_indices,
+            config.drop_path)
         self.prompt_encoder = PromptEncoder(config.image_embed_dim, config.image_size)
         self.image_decoder = ImageDecoder(config.image_embed_dim, config.decoder_depth, config.decoder_num_heads,
-                                          config.decoder_mlp_dim, config.num_mask_tokens, config.sem_embed_dim)
+                                          config.decoder_mlp_dim, config.num_mask_tokens, config.sem_embed_dim,
+                                          config.decoder_dropout)
         self.concept_projector = ConceptProjector(config.sem_embed_dim)
         self.text_decoder = TextDecoder(config.image_embed_dim, config.text_embed_dim, config.text_num_heads,
                                         config.text_decoder_depth, config.text_mlp_ratio, config.vocab_size,
-                                        config.text_seq_len)
+                                        config.text_seq_len, config.text_dropout)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -51,6 +53,23 @@ class TAP(nn.Module):
         """(B, S, S, 3) uint8 BGR batch -> (B, 3, S, S) normalised tensor in the model dtype."""
         x = images.to(device=self.device, dtype=self.dtype)
         return ((x - self.pixel_mean) * self.pixel_rsig).permute(0, 3, 1, 2)
+
+    def init_weights(self) -> None:
+        """Initialisation for training from scratch (ViT practice): truncated normal (std 0.02) for linear layers,
+        embeddings, positions and relative-position tables; zero biases; unit norms. The default construction keeps
+        PyTorch's init (loaded weights replace it anyway)."""
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.ndim == 1:  # norm scales
+                nn.init.ones_(p)
+            elif "conv" in name or "patch_embed" in name:  # convolutions keep their fan-in (kaiming) init
+                continue
+            else:
+                nn.init.trunc_normal_(p, std=0.02)
+        for m in self.modules():  # a residual bottleneck starts as the identity: its last BatchNorm scale is 0
+            if hasattr(m, "norm3") and isinstance(m.norm3, nn.BatchNorm2d):
+                nn.init.zeros_(m.norm3.weight)
 
     def get_features(self, images: torch.Tensor, taps: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """(B, S, S, 3) uint8 BGR padded batch -> (B, C, S/16, S/16) image embeddings."""

@@ -83,24 +83,30 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
+    """Pre-norm causal block; `dropout` acts on both residual branches in training."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, dropout: float = 0.0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: tuple[torch.Tensor, torch.Tensor] | None, start: int) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin, cache, start)
-        return x + self.mlp(self.norm2(x))
+        x = x + self.dropout(self.attn(self.norm1(x), cos, sin, cache, start))
+        return x + self.dropout(self.mlp(self.norm2(x)))
 
 
 class Transformer(nn.Module):
-    def __init__(self, dim: int, num_heads: int, depth: int, mlp_ratio: float, vocab_size: int) -> None:
+    """Token embeddings, the causal blocks, the final norm and the (untied) output projection."""
+
+    def __init__(self, dim: int, num_heads: int, depth: int, mlp_ratio: float, vocab_size: int,
+                 dropout: float = 0.0) -> None:
         super().__init__()
         self.tok_embeddings = nn.Embedding(vocab_size, dim)
-        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.text_proj = nn.Linear(dim, vocab_size, bias=False)
 
@@ -109,11 +115,11 @@ class TextDecoder(nn.Module):
     """Semantic token (N, 1, C_img) + token ids -> next-token logits; `generate` captions greedily."""
 
     def __init__(self, in_dim: int, dim: int, num_heads: int, depth: int, mlp_ratio: float, vocab_size: int,
-                 max_seq_len: int) -> None:
+                 max_seq_len: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.num_heads, self.head_dim, self.max_seq_len = num_heads, dim // num_heads, max_seq_len
         self.encoder = nn.Linear(in_dim, dim, bias=False)
-        self.transformer = Transformer(dim, num_heads, depth, mlp_ratio, vocab_size)
+        self.transformer = Transformer(dim, num_heads, depth, mlp_ratio, vocab_size, dropout)
         self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def rotary(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,122 @@
+"""`tap-train` end to end on the synthetic world: stage 1 and 2 run, resume exactly, write a folder every consumer
+loads, and (the slow test) learn: masks, concepts and captions all beat the untrained model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from finetune.tap.config import TapTrainConfig
+from finetune.tap.trainer import TapTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE1 = ROOT / "finetune" / "configs" / "tap_world_stage1.yaml"
+STAGE2 = ROOT / "finetune" / "configs" / "tap_world_stage2.yaml"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    from finetune.tap.world import make_world
+    folder = tmp_path_factory.mktemp("world")
+    make_world(folder, train=24, eval=6, seed=1)
+    return folder
+
+
+def stage1(world: Path, out: Path, *extra: str) -> TapTrainConfig:
+    return TapTrainConfig.load(STAGE1, [f"data.sa1b={world / 'train'}", f"data.priors={world / 'priors'}",
+                                        f"output_dir={out}", "global_batch=4", "micro_batch=2",
+                                        "sampler.prompts_per_image=6", "save_every=0", *extra])
+
+
+def test_config_names_and_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown key"):
+        TapTrainConfig.load(STAGE1, ["data.sa1bb=x"])
+    with pytest.raises(ValueError, match="give data.sa1b"):
+        TapTrainConfig.load(STAGE1, ["data.sa1b=", "data.priors="])
+    with pytest.raises(ValueError, match="init must be"):
+        TapTrainConfig.load(STAGE1, ["init=/no/such/folder"])
+    c = TapTrainConfig.load(STAGE1, ["max_steps=3", "model.preset=tap_vit_xl", "optim.lr=1e-4"])
+    assert (c.max_steps, c.model.preset, c.optim.lr, c.data.scale_jitter) == (3, "tap_vit_xl", 1e-4, (0.75, 1.25))
+
+
+def test_stage1_trains_and_the_folder_loads_everywhere(world: Path, tmp_path: Path) -> None:
+    from tokenizer_tap.predictor import TapPredictor
+    from tokenizer_tap.prompts import Prompt
+    trainer = TapTrainer(stage1(world, tmp_path, "max_steps=2"))
+    before = {k: v.clone() for k, v in trainer.tap.state_dict().items()}
+    result = trainer.train()
+    assert result.steps == 2 and np.isfinite(result.final_loss)
+    after = trainer.tap.state_dict()
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert {"image_encoder", "prompt_encoder", "image_decoder"} <= changed and "text_decoder" not in changed
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss_concept"] > 0 and rows[-1]["loss_seg"] > 0 and "seg_per_s" in rows[-1]
+    predictor = TapPredictor.from_pretrained(str(tmp_path), device="cpu", dtype="float32")
+    assert predictor.model.config.image_size == 256 and len(predictor.model.concept_projector.names) >= 30
+    predictor.set_image(np.zeros((200, 300, 3), np.uint8))
+    region, = predictor.predict([Prompt.point(100, 100)])
+    assert region.mask.shape == (200, 300) and region.concept in predictor.model.concept_projector.names
+
+
+def test_without_priors_the_concept_loss_is_off_and_said(world: Path, tmp_path: Path, capsys) -> None:
+    trainer = TapTrainer(stage1(world, tmp_path, "max_steps=1", "data.priors="))
+    trainer.train()
+    assert "L_concept is off" in capsys.readouterr().out
+    report = json.loads((tmp_path / "data_report.json").read_text())
+    assert any("L_concept is off" in n for n in report["notes"])
+
+
+def test_stage2_from_stage1_trains_the_caption_decoder(world: Path, tmp_path: Path) -> None:
+    TapTrainer(stage1(world, tmp_path / "s1", "max_steps=1")).train()
+    config = TapTrainConfig.load(STAGE2, [f"init={tmp_path / 's1'}", f"data.sa1b={world / 'train'}",
+                                          f"data.priors={world / 'priors'}",
+                                          f"data.captions={world / 'captions_train.json'}",
+                                          f"data.image_folder={world / 'train'}", f"output_dir={tmp_path / 's2'}",
+                                          "max_steps=2", "global_batch=4", "micro_batch=2",
+                                          "sampler.prompts_per_image=6", "save_every=0"])
+    trainer = TapTrainer(config)
+    assert any(s == 1 for s, _ in trainer.items) and any(s == 0 for s, _ in trainer.items)
+    before = trainer.tap.text_decoder.encoder.weight.clone()
+    trainer.train()
+    assert not torch.equal(before, trainer.tap.text_decoder.encoder.weight)
+    rows = [json.loads(line) for line in (tmp_path / "s2" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss_caption"] > 0 for r in rows)
+
+
+def test_a_killed_run_resumes_on_the_same_loss_curve(world: Path, tmp_path: Path, monkeypatch) -> None:
+    common = ("max_steps=4", "save_every=2")
+    TapTrainer(stage1(world, tmp_path / "whole", *common)).train()
+    real = TapTrainer._optimizer_step
+
+    def crash(self, window):
+        if self.step == 3:
+            raise KeyboardInterrupt("killed")
+        return real(self, window)
+
+    monkeypatch.setattr(TapTrainer, "_optimizer_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        TapTrainer(stage1(world, tmp_path / "killed", *common)).train()
+    monkeypatch.setattr(TapTrainer, "_optimizer_step", real)
+    TapTrainer(stage1(world, tmp_path / "killed", *common)).train(resume=True)
+
+    def curve(folder: Path) -> dict[int, float]:
+        return {r["step"]: r["loss"] for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())}
+
+    a, b = curve(tmp_path / "whole"), curve(tmp_path / "killed")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert all(a[s] == pytest.approx(b[s], rel=1e-5) for s in a)
+    from safetensors.torch import load_file
+    wa, wb = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "killed" / "model.safetensors")
+    assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5) for k in wa)
+
+
+def test_cli_reports_bad_configs_plainly(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "finetune", "tap-train", str(STAGE1), "data.sa1b=/no/such/dir",
+                           f"output_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "/no/such/dir" in done.stderr
