@@ -67,7 +67,7 @@ class PriorsWriter:
             raise ValueError(f"shard {name}: need ({len(keys)}, {self.dim}) embeddings, got {tuple(emb.shape)}")
         path = self.shard_path(name)
         _atomic_save({"embeddings": emb.detach().to("cpu", torch.float16)},
-                     {"keys": json.dumps(list(keys)), "count": str(len(keys))}, path)
+                     {"keys": json.dumps(list(keys))}, path)
         return path
 
     def write_concepts(self, weights: torch.Tensor | np.ndarray, names: Sequence[str]) -> Path:

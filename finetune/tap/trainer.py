@@ -69,13 +69,13 @@ def build_model(config: TapTrainConfig) -> tuple[TAP, Path]:
         tokenizer = Path(m.tokenizer) if m.tokenizer else (
             TINY_TOKENIZER if tap_config.vocab_size != 32000 else tokenizer_path())
     else:  # continue from a TAP checkpoint folder (ours) or a weights file of the preset
-        tap = build_tap(config.init if Path(config.init).is_dir() else m.preset,
-                        None if Path(config.init).is_dir() else config.init, concepts=None, device="cpu",
-                        dtype="float32")
-        keep_drop = m.drop_path if m.drop_path is not None else DROP_PATH.get(tap.config.name, 0.1)
-        tap.set_regularisation(drop_path=keep_drop, **regularise)
-        folder_tok = Path(config.init) / "text_tokenizer.model"
-        tokenizer = Path(m.tokenizer) if m.tokenizer else (folder_tok if folder_tok.is_file() else (
+        folder = Path(config.init) if Path(config.init).is_dir() else None
+        base = get_config(folder or m.preset)
+        drop_path = m.drop_path if m.drop_path is not None else DROP_PATH.get(base.name, 0.1)
+        tap = build_tap(dataclasses.replace(base, drop_path=drop_path, **regularise), folder or config.init,
+                        concepts=None, device="cpu", dtype="float32")
+        own = folder / "text_tokenizer.model" if folder is not None else None
+        tokenizer = Path(m.tokenizer) if m.tokenizer else (own if own is not None and own.is_file() else (
             TINY_TOKENIZER if tap.config.vocab_size != 32000 else tokenizer_path()))
     return tap.float(), tokenizer
 
@@ -104,6 +104,9 @@ def parameter_groups(tap: TAP, config: TapTrainConfig) -> list[dict]:
 class TapTrainer(TrainLoop):
     def __init__(self, config: TapTrainConfig) -> None:
         super().__init__(config, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        if self.deepspeed and self.acc.state.deepspeed_plugin.zero_stage == 3:
+            raise ValueError("tap-train runs on DDP or DeepSpeed ZeRO-1/2 (even TAP-XL's weights fit one GPU); ZeRO-3 "
+                             "would need every rank to call the same modules, and images differ in their prompts")
         self.tap, tokenizer_file = build_model(config)
         self.tokenizer_file = tokenizer_file
         self.weights = {"seg": config.loss.alpha, "concept": config.loss.concept,
