@@ -166,8 +166,9 @@ def test_resume_skips_finished_shards_and_recomputes_only_missing_ones(
     assert set(after) == set(before)
     assert {k for k in after if after[k] != before[k]} == {"shard-n2-000001.safetensors"}
     assert len(Priors(out)) == 5 * MASKS_PER_IMAGE
-    with pytest.raises(ValueError, match="use another --out"):
-        run(priors_args(sa1b_folder, out, clip_folder, concepts_file, "--shard-size", "2", "--templates", "{}"))
+    capsys.readouterr()
+    assert run(priors_args(sa1b_folder, out, clip_folder, concepts_file, "--shard-size", "2", "--templates", "{}")) == 2
+    assert "use another --out" in capsys.readouterr().err
 
 
 def test_two_ranks_share_tar_shards_and_cover_each_once(tmp_path, clip_folder, concepts_file, monkeypatch):
@@ -204,6 +205,17 @@ def test_masked_segment_embeds_differently_from_the_whole_image(teacher):
     assert (crop == teacher.fill).all(axis=-1).any()  # outside the mask: the mean colour
     segment, whole = teacher.encode_images([crop, image])
     assert not torch.allclose(segment, whole, atol=1e-3)
+
+
+def test_bf16_autocast_matches_fp32(clip_folder, teacher):
+    """The GPU path (bf16 autocast over fp32 weights), run on the CPU."""
+    half = load_teacher(f"hf:{clip_folder}", device="cpu", dtype="bf16")
+    assert half.dtype == torch.bfloat16 and half.description == f"hf:{clip_folder}"
+    images = [scene(i)[0] for i in range(3)]
+    cos = torch.nn.functional.cosine_similarity(half.encode_images(images), teacher.encode_images(images))
+    assert cos.min() > 0.98
+    with pytest.raises(ValueError, match="--dtype"):
+        load_teacher(str(clip_folder), device="cpu", dtype="fp8")
 
 
 def test_empty_masks_and_unreadable_images_are_counted_not_fatal(teacher):
@@ -249,6 +261,16 @@ def test_open_clip_backend_missing_gives_a_clear_message():
         load_teacher("EVA02-E-14-plus:laion2b_s9b_b144k", device="cpu")
 
 
+def test_user_errors_are_messages_with_exit_code_2(sa1b_folder, tmp_path, clip_folder, concepts_file, capsys):
+    cases = [(priors_args(tmp_path / "nowhere", tmp_path / "o", clip_folder, concepts_file), "no such SA-1B"),
+             (priors_args(sa1b_folder, tmp_path / "o", tmp_path / "no-clip", concepts_file), "open_clip"),
+             (priors_args(sa1b_folder, tmp_path / "o", clip_folder, tmp_path / "none.txt"), "no such file"),
+             (priors_args(sa1b_folder, tmp_path / "o", clip_folder, concepts_file, "--templates", "a"), "needs a {}")]
+    for args, message in cases:
+        assert run(args) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_sa1b_folder_is_readable_by_records(sa1b_folder):
     """The layout written here is the one `records` reads (guards the other tests' fixtures)."""
     ds = open_sa1b(sa1b_folder)
@@ -265,9 +287,9 @@ def mae_folder(tmp_path_factory) -> Path:
                           image_size=32, patch_size=16, decoder_hidden_size=32, decoder_num_hidden_layers=1,
                           decoder_num_attention_heads=1, decoder_intermediate_size=64, layer_norm_eps=1e-5)
     model = ViTMAEForPreTraining(config)
-    with torch.no_grad():  # random biases and norms, so a wrong mapping cannot hide behind init values
+    with torch.no_grad():  # random biases, norms and positions, so a wrong mapping cannot hide behind init values
         for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
+            if "norm" in name or name.endswith("bias") or "position" in name:
                 p.normal_(0.5, 0.3)
     folder = tmp_path_factory.mktemp("mae")
     model.save_pretrained(folder)
@@ -306,14 +328,14 @@ def test_mae_weights_map_onto_the_encoder_and_a_block_computes_the_same(mae_fold
     ours_pos = encoder.pos_embed.weight.detach().reshape(4, 4, 64)
     assert (ours_pos[0, 0] - table[0, 0]).abs().max() < (ours_pos[0, 0] - table[1, 1]).abs().max()
 
-    assert len(report.mapped) == 5 + 4 * 10
+    assert len(report.mapped) == 5 + 4 * 12  # per block: qkv, proj, norm1, norm2, fc1, fc2 (weight + bias)
     assert report.mapped["blocks.1.attn.qkv.weight"] == [f"layers.1.attention.{p}_proj.weight" for p in "qkv"]
     assert sorted({k.split(".")[0] for k in report.left_at_init}) == ["blocks", "cross_conv", "neck"]
     assert all("rel_pos_embed" in k for k in report.left_at_init if k.startswith("blocks"))
     assert "embeddings.cls_token" in report.unused and any(k.startswith("decoder.") for k in report.unused)
     assert torch.equal(encoder.neck.lateral_conv[0][0].weight, neck_before)  # left at init
     summary = report.summary()
-    assert "45 tensors mapped" in summary and "neck (6)" in summary and "resized bicubically" in summary
+    assert "53 tensors mapped" in summary and "neck (6)" in summary and "resized bicubically" in summary
 
 
 def test_mae_of_another_size_or_not_mae_is_refused(mae_folder, clip_folder):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +31,6 @@ from tokenizer_tap.modeling.image_encoder import ImageEncoder
 _NO_COUNTERPART = (".attn.rel_pos_embed.", "cross_conv.", "neck.")
 #: MAE parameters that have no TAP counterpart by design.
 _NOT_USED = ("embeddings.cls_token", "decoder.")
-#: MAE checkpoints may omit the fixed sin-cos table: transformers then recomputes the same values.
-_MAY_BE_MISSING = ("embeddings.position_embeddings",)
 
 
 @dataclass
@@ -59,9 +58,8 @@ class MaeReport:
         return "\n".join(lines)
 
 
-def _load(source: str) -> tuple[dict[str, torch.Tensor], object, list[str]]:
-    """MAE encoder state (transformers' current key names), its config, and checkpoint keys it did not load."""
-    from transformers import AutoConfig, ViTMAEModel, logging
+def _config(source: str) -> Any:
+    from transformers import AutoConfig
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as exc:
@@ -69,20 +67,26 @@ def _load(source: str) -> tuple[dict[str, torch.Tensor], object, list[str]]:
                                    f"(e.g. facebook/vit-mae-base): {exc}") from None
     if getattr(config, "model_type", None) != "vit_mae":
         raise CheckpointError(f"{source}: a {getattr(config, 'model_type', '?')!r} model, not an MAE ViT (vit_mae)")
+    return config
+
+
+def _weights(source: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """MAE encoder state (transformers' current key names) and the checkpoint keys it did not load (decoder)."""
+    from transformers import ViTMAEModel, logging
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # its table of decoder keys "not used" is what our report says more briefly
     try:
         model, info = ViTMAEModel.from_pretrained(source, output_loading_info=True)
     finally:
         logging.set_verbosity(verbosity)
-    missing = [k for k in info.get("missing_keys", []) if not k.startswith(_MAY_BE_MISSING)]
+    missing = sorted(info.get("missing_keys", []))
     if missing:
         raise CheckpointError(f"{source}: the MAE checkpoint lacks encoder weights {missing[:5]} "
                               f"({len(missing)} in all); they would be random")
-    return model.state_dict(), config, sorted(info.get("unexpected_keys", []))
+    return model.state_dict(), sorted(info.get("unexpected_keys", []))
 
 
-def _check_size(encoder: ImageEncoder, config: object, source: str) -> None:
+def _check_size(encoder: ImageEncoder, config: Any, source: str) -> None:
     block = encoder.blocks[0]
     ours = (encoder.patch_embed.proj.out_channels, len(encoder.blocks), block.attn.num_heads,
             block.mlp.fc1.out_features, encoder.patch_embed.proj.kernel_size[0])
@@ -146,8 +150,9 @@ def init_from_mae(encoder: ImageEncoder, source: str) -> MaeReport:
 
     Raises ValueError when the sizes differ and CheckpointError when a tensor is missing or has the wrong shape;
     nothing is copied unless every mapping checks out."""
-    state, config, unexpected = _load(source)
-    _check_size(encoder, config, source)
+    config = _config(source)
+    _check_size(encoder, config, source)  # before reading gigabytes of weights
+    state, unexpected = _weights(source)
     qkv_bias = getattr(config, "qkv_bias", True)
     ours = encoder.state_dict()
     report = MaeReport(source)

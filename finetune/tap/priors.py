@@ -49,7 +49,7 @@ class PriorsWriter:
             if old.get("dim") != dim:
                 raise ValueError(f"{self.folder} holds priors of width {old.get('dim')}, not {dim}: use another --out")
         else:
-            tmp = manifest.with_name("manifest.json.tmp")
+            tmp = manifest.with_name(f"manifest.json.{os.getpid()}.tmp")  # ranks may start together
             tmp.write_text(json.dumps({"format": FORMAT, "dim": dim, "teacher": teacher,
                                        "templates": list(templates)}, indent=1))
             os.replace(tmp, manifest)

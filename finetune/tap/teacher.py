@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -92,7 +94,7 @@ def resize_square(image: np.ndarray | Image.Image, size: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------- teachers
-class ClipTeacher:
+class ClipTeacher(ABC):
     """What `tap-priors` needs of a CLIP: image and text embeddings (unnormalised), the logit scale, and the
     image geometry. Subclasses provide the two forward passes."""
 
@@ -105,11 +107,13 @@ class ClipTeacher:
     def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
         self.device, self.dtype = device, dtype
 
+    @abstractmethod
     def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """(N, D) embeddings of normalised (N, 3, S, S) pixels."""
 
+    @abstractmethod
     def _text_features(self, texts: list[str]) -> torch.Tensor:
-        raise NotImplementedError
+        """(N, D) embeddings of texts."""
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
@@ -219,6 +223,8 @@ def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.dev
         dev = torch.device(device)
     except RuntimeError:
         raise ValueError(f"--device {device!r}: not a device (auto, cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is available here (use --device cpu or auto)")
     if dtype not in ("auto", "bf16", "fp32"):
         raise ValueError(f"--dtype {dtype!r}: choose auto, bf16 or fp32")
     bf16 = dtype == "bf16" or (dtype == "auto" and dev.type == "cuda")
@@ -443,13 +449,6 @@ def _check_manifest(out: Path, teacher: str, templates: Sequence[str]) -> None:
                          f"{meta.get('templates')}, not {teacher!r} with {list(templates)}: use another --out")
 
 
-def _open_writer(out: Path, teacher: ClipTeacher, templates: Sequence[str]) -> PriorsWriter:
-    try:
-        return PriorsWriter(out, teacher.dim, teacher.description, templates)
-    except FileNotFoundError:  # another rank replaced the shared temporary manifest first: it exists now
-        return PriorsWriter(out, teacher.dim, teacher.description, templates)
-
-
 def _progress_printer(label: str, n: int, t0: float, every_s: float = 60.0) -> Callable[[ShardStats], None]:
     """A progress callback that prints at most once per `every_s` (a tar shard takes about an hour)."""
     last = [t0]
@@ -465,7 +464,17 @@ def _progress_printer(label: str, n: int, t0: float, every_s: float = 60.0) -> C
 
 
 def run(args: argparse.Namespace) -> int:
-    """Compute the priors of this rank's shards (all of them with one process); the concepts on rank 0."""
+    """`tap-priors`: 0 when this rank's shards are done; 2 (with the reason on stderr) for bad input or weights."""
+    try:
+        compute_priors(args)
+    except (ValueError, OSError) as exc:  # bad arguments, data, output folder or weights: a message, no traceback
+        print(f"tap-priors: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def compute_priors(args: argparse.Namespace) -> ShardStats:
+    """Compute the priors of this rank's shards (all of them with one process), and the concepts on rank 0."""
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, not {args.batch_size}")
     check_templates(args.templates)
@@ -476,7 +485,7 @@ def run(args: argparse.Namespace) -> int:
     shards = list_shards(args.sa1b, args.shard_size, bad)
     teacher = load_teacher(args.clip, args.device, args.dtype)
     _check_manifest(args.out, teacher.description, args.templates)
-    writer = _open_writer(args.out, teacher, args.templates)
+    writer = PriorsWriter(args.out, teacher.dim, teacher.description, args.templates)
     print(f"{tag}tap-priors: {teacher.description} ({teacher.dim}-d, {teacher.image_size}px, logit scale "
           f"{teacher.logit_scale:.1f}) on {teacher.device}, {len(shards)} shards in all", flush=True)
     if rank == 0:
@@ -504,4 +513,4 @@ def run(args: argparse.Namespace) -> int:
           f"to other ranks; {total.masks} masks from {total.images} images ({total.masks / max(elapsed, 1e-9):.1f} "
           f"masks/s), {total.empty_masks} empty masks skipped, {total.unreadable_images} unreadable images\n"
           f"{tag}bad records: {bad.summary()}", flush=True)
-    return 0
+    return total
