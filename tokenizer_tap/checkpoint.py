@@ -256,4 +256,4 @@ def save_official_pkl(state: Mapping[str, torch.Tensor], path: str | Path) -> No
         v = value.detach().cpu()
         arrays[key] = (v.to(torch.float16) if v.is_floating_point() else v.to(torch.int64)).numpy()
     with open(path, "wb") as f:
-        pickle.dump(arrays, f, protocol=2)
+        pickle.dump(arrays, f, protocol=4)
