@@ -8,7 +8,7 @@ A miniature of the paper's Table 5 rides along: stage 1 with L_seg alone versus 
 the same caption fine-tune (text decoder only, encoder and decoder frozen: Table 2's VG setting), so the captions
 show what the semantic token learned.
 
-Usage: python bench/bench_tap_train.py [--work runs/bench-tap] [--train 800] [--steps 600] [--json out.json]
+Usage: python bench/bench_tap_train.py [--work runs/bench-tap] [--train 800] [--steps 400] [--json out.json]
 """
 
 from __future__ import annotations
@@ -28,17 +28,15 @@ from bench.bench_tokenizer import cpu_name, emit  # noqa: E402
 CONFIGS = ROOT / "finetune" / "configs"
 
 
-def world_settings(world: Path, dim: int) -> list[str]:
-    return [f"data.sa1b={world / 'train'}", f"data.priors={world / 'priors'}",
-            f"model.overrides={{image_size: 256, window_size: 8, sem_embed_dim: {dim}, image_embed_dim: 128, "
-            "decoder_mlp_dim: 512}", "report_to=[]"]
+def world_settings(world: Path) -> list[str]:
+    return [f"data.sa1b={world / 'train'}", f"data.priors={world / 'priors'}", "report_to=[]"]
 
 
 def caption_settings(world: Path) -> list[str]:
     return [f"data.captions={world / 'captions_train.json'}", f"data.image_folder={world / 'train'}"]
 
 
-def measure(folder: Path | None, world: Path, eval_images: int, dim: int, seed: int = 0) -> dict:
+def measure(folder: Path | None, world: Path, eval_images: int, seed: int = 0) -> dict:
     """Region scores through `TapPredictor`, and CIDEr of the box-prompt captions against the world's."""
     import json
 
@@ -52,7 +50,7 @@ def measure(folder: Path | None, world: Path, eval_images: int, dim: int, seed: 
     from tokenizer_tap.checkpoint import save_pretrained
     from tokenizer_tap.predictor import TapPredictor
     if folder is None:  # the untrained model: the same config, initialised as training starts, saved as a folder
-        config = TapTrainConfig.load(CONFIGS / "tap_world_stage1.yaml", world_settings(world, dim) + [f"seed={seed}"])
+        config = TapTrainConfig.load(CONFIGS / "tap_world_stage1.yaml", world_settings(world) + [f"seed={seed}"])
         tap, tokenizer = build_model(config)
         folder = world.parent / "untrained"
         concepts = Priors(world / "priors").concepts()
@@ -83,19 +81,20 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-tap")
     ap.add_argument("--train", type=int, default=800, help="training scenes")
     ap.add_argument("--eval", type=int, default=100, help="held-out scenes")
-    ap.add_argument("--steps", type=int, default=600, help="optimizer steps per stage")
-    ap.add_argument("--dim", type=int, default=256, help="teacher / semantic embedding width")
+    ap.add_argument("--steps", type=int, default=400, help="optimizer steps of each stage-1 and stage-2 run")
+    ap.add_argument("--caption-steps", type=int, default=200, help="steps of the Table 5 caption fine-tunes")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     from finetune.tap.world import make_world
 
     shutil.rmtree(args.work, ignore_errors=True)
     world = args.work / "world"
-    make_world(world, train=args.train, eval=args.eval, seed=0, dim=args.dim)
-    base = world_settings(world, args.dim) + [f"steps={args.steps}"]
+    make_world(world, train=args.train, eval=args.eval, seed=0, dim=256)  # the configs' sem_embed_dim
+    base = world_settings(world) + [f"steps={args.steps}"]
     caps = caption_settings(world)
     tune = ["trainable.image_encoder=false", "trainable.prompt_encoder=false", "trainable.image_decoder=false",
-            "loss.alpha=0", "loss.concept=0", "data.caption_ratio=1.0", "data.scale_jitter=[1.0, 1.0]"]
+            "loss.alpha=0", "loss.concept=0", "data.caption_ratio=1.0", "data.scale_jitter=[1.0, 1.0]",
+            f"steps={args.caption_steps}"]
     runs = {
         "seg_only": ("tap_world_stage1.yaml", ["data.priors="]),
         "seg_concept": ("tap_world_stage1.yaml", []),
@@ -105,10 +104,10 @@ def main() -> None:
     }
     results: dict = {"machine": f"{cpu_name()}, {os.cpu_count()} cores", "train_scenes": args.train,
                      "eval_scenes": args.eval, "steps_per_stage": args.steps,
-                     "untrained": measure(None, world, args.eval, args.dim)}
+                     "untrained": measure(None, world, args.eval)}
     for name, (config, extra) in runs.items():
         results[name] = {"training": train(config, args.work / name, base + extra),
-                         "held_out": measure(args.work / name, world, args.eval, args.dim)}
+                         "held_out": measure(args.work / name, world, args.eval)}
         emit(results, args.json)
 
 

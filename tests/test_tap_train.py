@@ -24,7 +24,7 @@ STAGE2 = ROOT / "finetune" / "configs" / "tap_world_stage2.yaml"
 def world(tmp_path_factory) -> Path:
     from finetune.tap.world import make_world
     folder = tmp_path_factory.mktemp("world")
-    make_world(folder, train=24, eval=6, seed=1)
+    make_world(folder, train=24, eval=6, seed=1, dim=256)
     return folder
 
 
