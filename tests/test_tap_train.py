@@ -117,6 +117,12 @@ def test_a_killed_run_resumes_on_the_same_loss_curve(world: Path, tmp_path: Path
 
 
 def test_cli_reports_bad_configs_plainly(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "finetune", "tap-train", str(STAGE1), "data.sa1b=/no/such/dir",
-                           f"output_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "Traceback" not in done.stderr and "/no/such/dir" in done.stderr
+    def run(*overrides: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "finetune", "tap-train", str(STAGE1), f"output_dir={tmp_path}",
+                               *overrides], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    for overrides, message in [(["data.sa1b=/no/such/dir", "data.priors="], "/no/such/dir"),
+                               (["data.priors=/no/priors"], "no manifest.json"),
+                               (["optim.lr=fast"], "optim.lr must be a number")]:
+        done = run(*overrides)
+        assert done.returncode == 2 and "Traceback" not in done.stderr and message in done.stderr, done.stderr
