@@ -76,7 +76,8 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
     p.add_argument("--auth-file", action="append", type=Path, default=[], help="a file of user:password lines")
     p.add_argument("--tiny", action="store_true", help="tiny random models: no download, gibberish answers")
     p.add_argument("--tap-model", default=None, help="TAP variant (default: the checkpoint's, or tap_vit_l)")
-    p.add_argument("--tap-checkpoint", default=None, help="a TAP .pkl file (default: the HF cache)")
+    p.add_argument("--tap-checkpoint", default=None,
+                   help="TAP weights (.pkl/.safetensors) or a checkpoint folder from tap-train (default: HF cache)")
     p.add_argument("--llm", default=None, help="language model id or folder (default: microsoft/phi-2)")
     p.add_argument("--chat-checkpoint", default=None, help="a TAP-Chat checkpoint folder (tapchat mode); without "
                                                            "one the app runs in grounded mode")

@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--ocr", action="store_true", help="textvqa --hf: add the Reference OCR token line to prompts")
     r.add_argument("--answers", type=Path, required=True, help="answers JSONL, appended to (resume)")
     who = r.add_mutually_exclusive_group(required=True)
-    who.add_argument("--checkpoint", help="a TAP-Chat checkpoint folder (vg/refcocog: a TAP .pkl/.safetensors)")
+    who.add_argument("--checkpoint", help="a TAP-Chat checkpoint folder (vg/refcocog: TAP weights or a TAP checkpoint "
+                     "folder from tap-train)")
     who.add_argument("--tiny", action="store_true", help="tiny random models (tests, smoke runs)")
     r.add_argument("--tap-model", default="tap_vit_l", help="vg/refcocog: TAP architecture of --checkpoint")
     r.add_argument("--annotations", type=Path, help="score after the run (gqa, vqav2 val, textvqa)")

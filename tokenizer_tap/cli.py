@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a stroke of points (sampled to 9) as one region")
     d.add_argument("--everything", action="store_true", help="also segment the whole scene")
     d.add_argument("--model", default="tap_vit_l", help="tap_vit_b, tap_vit_l, tap_vit_h (default tap_vit_l)")
-    d.add_argument("--checkpoint", help="weights (.pkl/.safetensors/.pt); default: the official file from the hub")
+    d.add_argument("--checkpoint", help="weights (.pkl/.safetensors/.pt) or a TAP checkpoint folder (tap-train); "
+                   "default: the official file from the hub")
     d.add_argument("--concepts", default="merged_2560", help="merged_2560, lvis_1203, coco_80 or a .pkl path")
     d.add_argument("--tokenizer", help="LLaMA tokenizer.model path; default: a verified hub copy")
     d.add_argument("--tiny", action="store_true", help="tiny random-weight model: needs no download (demo, tests)")
