@@ -8,7 +8,7 @@ A miniature of the paper's Table 5 rides along: stage 1 with L_seg alone versus 
 the same caption fine-tune (text decoder only, encoder and decoder frozen: Table 2's VG setting), so the captions
 show what the semantic token learned.
 
-Usage: python bench/bench_tap_train.py [--work runs/bench-tap] [--train 800] [--steps 400] [--json out.json]
+Usage: python bench/bench_tap_train.py [--work runs/bench-tap] [--train 800] [--steps N] [--json out.json]
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-tap")
     ap.add_argument("--train", type=int, default=800, help="training scenes")
     ap.add_argument("--eval", type=int, default=100, help="held-out scenes")
-    ap.add_argument("--steps", type=int, default=400, help="optimizer steps of each stage-1 and stage-2 run")
+    ap.add_argument("--steps", type=int, default=0, help="optimizer steps of each stage-1 and 2 run (0: the configs')")
     ap.add_argument("--caption-steps", type=int, default=200, help="steps of the Table 5 caption fine-tunes")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -90,15 +90,15 @@ def main() -> None:
     shutil.rmtree(args.work, ignore_errors=True)
     world = args.work / "world"
     make_world(world, train=args.train, eval=args.eval, seed=0, dim=256)  # the configs' sem_embed_dim
-    base = world_settings(world) + [f"steps={args.steps}"]
+    base = world_settings(world) + ([f"steps={args.steps}"] if args.steps else [])
     caps = caption_settings(world)
     tune = ["trainable.image_encoder=false", "trainable.prompt_encoder=false", "trainable.image_decoder=false",
             "loss.alpha=0", "loss.concept=0", "data.caption_ratio=1.0", "data.scale_jitter=[1.0, 1.0]",
             f"steps={args.caption_steps}"]
-    runs = {
-        "seg_only": ("tap_world_stage1.yaml", ["data.priors="]),
+    runs = {  # the main proof first, then the Table 5 miniature
         "seg_concept": ("tap_world_stage1.yaml", []),
         "stage2": ("tap_world_stage2.yaml", [f"init={args.work / 'seg_concept'}", *caps]),
+        "seg_only": ("tap_world_stage1.yaml", ["data.priors="]),
         "seg_only+captions": ("tap_world_stage2.yaml", [f"init={args.work / 'seg_only'}", *caps, *tune]),
         "seg_concept+captions": ("tap_world_stage2.yaml", [f"init={args.work / 'seg_concept'}", *caps, *tune]),
     }

@@ -126,3 +126,33 @@ def test_cli_reports_bad_configs_plainly(tmp_path: Path) -> None:
                                (["optim.lr=fast"], "optim.lr must be a number")]:
         done = run(*overrides)
         assert done.returncode == 2 and "Traceback" not in done.stderr and message in done.stderr, done.stderr
+
+
+@pytest.mark.slow
+def test_pretraining_learns_masks_and_concepts(tmp_path: Path) -> None:
+    """The quick learning proof (bench/bench_tap_train.py is the full one): 128 px scenes, stage 1 from scratch.
+
+    Held-out box-prompt mIoU and concept top-1 must beat the untrained model by a wide margin, and concepts must beat
+    always naming the most frequent one. Do not loosen these: a failure means the pipeline stopped learning."""
+    from finetune.tap.evaluate import evaluate_regions
+    from finetune.tap.records import open_sa1b
+    from finetune.tap.world import load_labels, make_world
+    from tokenizer_tap.predictor import TapPredictor
+    world = tmp_path / "world"
+    make_world(world, train=120, eval=12, seed=5, size=128, dim=64)
+    small = ["model.overrides={image_size: 128, window_size: 8, sem_embed_dim: 64, image_embed_dim: 128, "
+             "decoder_mlp_dim: 512}", "sampler.prompts_per_image=8", "data.scale_jitter=[1.0, 1.0]"]
+
+    def scores(folder: Path):
+        predictor = TapPredictor.from_pretrained(str(folder), device="cpu", dtype="float32")
+        return evaluate_regions(predictor, open_sa1b(world / "eval"), load_labels(world, "eval"), captions=False)
+
+    untrained = TapTrainer(stage1(world, tmp_path / "untrained", "max_steps=1", "optim.lr=0", *small))
+    untrained.train()
+    TapTrainer(stage1(world, tmp_path / "trained", "steps=300", "optim.lr=3e-3", *small)).train()
+    before, after = scores(tmp_path / "untrained"), scores(tmp_path / "trained")
+    print(f"box mIoU {before.box_miou:.3f} -> {after.box_miou:.3f}, point mIoU {before.point_miou:.3f} -> "
+          f"{after.point_miou:.3f}, concept top-1 {before.concept_top1:.3f} -> {after.concept_top1:.3f} "
+          f"(majority {after.majority:.3f})")
+    assert after.box_miou > before.box_miou + 0.15
+    assert after.concept_top1 > max(2 * after.majority, before.concept_top1 + 0.2)

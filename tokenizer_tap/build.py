@@ -84,9 +84,10 @@ def build_tap(model: str | Path | TAPConfig = "tap_vit_l", checkpoint: str | Pat
         tap.concept_projector.reset_weights(100 * weights / np.linalg.norm(weights, axis=0), TINY_CONCEPTS)
     else:
         load_weights(tap, checkpoint_path(config, checkpoint))
-        own = load_folder_concepts(folder) if folder is not None else None
-        if concepts == DEFAULT_CONCEPTS and own is not None:
-            tap.concept_projector.reset_weights(*own)  # a trained folder's own vocabulary is its default
+        if folder is not None and concepts == DEFAULT_CONCEPTS:  # a folder's own vocabulary (if any) is its default
+            own = load_folder_concepts(folder)
+            if own is not None:
+                tap.concept_projector.reset_weights(*own)
         elif concepts is not None:
             tap.concept_projector.reset_weights(*load_concepts(concepts_path(concepts)))
     return tap.to(device=dev, dtype=resolve_dtype(dtype, dev)).eval()
