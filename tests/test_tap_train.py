@@ -42,7 +42,9 @@ def test_config_names_and_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="init must be"):
         TapTrainConfig.load(STAGE1, ["init=/no/such/folder"])
     c = TapTrainConfig.load(STAGE1, ["max_steps=3", "model.preset=tap_vit_xl", "optim.lr=1e-4"])
-    assert (c.max_steps, c.model.preset, c.optim.lr, c.data.scale_jitter) == (3, "tap_vit_xl", 1e-4, (0.75, 1.25))
+    assert (c.max_steps, c.model.preset, c.optim.lr, c.data.scale_jitter) == (3, "tap_vit_xl", 1e-4, (0.9, 1.1))
+    for shipped in STAGE1.parent.glob("tap_*.yaml"):  # every shipped config parses (init from a run made here)
+        TapTrainConfig.load(shipped, [f"init={tmp_path}"] if "init: runs/" in shipped.read_text() else [])
 
 
 def test_stage1_trains_and_the_folder_loads_everywhere(world: Path, tmp_path: Path) -> None:
