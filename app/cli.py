@@ -10,7 +10,9 @@ from pathlib import Path
 import gradio as gr
 
 from assistant.engine import Assistant
+from assistant.options import add_model_options
 from assistant.store import ChatStore, StoreError
+from tokenizer_tap.cache import cache_report
 from tokenizer_tap.errors import WeightsNotFoundError
 
 from . import ui
@@ -27,10 +29,7 @@ def load_assistant(config: AppConfig, store: ChatStore) -> tuple[Assistant, str]
     if config.tiny:
         return Assistant.tiny(store=store), TINY_BANNER
     try:
-        bot = Assistant.from_pretrained(config.chat_checkpoint, tap_model=config.tap_model,
-                                        tap_checkpoint=config.tap_checkpoint, llm=config.llm, device=config.device,
-                                        quantization=config.quantization, store=store)
-        return bot, ""
+        return Assistant.from_options(config, store=store), ""
     except WeightsNotFoundError as exc:
         first = str(exc).splitlines()[0]
         log.warning("model weights not found, starting with tiny random models:\n%s", exc)
@@ -74,15 +73,7 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
     p.add_argument("--auth", action="append", default=[], metavar="USER:PASS",
                    help="require login; repeat for more users (each user sees only their own chats)")
     p.add_argument("--auth-file", action="append", type=Path, default=[], help="a file of user:password lines")
-    p.add_argument("--tiny", action="store_true", help="tiny random models: no download, gibberish answers")
-    p.add_argument("--tap-model", default=None, help="TAP variant (default: the checkpoint's, or tap_vit_l)")
-    p.add_argument("--tap-checkpoint", default=None,
-                   help="TAP weights (.pkl/.safetensors) or a checkpoint folder from tap-train (default: HF cache)")
-    p.add_argument("--llm", default=None, help="language model id or folder (default: microsoft/phi-2)")
-    p.add_argument("--chat-checkpoint", default=None, help="a TAP-Chat checkpoint folder (tapchat mode); without "
-                                                           "one the app runs in grounded mode")
-    p.add_argument("--quantization", choices=["none", "4bit", "8bit"], default="none")
-    p.add_argument("--device", default="auto")
+    add_model_options(p)
     p.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     p.add_argument("--max-upload-mb", type=int, default=25)
     args = p.parse_args(argv)
@@ -93,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
     config = AppConfig(host=args.host, port=args.port, db=args.db, auth=auth, tiny=args.tiny,
                        tap_model=args.tap_model, tap_checkpoint=args.tap_checkpoint, llm=args.llm,
                        chat_checkpoint=args.chat_checkpoint, quantization=args.quantization, device=args.device,
-                       share=args.share, max_upload_mb=args.max_upload_mb)
+                       dtype=args.dtype, share=args.share, max_upload_mb=args.max_upload_mb)
     if args.data_dir is not None:
         config.data_dir = args.data_dir
     return config
@@ -107,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     except StoreError as exc:
         sys.exit(f"cannot open the history store: {exc}")
     bot = service.bot
+    log.info("memory bounds: %s", ", ".join(f"{name} <= {limit:,} {unit}" for name, _, limit, unit in cache_report()))
     models = f"TAP {bot.config.tap_model} + {bot.config.llm} ({bot.mode} mode)"
     if banner and not config.tiny:
         models += " [tiny fallback: weights not found]"

@@ -35,6 +35,7 @@ class AppConfig:
     chat_checkpoint: str | None = None
     quantization: str = "none"
     device: str = "auto"
+    dtype: str = "auto"
     share: bool = False
     max_upload_mb: int = 25
     max_pixels: int = 40_000_000  # about 7,300 x 5,500; larger uploads are refused with a message

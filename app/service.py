@@ -6,59 +6,39 @@ found" for anyone else's. Errors a user can cause come out as `UserError` with a
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import json
 import threading
 import zipfile
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from assistant.conversation import Conversation, ConversationError
-from assistant.engine import Assistant, GenerationError, ReplyStream
+from assistant.conversation import Conversation
+from assistant.engine import Assistant, ReplyStream
 from assistant.generation import GenerationSettings
 from assistant.rle import decode as rle_decode
-from assistant.store import NotFoundError, StoreError
-from tokenizer_tap.errors import TapError
-from tokenizer_tap.image_io import load_image
+from tokenizer_tap.cache import BoundedCache
+from tokenizer_tap.image_io import decode_image, load_image
 from tokenizer_tap.predictor import Region
 from tokenizer_tap.prompts import Prompt
+from tokenizer_tap.transforms import mask_bbox
 from tokenizer_tap.visualize import anchor, annotate, colour, tint
 
 from .config import AppConfig
+from .errors import UserError, friendly
 
 DEFAULT_TITLE = "New chat"
 TITLE_CHARS = 48
 MAX_NEW_TOKENS = 1024
 EVERYTHING_REGIONS = 16
 OVERLAY_CACHE = 8  # chats whose tinted overlay is kept (one image-sized array each)
-T = TypeVar("T")
-
-
-class UserError(Exception):
-    """Something the person using the app can fix; the message says what."""
-
-
-def friendly(fn: Callable[..., T]) -> Callable[..., T]:
-    """Turn the engine's, tokenizer's and store's refusals into `UserError`s."""
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> T:
-        try:
-            return fn(*args, **kwargs)
-        except UserError:
-            raise
-        except NotFoundError:
-            raise UserError("That conversation or region does not exist (or belongs to someone else).") from None
-        except (ConversationError, TapError, StoreError, GenerationError) as exc:
-            raise UserError(str(exc)) from None
-    return wrapper
+REGION_CACHE = 1024  # decoded region masks and their label anchors (one image-sized bool array each)
 
 
 @dataclass(frozen=True)
@@ -116,14 +96,18 @@ class ChatService:
         if assistant.store is None:
             raise ValueError("the app needs an Assistant with a history store")
         self.bot, self.store, self.config = assistant, assistant.store, config
-        self._open: OrderedDict[tuple[str, str], Conversation] = OrderedDict()
-        self._max_open = max_open
-        self._masks: dict[tuple[str, int], tuple[str | None, np.ndarray]] = {}
+        # Every cache of the page, with its bound (segment-everything results live as long as their open chat)
         self._everything: dict[tuple[str, str], tuple[str, list[Region]]] = {}
+        self._open: BoundedCache[tuple[str, str], Conversation] = BoundedCache(
+            "app.open_chats", max_open, on_evict=lambda key, _: self._everything.pop(key, None))
+        self._masks: BoundedCache[tuple[str, int], tuple[str | None, np.ndarray]] = BoundedCache(
+            "app.region_masks", REGION_CACHE)
+        self._anchors: BoundedCache[tuple[str, int], tuple[np.ndarray, tuple[int, int] | None]] = BoundedCache(
+            "app.label_anchors", REGION_CACHE)
+        self._tinted: BoundedCache[str, tuple[str | None, list[np.ndarray], np.ndarray]] = BoundedCache(
+            "app.tinted_overlays", OVERLAY_CACHE)
+        self._images: BoundedCache[str, np.ndarray] = BoundedCache("app.decoded_images", OVERLAY_CACHE)
         self._running: dict[tuple[str, str], threading.Event] = {}  # chats with an answer being written
-        self._tinted: dict[str, tuple[str | None, list[np.ndarray], np.ndarray]] = {}
-        self._anchors: dict[tuple[str, int], tuple[np.ndarray, tuple[int, int] | None]] = {}
-        self._images: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
     # -------------------------------------------------------------------------------------- conversations
@@ -151,7 +135,7 @@ class ChatService:
     def delete(self, owner: str, cid: str) -> None:
         self.store.delete(owner, cid)
         with self._lock:
-            self._open.pop((owner, cid), None)
+            self._open.pop((owner, cid))
             self._everything.pop((owner, cid), None)
         self.bot.kv.drop(cid)
 
@@ -172,11 +156,9 @@ class ChatService:
         """The live conversation, restored from the store on first use (raises NotFoundError for others')."""
         if not isinstance(cid, str) or not cid:
             raise UserError("Start a chat first: upload an image or press New chat.")
-        with self._lock:
-            conv = self._open.get((owner, cid))
-            if conv is not None:
-                self._open.move_to_end((owner, cid))
-                return conv
+        conv = self._open.get((owner, cid))
+        if conv is not None:
+            return conv
         return self._remember(self.bot.open(owner, cid))
 
     # -------------------------------------------------------------------------------------------- images
@@ -187,9 +169,13 @@ class ChatService:
         Size and format are checked before the model sees the file, with messages a person can act on.
         """
         data = source if isinstance(source, bytes) else _read_upload(source, self.config.max_upload_mb)
-        load_image(data, max_pixels=self.config.max_pixels)
+        upload = decode_image(data, max_pixels=self.config.max_pixels)  # the only decode of this upload
         cid = cid or self.new_chat(owner)
-        self.bot.set_image(self.conversation(owner, cid), data)
+        conv = self.conversation(owner, cid)
+        self.bot.set_image(conv, upload)
+        if conv.image_sha is not None:  # the page redraws it next: from these pixels, not the stored file
+            upload.rgb.flags.writeable = False  # ours (decoded from bytes), shared by every redraw
+            self._images.put(conv.image_sha, upload.rgb)
         return self.snapshot(owner, cid)
 
     # ------------------------------------------------------------------------------------------- regions
@@ -279,15 +265,11 @@ class ChatService:
             base = tint(tint(image, [masks[j] for j in rest], [cols[j] for j in rest], alpha=0.15),
                         [masks[i]], [cols[i]], alpha=0.6)
         else:
-            with self._lock:
-                sha, drawn, base = self._tinted.pop(cid, (None, [], None))
+            sha, drawn, base = self._tinted.pop(cid) or (None, [], None)
             if sha != conv.image_sha or len(drawn) > len(masks) or any(a is not b for a, b in zip(drawn, masks)):
                 drawn, base = [], image
             base = tint(base, masks[len(drawn):], cols[len(drawn):])
-            with self._lock:
-                self._tinted[cid] = (conv.image_sha, masks, base)
-                while len(self._tinted) > OVERLAY_CACHE:
-                    self._tinted.pop(next(iter(self._tinted)))
+            self._tinted.put(cid, (conv.image_sha, masks, base))
         anchors = [self._anchor(conv.id, v.number, m) for v, m in zip(views, masks)]
         # labels at 1/24 of the shorter side: still readable when the page shows the image scaled down
         return annotate(Image.fromarray(base), anchors, [f"{v.number} {v.concept}" for v in views], cols,
@@ -385,11 +367,8 @@ class ChatService:
 
     # ------------------------------------------------------------------------------------------ internals
     def _remember(self, conv: Conversation) -> Conversation:
-        with self._lock:
-            self._open[(conv.owner, conv.id)] = conv
-            while len(self._open) > self._max_open:
-                (_, old), _ = self._open.popitem(last=False)
-                self._everything.pop((conv.owner, old), None)
+        with self._lock:  # the eviction callback edits _everything
+            self._open.put((conv.owner, conv.id), conv)
         return conv
 
     def _require_idle(self, owner: str, cid: str) -> None:
@@ -399,23 +378,18 @@ class ChatService:
 
     def _pixels(self, sha: str) -> np.ndarray:
         """A stored image, decoded once and kept for the few most recent images (every redraw needs it)."""
-        with self._lock:
-            if sha in self._images:
-                self._images.move_to_end(sha)
-                return self._images[sha]
-        pixels = load_image(self.store.image_path(sha), max_pixels=1 << 40)
-        pixels.flags.writeable = False  # shared by every redraw
-        with self._lock:
-            self._images[sha] = pixels
-            while len(self._images) > OVERLAY_CACHE:
-                self._images.popitem(last=False)
+        pixels = self._images.get(sha)
+        if pixels is None:
+            pixels = load_image(self.store.image_path(sha), max_pixels=1 << 40)
+            pixels.flags.writeable = False  # shared by every redraw
+            self._images.put(sha, pixels)
         return pixels
 
     def _anchor(self, cid: str, number: int, mask: np.ndarray) -> tuple[int, int] | None:
         cached = self._anchors.get((cid, number))
         if cached is None or cached[0] is not mask:
             cached = (mask, anchor(mask))
-            _bounded_put(self._anchors, (cid, number), cached)
+            self._anchors.put((cid, number), cached)
         return cached[1]
 
     def _mask(self, conv: Conversation, number: int) -> np.ndarray:
@@ -426,24 +400,16 @@ class ChatService:
         if cached is None or cached[0] != entry.image_key:
             rec = next(r for r in self.store.get_conversation(conv.owner, conv.id).regions if r.number == number)
             cached = (entry.image_key, rle_decode(rec.mask).astype(bool))
-            _bounded_put(self._masks, (conv.id, number), cached)
+            self._masks.put((conv.id, number), cached)
         return cached[1]
 
     def _view(self, conv: Conversation, number: int) -> RegionView:
         g = conv.regions[number].grounded
         mask = self._mask(conv, number)
-        ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
-        box = None if ys.size == 0 else [int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1]
+        box = mask_bbox(mask)
+        box = None if box is None else list(box)
         return RegionView(number, g.concept, round(float(g.prob), 3), g.caption, box, round(float(g.area_percent), 2),
                           _hex(colour(number - 1)))
-
-
-def _bounded_put(cache: dict, key: Any, value: Any, limit: int = 1024) -> None:
-    """Insert, dropping the oldest entries beyond `limit` (dicts keep insertion order)."""
-    cache.pop(key, None)
-    cache[key] = value
-    while len(cache) > limit:
-        cache.pop(next(iter(cache)))
 
 
 def _read_upload(path: str | Path, max_mb: int) -> bytes:

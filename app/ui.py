@@ -6,11 +6,11 @@ page is always a view of the server's state (which is why a reopened chat looks 
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import gradio as gr
@@ -19,9 +19,10 @@ import numpy as np
 from tokenizer_tap.prompts import Prompt
 
 from . import api
+from .errors import UserError, toasts
 from .owners import browser_owner, new_token, pinned_secret
 from .render import chat_messages, chip_samples, history_samples
-from .service import ChatService, UserError
+from .service import ChatService
 
 log = logging.getLogger("tapchat.app")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -54,24 +55,6 @@ JS = """
 """
 
 
-def _warned(n_outputs: int) -> Callable:
-    """Show a `UserError` (or an unexpected failure) as a toast and leave every output unchanged."""
-    def wrap(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def inner(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return fn(*args, **kwargs)
-            except UserError as exc:
-                gr.Warning(str(exc))
-            except Exception as exc:  # the page must stay usable whatever happened
-                log.exception("handler %s failed", fn.__name__)
-                gr.Warning(f"Something went wrong ({type(exc).__name__}); the chat is unchanged.")
-            skips = tuple(gr.skip() for _ in range(n_outputs))
-            return skips[0] if n_outputs == 1 else skips
-        return inner
-    return wrap
-
-
 def load_examples() -> list[dict[str, Any]]:
     """The example gallery: images shipped in examples/ with pre-set regions and a question."""
     path = EXAMPLES / "examples.json"
@@ -81,11 +64,111 @@ def load_examples() -> list[dict[str, Any]]:
 
 def build(service: ChatService, *, auth: bool, banner: str = "") -> gr.Blocks:
     """The whole page; `auth` says whether the logged-in user (else an anonymous browser token) owns chats."""
-    secret = pinned_secret(service.config.data_dir)
-    examples = load_examples()
+    handlers = Handlers(service, auth, load_examples())
+    with gr.Blocks(title="TAP-Chat") as demo:
+        page = layout(service, banner, handlers.examples)
+        wire(demo, page, handlers)
+        api.register(service, auth=auth)
+    return demo
 
-    def owner_of(token: str | None, request: gr.Request) -> tuple[str, str]:
-        if auth:
+
+# ------------------------------------------------------------------------------------------------ layout
+def layout(service: ChatService, banner: str, examples: list[dict[str, Any]]) -> SimpleNamespace:
+    """Every component, by name (`page.chat`, `page.image` ...): the handlers read and write these."""
+    p = SimpleNamespace()
+    p.token = gr.BrowserState("", storage_key="tapchat-owner", secret=pinned_secret(service.config.data_dir))
+    p.owner, p.cid, p.focus = gr.State(""), gr.State(""), gr.State(None)
+    p.corner = gr.State(None)  # first corner of a two-click box
+    p.history_ids = gr.State([])
+    gr.Markdown("## TAP-Chat — chat about your image, region by region")
+    gr.Markdown(banner, elem_id="banner", visible=bool(banner))
+    # Nothing can be clicked before the page knows whose chats it shows (on_load), or an early upload would
+    # belong to nobody; on a busy server that first round trip can take seconds.
+    p.connecting = gr.Markdown("Connecting…", elem_id="connecting")
+    with gr.Row(visible=False, elem_id="workspace") as p.workspace:
+        with gr.Column(scale=1, min_width=220):
+            _sidebar(p)
+        with gr.Column(scale=3):
+            _image_panel(p, examples)
+        with gr.Column(scale=3):
+            _chat_panel(p, service.bot.mode)
+    p.focus_in = gr.Textbox(elem_id="focus_in", elem_classes="tap-hidden")
+    return p
+
+
+def _sidebar(p: SimpleNamespace) -> None:
+    p.new_btn = gr.Button("New chat", elem_id="new_chat", variant="primary")
+    p.search = gr.Textbox(placeholder="Search chats", show_label=False, elem_id="search")
+    p.history_ds = gr.Dataset(components=[gr.Textbox(visible=False)], samples=[], type="index", label="History",
+                              elem_id="history", samples_per_page=12)
+    with gr.Accordion("This chat", open=False, elem_id="chat_actions"):
+        p.title = gr.Textbox(label="Title", elem_id="title")
+        p.rename_btn = gr.Button("Rename", size="sm", elem_id="rename")
+        p.delete_btn = gr.Button("Delete chat", size="sm", variant="stop", elem_id="delete")
+        with gr.Row(visible=False) as p.confirm_row:
+            p.confirm_btn = gr.Button("Yes, delete", size="sm", variant="stop", elem_id="confirm_delete")
+            p.cancel_btn = gr.Button("Keep", size="sm", elem_id="cancel_delete")
+        with gr.Row():
+            p.json_btn = gr.Button("Export JSON", size="sm", elem_id="export_json")
+            p.md_btn = gr.Button("Export Markdown", size="sm", elem_id="export_md")
+        p.export_file = gr.File(label="Download", interactive=False, elem_id="export_file")
+
+
+def _image_panel(p: SimpleNamespace, examples: list[dict[str, Any]]) -> None:
+    with gr.Tabs():
+        with gr.Tab("Click", id="click"):
+            p.image = gr.Image(type="filepath", sources=["upload", "clipboard"], format="jpeg",
+                               label="Image — click to add a region", elem_id="image", height=480)
+            p.mode = gr.Radio(MODES, value=MODES[0], show_label=False, elem_id="mode")
+        with gr.Tab("Scribble", id="scribble"):
+            p.editor = gr.ImageEditor(type="numpy", transforms=(), layers=False, elem_id="editor",
+                                      brush=gr.Brush(default_size=12, colors=["#ff3b30"], color_mode="fixed"),
+                                      label="Draw over an object")
+            p.scribble_btn = gr.Button("Use scribble as a region", elem_id="use_scribble")
+    p.chips = gr.Dataset(components=[gr.Textbox(visible=False)], samples=[], type="index",
+                         label="Regions — click one to mention it", elem_id="chips")
+    with gr.Row():
+        p.remove_btn = gr.Button("Remove selected region", size="sm", elem_id="remove_region")
+        p.everything_btn = gr.Button("Segment everything", size="sm", elem_id="everything")
+    with gr.Accordion("Segment everything — click a mask to adopt it", open=False) as p.everything_box:
+        p.candidates = gr.AnnotatedImage(elem_id="candidates", height=360)
+    p.example_ds = None
+    if examples:
+        p.example_ds = gr.Dataset(components=[gr.Image(visible=False), gr.Textbox(visible=False)],
+                                  samples=[[e["image"], e["question"]] for e in examples], type="index",
+                                  label="Examples", elem_id="examples")
+
+
+def _chat_panel(p: SimpleNamespace, mode: str) -> None:
+    p.chat = gr.Chatbot(label="Chat", elem_id="chat", height=520, buttons=["copy"], sanitize_html=True)
+    p.msg = gr.Textbox(placeholder="Ask about <region1>…", show_label=False, elem_id="msg", submit_btn="Send",
+                       stop_btn=False, max_lines=6)
+    with gr.Row():
+        p.regen_btn = gr.Button("Regenerate", size="sm", elem_id="regenerate")
+        p.undo_btn = gr.Button("Undo", size="sm", elem_id="undo")
+        p.clear_btn = gr.Button("Clear", size="sm", elem_id="clear")
+    with gr.Accordion("Settings", open=False):
+        p.temperature = gr.Slider(0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)")
+        p.max_tokens = gr.Slider(16, 1024, value=256, step=16, label="Max new tokens")
+        gr.Radio(["grounded", "tapchat"], value=mode, interactive=False, label="Mode (as loaded)")
+
+
+# ---------------------------------------------------------------------------------------------- handlers
+#: How many outputs each group of handlers returns (their event rows list the components, in this order).
+NEW_OUTPUTS = 8  # cid, image, chips, chat, focus, title, editor, corner
+IMAGE_OUTPUTS = 9  # cid, image, chips, chat, focus, editor, corner, history_ds, history_ids
+REGION_OUTPUTS = 4  # image, chips, focus, corner
+
+
+class Handlers:
+    """What each page event does: resolve the owner, call `ChatService`, redraw from what it returns."""
+
+    def __init__(self, service: ChatService, auth: bool, examples: list[dict[str, Any]]) -> None:
+        self.service, self.auth, self.examples = service, auth, examples
+
+    # views
+    def owner_of(self, token: str | None, request: gr.Request) -> tuple[str, str]:
+        if self.auth:
             return token or "", request.username
         owner = browser_owner(token or "")
         if owner is None:
@@ -93,337 +176,236 @@ def build(service: ChatService, *, auth: bool, banner: str = "") -> gr.Blocks:
             owner = browser_owner(token)
         return token, owner
 
-    def view(owner: str, cid: str, focus: int | None = None) -> tuple:
+    def view(self, owner: str, cid: str, focus: int | None = None) -> tuple:
         """(overlay, chips, chat) for a chat; empty when there is none."""
         if not cid:
             return None, gr.Dataset(samples=[]), []
-        snap = service.snapshot(owner, cid, image=False)
-        return (service.overlay(owner, cid, focus), gr.Dataset(samples=chip_samples(snap.regions)),
+        snap = self.service.snapshot(owner, cid, image=False)
+        return (self.service.overlay(owner, cid, focus), gr.Dataset(samples=chip_samples(snap.regions)),
                 chat_messages(snap.messages, snap.regions))
 
-    def chat_view(owner: str, cid: str, streaming: bool = False) -> list[dict]:
-        snap = service.snapshot(owner, cid, image=False)
+    def chat_view(self, owner: str, cid: str, streaming: bool = False) -> list[dict]:
+        snap = self.service.snapshot(owner, cid, image=False)
         return chat_messages(snap.messages, snap.regions, streaming)
 
-    def history_view(owner: str, query: str = "") -> tuple:
-        items = service.history(owner, query or "")
+    def history_view(self, owner: str, query: str = "") -> tuple:
+        items = self.service.history(owner, query or "")
         return gr.Dataset(samples=history_samples(items)), [i["id"] for i in items]
 
-    with gr.Blocks(title="TAP-Chat") as demo:
-        token = gr.BrowserState("", storage_key="tapchat-owner", secret=secret)
-        owner = gr.State("")
-        cid = gr.State("")
-        focus = gr.State(None)
-        corner = gr.State(None)  # first corner of a two-click box
-        history_ids = gr.State([])
+    @staticmethod
+    def empty_chat() -> tuple:
+        return "", None, gr.Dataset(samples=[]), [], None, "", gr.update(value=None), None
 
-        gr.Markdown("## TAP-Chat — chat about your image, region by region")
-        gr.Markdown(banner, elem_id="banner", visible=bool(banner))
-        # Nothing can be clicked before the page knows whose chats it shows (on_load), or an early upload would
-        # belong to nobody; on a busy server that first round trip can take seconds.
-        connecting = gr.Markdown("Connecting…", elem_id="connecting")
-        with gr.Row(visible=False, elem_id="workspace") as workspace:
-            with gr.Column(scale=1, min_width=220):
-                new_btn = gr.Button("New chat", elem_id="new_chat", variant="primary")
-                search = gr.Textbox(placeholder="Search chats", show_label=False, elem_id="search")
-                history_ds = gr.Dataset(components=[gr.Textbox(visible=False)], samples=[], type="index",
-                                        label="History", elem_id="history", samples_per_page=12)
-                with gr.Accordion("This chat", open=False, elem_id="chat_actions"):
-                    title = gr.Textbox(label="Title", elem_id="title")
-                    rename_btn = gr.Button("Rename", size="sm", elem_id="rename")
-                    delete_btn = gr.Button("Delete chat", size="sm", variant="stop", elem_id="delete")
-                    with gr.Row(visible=False) as confirm_row:
-                        confirm_btn = gr.Button("Yes, delete", size="sm", variant="stop", elem_id="confirm_delete")
-                        cancel_btn = gr.Button("Keep", size="sm", elem_id="cancel_delete")
-                    with gr.Row():
-                        json_btn = gr.Button("Export JSON", size="sm", elem_id="export_json")
-                        md_btn = gr.Button("Export Markdown", size="sm", elem_id="export_md")
-                    export_file = gr.File(label="Download", interactive=False, elem_id="export_file")
-            with gr.Column(scale=3):
-                with gr.Tabs():
-                    with gr.Tab("Click", id="click"):
-                        image = gr.Image(type="filepath", sources=["upload", "clipboard"], format="jpeg",
-                                         label="Image — click to add a region", elem_id="image", height=480)
-                        mode = gr.Radio(MODES, value=MODES[0], show_label=False, elem_id="mode")
-                    with gr.Tab("Scribble", id="scribble"):
-                        editor = gr.ImageEditor(type="numpy", transforms=(), layers=False, elem_id="editor",
-                                                brush=gr.Brush(default_size=12, colors=["#ff3b30"],
-                                                               color_mode="fixed"), label="Draw over an object")
-                        scribble_btn = gr.Button("Use scribble as a region", elem_id="use_scribble")
-                chips = gr.Dataset(components=[gr.Textbox(visible=False)], samples=[], type="index",
-                                   label="Regions — click one to mention it", elem_id="chips")
-                with gr.Row():
-                    remove_btn = gr.Button("Remove selected region", size="sm", elem_id="remove_region")
-                    everything_btn = gr.Button("Segment everything", size="sm", elem_id="everything")
-                with gr.Accordion("Segment everything — click a mask to adopt it", open=False) as everything_box:
-                    candidates = gr.AnnotatedImage(elem_id="candidates", height=360)
-                if examples:
-                    example_ds = gr.Dataset(components=[gr.Image(visible=False), gr.Textbox(visible=False)],
-                                            samples=[[e["image"], e["question"]] for e in examples], type="index",
-                                            label="Examples", elem_id="examples")
-            with gr.Column(scale=3):
-                chat = gr.Chatbot(label="Chat", elem_id="chat", height=520, buttons=["copy"],
-                                  sanitize_html=True)
-                msg = gr.Textbox(placeholder="Ask about <region1>…", show_label=False, elem_id="msg",
-                                 submit_btn="Send", stop_btn=False, max_lines=6)
-                with gr.Row():
-                    regen_btn = gr.Button("Regenerate", size="sm", elem_id="regenerate")
-                    undo_btn = gr.Button("Undo", size="sm", elem_id="undo")
-                    clear_btn = gr.Button("Clear", size="sm", elem_id="clear")
-                with gr.Accordion("Settings", open=False):
-                    temperature = gr.Slider(0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)")
-                    max_tokens = gr.Slider(16, 1024, value=256, step=16, label="Max new tokens")
-                    gr.Radio(["grounded", "tapchat"], value=service.bot.mode, interactive=False,
-                             label="Mode (as loaded)")
-        focus_in = gr.Textbox(elem_id="focus_in", elem_classes="tap-hidden")
+    # owner and history
+    def on_load(self, tok: str, request: gr.Request):
+        tok, who = self.owner_of(tok, request)
+        return (tok, who, *self.history_view(who), gr.Row(visible=True), gr.Markdown(visible=False))
 
-        # ------------------------------------------------------------------------------ owner and history
-        def on_load(tok: str, request: gr.Request):
-            tok, who = owner_of(tok, request)
-            return (tok, who, *history_view(who), gr.Row(visible=True), gr.Markdown(visible=False))
+    def on_search(self, who: str, query: str):
+        return self.history_view(who, query)
 
-        demo.load(on_load, [token], [token, owner, history_ds, history_ids, workspace, connecting],
-                  api_visibility="private")
+    def on_new(self, who: str):
+        return self.empty_chat()
 
-        @_warned(2)
-        def on_search(who: str, query: str):
-            return history_view(who, query)
+    def on_open(self, who: str, ids: list[str], index: int):
+        conv_id = ids[index]
+        snap = self.service.snapshot(who, conv_id)
+        overlay, chip_ds, messages = self.view(who, conv_id)
+        return conv_id, overlay, chip_ds, messages, None, snap.title, _editor_value(snap.image), None
 
-        # Every event that reads or rewrites the chat list shares one queue lane, so a search typed right after a
-        # rename or delete runs after it and never paints the old titles back.
-        history_lane = {"concurrency_id": "history", "api_visibility": "private"}
-        search.change(on_search, [owner, search], [history_ds, history_ids], trigger_mode="always_last",
-                      **history_lane)
+    def on_rename(self, who: str, conv_id: str, new_title: str, query: str):
+        self.service.rename(who, conv_id, new_title)
+        return self.history_view(who, query)
 
-        def empty_chat():
-            return "", None, gr.Dataset(samples=[]), [], None, "", gr.update(value=None), None
+    def on_delete(self, who: str, conv_id: str, query: str):
+        self.service.delete(who, conv_id)
+        return (gr.Row(visible=False), *self.history_view(who, query), *self.empty_chat())
 
-        new_outputs = [cid, image, chips, chat, focus, title, editor, corner]
+    def on_export_json(self, who: str, conv_id: str):
+        return str(self.service.export(who, conv_id, "json"))
 
-        @_warned(len(new_outputs))
-        def on_new(who: str):
-            return empty_chat()
+    def on_export_markdown(self, who: str, conv_id: str):
+        return str(self.service.export(who, conv_id, "markdown"))
 
-        new_btn.click(on_new, [owner], new_outputs, api_visibility="private", queue=False)
+    # image and regions
+    def on_upload(self, who: str, conv_id: str, payload: dict | None):
+        if not payload:
+            return tuple(gr.skip() for _ in range(IMAGE_OUTPUTS))
+        try:
+            snap = self.service.set_image(who, conv_id, api.uploaded_path(payload))
+        except UserError as exc:  # refused: take the file off the canvas, keep the chat as it was
+            gr.Warning(str(exc))
+            return (gr.skip(), *self.view(who, conv_id)[:1], *(gr.skip() for _ in range(IMAGE_OUTPUTS - 2)))
+        conv_id = snap.conversation_id
+        overlay, chip_ds, messages = self.view(who, conv_id)
+        return (conv_id, overlay, chip_ds, messages, None, _editor_value(snap.image), None, *self.history_view(who))
 
-        open_outputs = [cid, image, chips, chat, focus, title, editor, corner]
+    def on_click(self, who: str, conv_id: str, how: str, first: list[float] | None, evt: gr.SelectData):
+        x, y = float(evt.index[0]), float(evt.index[1])
+        if how == MODES[2]:
+            if first is None:
+                gr.Info("First corner set: click the opposite corner.")
+                return gr.skip(), gr.skip(), gr.skip(), [x, y]
+            region = self.service.add_region(who, conv_id, Prompt.from_box(first[0], first[1], x, y))
+        else:
+            region = self.service.click(who, conv_id, x, y, positive=how == MODES[0])
+        overlay, chip_ds, _ = self.view(who, conv_id)
+        return overlay, chip_ds, region.number, None
 
-        @_warned(len(open_outputs))
-        def on_open(who: str, ids: list[str], index: int):
-            conv_id = ids[index]
-            snap = service.snapshot(who, conv_id)
-            overlay, chip_ds, messages = view(who, conv_id)
-            bg = _editor_value(snap.image)
-            return conv_id, overlay, chip_ds, messages, None, snap.title, bg, None
+    def on_scribble(self, who: str, conv_id: str, value: dict | None):
+        region = self.service.add_region(who, conv_id, Prompt.scribble(scribble_stroke(value)))
+        overlay, chip_ds, _ = self.view(who, conv_id)
+        return overlay, chip_ds, region.number, None
 
-        history_ds.click(on_open, [owner, history_ids, history_ds], open_outputs, api_visibility="private")
+    def on_chip(self, who: str, conv_id: str, text: str, index: int):
+        region = self.service.region_views(who, conv_id)[index]
+        text = (text or "").rstrip()
+        return self.service.overlay(who, conv_id, region.number), region.number, f"{text} {region.ref} ".lstrip()
 
-        @_warned(2)
-        def on_rename(who: str, conv_id: str, new_title: str, query: str):
-            service.rename(who, conv_id, new_title)
-            return history_view(who, query)
+    def on_focus(self, who: str, conv_id: str, number: str):
+        n = int(number) if str(number).isdigit() else None
+        return self.service.overlay(who, conv_id, n), n
 
-        rename_btn.click(on_rename, [owner, cid, title, search], [history_ds, history_ids], **history_lane)
-        delete_btn.click(lambda: gr.Row(visible=True), None, confirm_row, queue=False, api_visibility="private")
-        cancel_btn.click(lambda: gr.Row(visible=False), None, confirm_row, queue=False, api_visibility="private")
+    def on_remove(self, who: str, conv_id: str, number: int | None):
+        regions = self.service.region_views(who, conv_id) if conv_id else []
+        if not regions:
+            raise UserError("There is no region to remove.")
+        number = number if number in {r.number for r in regions} else regions[-1].number
+        self.service.remove_region(who, conv_id, number)
+        overlay, chip_ds, _ = self.view(who, conv_id)
+        return overlay, chip_ds, None
 
-        delete_outputs = [confirm_row, history_ds, history_ids, *new_outputs]
+    def on_everything(self, who: str, conv_id: str):
+        found = self.service.segment_everything(who, conv_id)
+        if not found:
+            gr.Info("TAP found no confident regions; click points instead.")
+        return self.service.everything_overlay(who, conv_id), gr.Accordion(open=True)
 
-        @_warned(len(delete_outputs))
-        def on_delete(who: str, conv_id: str, query: str):
-            service.delete(who, conv_id)
-            return (gr.Row(visible=False), *history_view(who, query), *empty_chat())
+    def on_adopt(self, who: str, conv_id: str, evt: gr.SelectData):
+        region = self.service.adopt(who, conv_id, int(evt.index) + 1)
+        overlay, chip_ds, _ = self.view(who, conv_id)
+        return overlay, chip_ds, region.number
 
-        confirm_btn.click(on_delete, [owner, cid, search], delete_outputs, **history_lane)
+    def on_example(self, who: str, index: int):
+        ex = self.examples[index]
+        conv_id = self.service.new_chat(who)
+        snap = self.service.set_image(who, conv_id, ex["image"])
+        for p in ex.get("regions", []):
+            self.service.add_region(who, conv_id, Prompt.from_dict(p))
+        overlay, chip_ds, messages = self.view(who, conv_id)
+        return (conv_id, overlay, chip_ds, messages, None, _editor_value(snap.image), None,
+                *self.history_view(who), ex["question"])
 
-        @_warned(1)
-        def on_export(who: str, conv_id: str, fmt: str):
-            return str(service.export(who, conv_id, fmt))
+    # chat
+    def answer(self, who: str, conv_id: str, start: Callable[[], Any]):
+        """Stream an answer into the chat; on Stop (or a closed page) the partial answer is kept."""
+        try:
+            stream = start()
+        except UserError as exc:
+            gr.Warning(str(exc))
+            return
+        yield self.chat_view(who, conv_id, streaming=True), gr.Textbox(value="", submit_btn=False, stop_btn="Stop")
+        try:
+            for _ in stream:
+                yield self.chat_view(who, conv_id, streaming=True), gr.skip()
+        except UserError as exc:
+            gr.Warning(str(exc))
+        except Exception as exc:
+            log.exception("answer failed")
+            gr.Warning(f"The model failed mid-answer ({type(exc).__name__}); what it said so far is kept.")
+        finally:
+            stream.cancel()
+        yield self.chat_view(who, conv_id), gr.Textbox(submit_btn="Send", stop_btn=False)
 
-        json_btn.click(functools.partial(on_export, fmt="json"), [owner, cid], export_file, api_visibility="private")
-        md_btn.click(functools.partial(on_export, fmt="markdown"), [owner, cid], export_file,
-                     api_visibility="private")
+    def on_send(self, who: str, conv_id: str, text: str, temp: float, n: int):
+        if not (text or "").strip():
+            gr.Warning("Type a question first.")
+            return
+        conv_id = conv_id or self.service.new_chat(who)  # a question with no image starts a text-only chat
+        for messages, box in self.answer(who, conv_id,
+                                         lambda: self.service.stream(who, conv_id, text, temp, int(n))):
+            yield conv_id, messages, box
 
-        # ---------------------------------------------------------------------------------------- image
-        image_outputs = [cid, image, chips, chat, focus, editor, corner, history_ds, history_ids]
+    def on_regenerate(self, who: str, conv_id: str, temp: float, n: int):
+        yield from self.answer(who, conv_id, lambda: self.service.regenerate(who, conv_id, temp, int(n)))
 
-        @_warned(len(image_outputs))
-        def on_upload(who: str, conv_id: str, payload: dict | None):
-            if not payload:
-                return tuple(gr.skip() for _ in image_outputs)
-            try:
-                snap = service.set_image(who, conv_id, api.uploaded_path(payload))
-            except UserError as exc:  # refused: take the file off the canvas, keep the chat as it was
-                gr.Warning(str(exc))
-                return (gr.skip(), *view(who, conv_id)[:1], *(gr.skip() for _ in image_outputs[2:]))
-            conv_id = snap.conversation_id
-            overlay, chip_ds, messages = view(who, conv_id)
-            return (conv_id, overlay, chip_ds, messages, None, _editor_value(snap.image), None, *history_view(who))
+    def on_stop(self, who: str, conv_id: str) -> None:
+        self.service.stop(who, conv_id)
 
-        # preprocess=False: the raw upload reaches the service, whose checks give readable messages for corrupt,
-        # non-image and oversized files (Gradio's own decoding would fail first with a bare "Error").
-        image.upload(on_upload, [owner, cid, image], image_outputs, api_visibility="private",
-                     concurrency_id="model", preprocess=False)
+    def on_undo(self, who: str, conv_id: str):
+        question = self.service.undo(who, conv_id)
+        return self.chat_view(who, conv_id), question
 
-        region_outputs = [image, chips, focus, corner]
+    def on_clear(self, who: str, conv_id: str):
+        self.service.clear(who, conv_id)
+        return self.chat_view(who, conv_id)
 
-        @_warned(len(region_outputs))
-        def on_click(who: str, conv_id: str, how: str, first: list[float] | None, evt: gr.SelectData):
-            x, y = float(evt.index[0]), float(evt.index[1])
-            if how == MODES[2]:
-                if first is None:
-                    gr.Info("First corner set: click the opposite corner.")
-                    return gr.skip(), gr.skip(), gr.skip(), [x, y]
-                region = service.add_region(who, conv_id, Prompt.from_box(first[0], first[1], x, y))
-            else:
-                region = service.click(who, conv_id, x, y, positive=how == MODES[0])
-            overlay, chip_ds, _ = view(who, conv_id)
-            return overlay, chip_ds, region.number, None
 
-        image.select(on_click, [owner, cid, mode, corner], region_outputs, api_visibility="private",
-                     concurrency_id="model")
+# ------------------------------------------------------------------------------------------------ wiring
+PRIVATE = {"api_visibility": "private"}  # page events are not API endpoints (those are in app/api.py)
+MODEL = {**PRIVATE, "concurrency_id": "model"}  # model work: one lane
+# Every event that reads or rewrites the chat list shares one queue lane, so a search typed right after a rename
+# or delete runs after it and never paints the old titles back.
+HISTORY = {**PRIVATE, "concurrency_id": "history"}
 
-        @_warned(len(region_outputs))
-        def on_scribble(who: str, conv_id: str, value: dict | None):
-            region = service.add_region(who, conv_id, Prompt.scribble(scribble_stroke(value)))
-            overlay, chip_ds, _ = view(who, conv_id)
-            return overlay, chip_ds, region.number, None
 
-        scribble_btn.click(on_scribble, [owner, cid, editor], region_outputs, api_visibility="private",
-                           concurrency_id="model")
-
-        @_warned(3)
-        def on_chip(who: str, conv_id: str, text: str, index: int):
-            region = service.region_views(who, conv_id)[index]
-            text = (text or "").rstrip()
-            return service.overlay(who, conv_id, region.number), region.number, f"{text} {region.ref} ".lstrip()
-
-        chips.click(on_chip, [owner, cid, msg, chips], [image, focus, msg], api_visibility="private")
-
-        @_warned(2)
-        def on_focus(who: str, conv_id: str, number: str):
-            n = int(number) if str(number).isdigit() else None
-            return service.overlay(who, conv_id, n), n
-
-        focus_in.change(on_focus, [owner, cid, focus_in], [image, focus], api_visibility="private",
-                       trigger_mode="always_last")
-
-        @_warned(3)
-        def on_remove(who: str, conv_id: str, number: int | None):
-            regions = service.region_views(who, conv_id) if conv_id else []
-            if not regions:
-                raise UserError("There is no region to remove.")
-            number = number if number in {r.number for r in regions} else regions[-1].number
-            service.remove_region(who, conv_id, number)
-            overlay, chip_ds, _ = view(who, conv_id)
-            return overlay, chip_ds, None
-
-        remove_btn.click(on_remove, [owner, cid, focus], [image, chips, focus], api_visibility="private")
-
-        @_warned(2)
-        def on_everything(who: str, conv_id: str):
-            found = service.segment_everything(who, conv_id)
-            if not found:
-                gr.Info("TAP found no confident regions; click points instead.")
-            return service.everything_overlay(who, conv_id), gr.Accordion(open=True)
-
-        everything_btn.click(on_everything, [owner, cid], [candidates, everything_box], api_visibility="private",
-                             concurrency_id="model")
-
-        @_warned(3)
-        def on_adopt(who: str, conv_id: str, evt: gr.SelectData):
-            region = service.adopt(who, conv_id, int(evt.index) + 1)
-            overlay, chip_ds, _ = view(who, conv_id)
-            return overlay, chip_ds, region.number
-
-        candidates.select(on_adopt, [owner, cid], [image, chips, focus], api_visibility="private",
-                          concurrency_id="model")
-
-        if examples:
-            @_warned(len(image_outputs) + 1)
-            def on_example(who: str, index: int):
-                ex = examples[index]
-                conv_id = service.new_chat(who)
-                snap = service.set_image(who, conv_id, ex["image"])
-                for p in ex.get("regions", []):
-                    service.add_region(who, conv_id, _example_prompt(p))
-                overlay, chip_ds, messages = view(who, conv_id)
-                return (conv_id, overlay, chip_ds, messages, None, _editor_value(snap.image), None,
-                        *history_view(who), ex["question"])
-
-            example_ds.click(on_example, [owner, example_ds], [*image_outputs, msg], api_visibility="private",
-                             concurrency_id="model")
-
-        # ----------------------------------------------------------------------------------------- chat
-        def answer(who: str, conv_id: str, start: Callable[[], Any]):
-            """Stream an answer into the chat; on Stop (or a closed page) the partial answer is kept."""
-            try:
-                stream = start()
-            except UserError as exc:
-                gr.Warning(str(exc))
-                return
-            yield chat_view(who, conv_id, streaming=True), gr.Textbox(value="", submit_btn=False, stop_btn="Stop")
-            try:
-                for _ in stream:
-                    yield chat_view(who, conv_id, streaming=True), gr.skip()
-            except UserError as exc:
-                gr.Warning(str(exc))
-            except Exception as exc:
-                log.exception("answer failed")
-                gr.Warning(f"The model failed mid-answer ({type(exc).__name__}); what it said so far is kept.")
-            finally:
-                stream.cancel()
-            yield chat_view(who, conv_id), gr.Textbox(submit_btn="Send", stop_btn=False)
-
-        def on_send(who: str, conv_id: str, text: str, temp: float, n: int):
-            if not (text or "").strip():
-                gr.Warning("Type a question first.")
-                return
-            conv_id = conv_id or service.new_chat(who)  # a question with no image starts a text-only chat
-            for messages, box in answer(who, conv_id, lambda: service.stream(who, conv_id, text, temp, int(n))):
-                yield conv_id, messages, box
-
-        def on_regenerate(who: str, conv_id: str, temp: float, n: int):
-            yield from answer(who, conv_id, lambda: service.regenerate(who, conv_id, temp, int(n)))
-
-        send = msg.submit(on_send, [owner, cid, msg, temperature, max_tokens], [cid, chat, msg],
-                          api_visibility="private", concurrency_id="model")
-        regen = regen_btn.click(on_regenerate, [owner, cid, temperature, max_tokens], [chat, msg],
-                                api_visibility="private", concurrency_id="model")
-        for event in (send, regen):
-            event.then(history_view, [owner], [history_ds, history_ids], api_visibility="private", queue=False)
-        # Stop sets the answer's cancel event: the engine checks it before every token, so generation ends within
-        # one step and the streaming handler finishes normally (saving the partial answer, restoring Send).
-        msg.stop(lambda who, conv_id: service.stop(who, conv_id) and None, [owner, cid], None, queue=False,
-                 api_visibility="private")
-
-        @_warned(2)
-        def on_undo(who: str, conv_id: str):
-            question = service.undo(who, conv_id)
-            return chat_view(who, conv_id), question
-
-        undo_btn.click(on_undo, [owner, cid], [chat, msg], api_visibility="private")
-
-        @_warned(1)
-        def on_clear(who: str, conv_id: str):
-            service.clear(who, conv_id)
-            return chat_view(who, conv_id)
-
-        clear_btn.click(on_clear, [owner, cid], [chat], api_visibility="private")
-        chat.clear(on_clear, [owner, cid], [chat], api_visibility="private")
-
-        api.register(service, auth=auth)
-    return demo
+def wire(demo: gr.Blocks, p: SimpleNamespace, h: Handlers) -> None:
+    """The event table: (event, handler, inputs, outputs, options, shown as toasts on failure)."""
+    new_outputs = [p.cid, p.image, p.chips, p.chat, p.focus, p.title, p.editor, p.corner]
+    image_outputs = [p.cid, p.image, p.chips, p.chat, p.focus, p.editor, p.corner, p.history_ds, p.history_ids]
+    region_outputs = [p.image, p.chips, p.focus, p.corner]
+    history = [p.history_ds, p.history_ids]
+    show = gr.Row(visible=True)
+    hide = gr.Row(visible=False)
+    rows: list[tuple[Callable, Callable, Any, Any, dict[str, Any], bool]] = [
+        # owner and history
+        (demo.load, h.on_load, [p.token], [p.token, p.owner, *history, p.workspace, p.connecting], PRIVATE, False),
+        (p.search.change, h.on_search, [p.owner, p.search], history, {**HISTORY, "trigger_mode": "always_last"},
+         True),
+        (p.new_btn.click, h.on_new, [p.owner], new_outputs, {**PRIVATE, "queue": False}, True),
+        (p.history_ds.click, h.on_open, [p.owner, p.history_ids, p.history_ds], new_outputs, PRIVATE, True),
+        (p.rename_btn.click, h.on_rename, [p.owner, p.cid, p.title, p.search], history, HISTORY, True),
+        (p.delete_btn.click, lambda: show, None, p.confirm_row, {**PRIVATE, "queue": False}, False),
+        (p.cancel_btn.click, lambda: hide, None, p.confirm_row, {**PRIVATE, "queue": False}, False),
+        (p.confirm_btn.click, h.on_delete, [p.owner, p.cid, p.search], [p.confirm_row, *history, *new_outputs],
+         HISTORY, True),
+        (p.json_btn.click, h.on_export_json, [p.owner, p.cid], p.export_file, PRIVATE, True),
+        (p.md_btn.click, h.on_export_markdown, [p.owner, p.cid], p.export_file, PRIVATE, True),
+        # image and regions; preprocess=False: the raw upload reaches the service, whose checks give readable
+        # messages for corrupt, non-image and oversized files (Gradio's own decoding would fail with a bare "Error")
+        (p.image.upload, h.on_upload, [p.owner, p.cid, p.image], image_outputs, {**MODEL, "preprocess": False},
+         True),
+        (p.image.select, h.on_click, [p.owner, p.cid, p.mode, p.corner], region_outputs, MODEL, True),
+        (p.scribble_btn.click, h.on_scribble, [p.owner, p.cid, p.editor], region_outputs, MODEL, True),
+        (p.chips.click, h.on_chip, [p.owner, p.cid, p.msg, p.chips], [p.image, p.focus, p.msg], PRIVATE, True),
+        (p.focus_in.change, h.on_focus, [p.owner, p.cid, p.focus_in], [p.image, p.focus],
+         {**PRIVATE, "trigger_mode": "always_last"}, True),
+        (p.remove_btn.click, h.on_remove, [p.owner, p.cid, p.focus], [p.image, p.chips, p.focus], PRIVATE, True),
+        (p.everything_btn.click, h.on_everything, [p.owner, p.cid], [p.candidates, p.everything_box], MODEL, True),
+        (p.candidates.select, h.on_adopt, [p.owner, p.cid], [p.image, p.chips, p.focus], MODEL, True),
+        # chat; Stop sets the answer's cancel event: the engine checks it before every token, so generation ends
+        # within one step and the streaming handler finishes normally (saving the partial answer, restoring Send)
+        (p.msg.stop, h.on_stop, [p.owner, p.cid], None, {**PRIVATE, "queue": False}, False),
+        (p.undo_btn.click, h.on_undo, [p.owner, p.cid], [p.chat, p.msg], PRIVATE, True),
+        (p.clear_btn.click, h.on_clear, [p.owner, p.cid], [p.chat], PRIVATE, True),
+        (p.chat.clear, h.on_clear, [p.owner, p.cid], [p.chat], PRIVATE, True),
+    ]
+    if p.example_ds is not None:
+        rows.append((p.example_ds.click, h.on_example, [p.owner, p.example_ds], [*image_outputs, p.msg], MODEL, True))
+    for event, handler, inputs, outputs, options, toast in rows:
+        n = len(outputs) if isinstance(outputs, list) else 1
+        event(toasts(n)(handler) if toast else handler, inputs, outputs, **options)
+    # answers stream (their errors are handled inside `answer`), then the chat list is redrawn
+    send = p.msg.submit(h.on_send, [p.owner, p.cid, p.msg, p.temperature, p.max_tokens], [p.cid, p.chat, p.msg],
+                        **MODEL)
+    regen = p.regen_btn.click(h.on_regenerate, [p.owner, p.cid, p.temperature, p.max_tokens], [p.chat, p.msg],
+                              **MODEL)
+    for event in (send, regen):
+        event.then(h.history_view, [p.owner], history, queue=False, **PRIVATE)
 
 
 def _editor_value(image: np.ndarray | None) -> dict | None:
     return None if image is None else {"background": image, "layers": [], "composite": None}
-
-
-def _example_prompt(spec: dict[str, Any]) -> Prompt:
-    if "box" in spec:
-        return Prompt.from_box(*spec["box"])
-    return Prompt.point(*spec["point"])
 
 
 def scribble_stroke(value: dict | None) -> list[tuple[float, float]]:

@@ -11,11 +11,12 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from tokenizer_tap.cli import _pair, _positive, _quad, _stroke
 from tokenizer_tap.errors import TapError
-from tokenizer_tap.prompts import Prompt
+from tokenizer_tap.options import add_region_options, arg_type, positive_int, region_prompts
+from tokenizer_tap.prompts import Prompt, parse_box, parse_point, parse_stroke
 
 from .conversation import Conversation, ConversationError
+from .options import add_model_options
 
 HELP = """commands:
   /point X,Y [-X,Y ...]   add a region from a point (a leading '-' marks a negative point)
@@ -39,22 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("image", nargs="?", help="image file (optional: text-only chat)")
     c.add_argument("--ask", action="append", default=[], metavar="QUESTION",
                    help="answer this question and exit (repeat for follow-ups)")
-    c.add_argument("--point", type=_pair, action="append", default=[], metavar="X,Y", help="add a point region")
-    c.add_argument("--box", type=_quad, action="append", default=[], metavar="X1,Y1,X2,Y2", help="add a box region")
-    c.add_argument("--scribble", type=_stroke, action="append", default=[], metavar="'X,Y X,Y ...'",
-                   help="add a scribble region")
-    c.add_argument("--checkpoint", help="TAP-Chat checkpoint folder (tapchat mode); default: grounded Phi-2")
-    c.add_argument("--tap-model", help="TAP preset (default: the checkpoint's, else tap_vit_l)")
-    c.add_argument("--tap-checkpoint", help="TAP weights file instead of the hub copy")
-    c.add_argument("--llm", help="LLM hub id or folder (default: microsoft/phi-2)")
-    c.add_argument("--tiny", action="store_true", help="small random models, no download (answers are noise)")
+    add_region_options(c)
+    add_model_options(c, checkpoint_alias=True)
     c.add_argument("--mode", choices=["tapchat", "grounded"], default="tapchat", help="with --tiny: which mode")
-    c.add_argument("--device", default="auto")
-    c.add_argument("--dtype", default="auto")
-    c.add_argument("--quantization", choices=["none", "4bit", "8bit"], default="none")
     c.add_argument("--db", help="SQLite history file (conversations are kept and can be reopened)")
     c.add_argument("--owner", default=os.environ.get("USER", "local"), help="history owner (default: $USER)")
-    c.add_argument("--max-new-tokens", type=_positive, default=256)
+    c.add_argument("--max-new-tokens", type=arg_type(positive_int), default=256)
     c.add_argument("--temperature", type=float, default=0.0)
     c.add_argument("--json", action="store_true", help="one-shot: print the answers and regions as JSON")
     m = sub.add_parser("merge", help="fold a checkpoint's LoRA into Phi-2 and write a standalone folder")
@@ -70,11 +61,7 @@ def load_assistant(args: argparse.Namespace):
         from .store import ChatStore
         Path(args.db).expanduser().parent.mkdir(parents=True, exist_ok=True)
         store = ChatStore(Path(args.db).expanduser())
-    if args.tiny:
-        return Assistant.tiny(args.mode, store=store)
-    return Assistant.from_pretrained(args.checkpoint, tap_model=args.tap_model, tap_checkpoint=args.tap_checkpoint,
-                                     llm=args.llm, device=args.device, dtype=args.dtype,
-                                     quantization=args.quantization, store=store)
+    return Assistant.from_options(args, store=store)
 
 
 def chat(args: argparse.Namespace) -> int:
@@ -82,9 +69,7 @@ def chat(args: argparse.Namespace) -> int:
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     bot = load_assistant(args)
     conv = bot.start(args.owner, image=args.image)
-    prompts = [Prompt.point(x, y) for x, y in args.point] + [Prompt.from_box(*b) for b in args.box]
-    prompts += [Prompt.scribble(s) for s in args.scribble]
-    for p in prompts:
+    for p in region_prompts(args):
         print(_region_text(bot.add_region(conv, p)), file=sys.stderr)
     if args.ask:
         answers = []
@@ -103,9 +88,10 @@ def repl(bot, conv: Conversation, settings) -> int:
     print(f"TAP-Chat ({bot.model_id}). /help for commands, /quit to leave.", file=sys.stderr)
     state = {"conv": conv}
     commands: dict[str, Callable[[list[str]], None]] = {
-        "point": lambda a: _add(bot, state["conv"], Prompt.point(*_pair(a[0]), [_pair(n[1:]) for n in a[1:]])),
-        "box": lambda a: _add(bot, state["conv"], Prompt.from_box(*_quad(a[0]))),
-        "scribble": lambda a: _add(bot, state["conv"], Prompt.scribble([_pair(p) for p in a])),
+        "point": lambda a: _add(bot, state["conv"], Prompt.point(*parse_point(a[0]),
+                                                                   [parse_point(n[1:]) for n in a[1:]])),
+        "box": lambda a: _add(bot, state["conv"], Prompt.from_box(*parse_box(a[0]))),
+        "scribble": lambda a: _add(bot, state["conv"], Prompt.scribble(parse_stroke(" ".join(a)))),
         "regions": lambda a: _list_regions(state["conv"]),
         "remove": lambda a: bot.remove_region(state["conv"], int(a[0])),
         "image": lambda a: print(f"image set ({bot.set_image(state['conv'], a[0])[:8]})"),
@@ -134,7 +120,7 @@ def repl(bot, conv: Conversation, settings) -> int:
                 commands[name](rest)
             except IndexError:
                 print(f"/{name} needs an argument; /help shows the form")
-            except (argparse.ArgumentTypeError, TapError, ValueError, OSError, KeyError) as exc:
+            except (TapError, ValueError, OSError, KeyError) as exc:
                 print(f"error: {exc}")
             continue
         try:

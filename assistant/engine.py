@@ -11,20 +11,22 @@ import io
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from tokenizer_tap.build import resolve_device, resolve_dtype
+from tokenizer_tap.cache import BoundedCache
 from tokenizer_tap.errors import TapError, WeightsNotFoundError
-from tokenizer_tap.image_io import ImageSource, load_image
+from tokenizer_tap.image_io import DecodedImage, ImageSource, decode_image
 from tokenizer_tap.predictor import Region, TapPredictor
 from tokenizer_tap.prompts import Prompt
+from tokenizer_tap.transforms import mask_bbox
 
 from .config import ChatConfig
 from .conversation import (
@@ -110,8 +112,8 @@ class Assistant:
         self.model_id = model_id or f"{self.config.mode}:{self.config.tap_model}+{self.config.llm}"
         self.kv = PrefixCache(cache_bytes)
         self._lock = threading.RLock()
-        self._visual: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._scene: OrderedDict[str, list[GroundedRegion]] = OrderedDict()
+        self._visual: BoundedCache[str, torch.Tensor] = BoundedCache("assistant.visual_tokens", 8)
+        self._scene: BoundedCache[str, list[GroundedRegion]] = BoundedCache("assistant.scene_regions", 8)
         self._last_tokens: tuple[str, list[int]] | None = None
         if chat.encoder_state:
             _load_encoder_blocks(predictor, chat.encoder_state)
@@ -149,6 +151,17 @@ class Assistant:
         if missing:
             raise WeightsNotFoundError("\n".join(missing))
         return cls(parts["predictor"], parts["chat"], store)
+
+    @classmethod
+    def from_options(cls, options: Any, store=None) -> Assistant:
+        """The models named by `assistant.options.add_model_options` (an argparse Namespace, or any object with the
+        same attribute names such as the app's AppConfig); `--tiny` gives the random ones, in `options.mode`."""
+        if options.tiny:
+            return cls.tiny(getattr(options, "mode", "tapchat"), store=store)
+        return cls.from_pretrained(options.chat_checkpoint, tap_model=options.tap_model,
+                                   tap_checkpoint=options.tap_checkpoint, llm=options.llm, device=options.device,
+                                   dtype=getattr(options, "dtype", "auto"), quantization=options.quantization,
+                                   store=store)
 
     @classmethod
     def tiny(cls, mode: str = "tapchat", *, store=None, seed: int = 0, lora: bool = True,
@@ -191,7 +204,7 @@ class Assistant:
             return conv.image_key if image_sha is not None and image_sha == sha else image_sha
 
         for r in rec.regions:
-            conv.regions[r.number] = RegionEntry(r.number, key(r.image_sha), _prompt_from_dict(r.prompt),
+            conv.regions[r.number] = RegionEntry(r.number, key(r.image_sha), Prompt.from_dict(r.prompt),
                                                  _grounded_from_record(r), None, r.removed)
         pending: TurnEntry | None = None
         for m in rec.messages:
@@ -205,6 +218,7 @@ class Assistant:
 
     def set_image(self, conv: Conversation, image: ImageSource) -> str:
         """Make `image` the conversation's current image (later turns refer to it)."""
+        image = decode_image(image, self.predictor.max_pixels)  # once: the encoder and the store share it
         with self._lock:
             key = self.predictor.set_image(image)
         sha = None
@@ -461,12 +475,10 @@ class Assistant:
                                           region.concept_prob, region.bbox, region.area, region.caption, w, h)
 
     def _visual_tokens(self, key: str) -> torch.Tensor:
-        if key not in self._visual:
-            self._visual[key] = self.chat.visual_tokens(self.predictor.trunk_features(key))[0]
-            while len(self._visual) > 8:
-                self._visual.popitem(last=False)
-        self._visual.move_to_end(key)
-        return self._visual[key]
+        tokens = self._visual.get(key)
+        if tokens is None:
+            tokens = self._visual.put(key, self.chat.visual_tokens(self.predictor.trunk_features(key))[0])
+        return tokens
 
     def candidates(self, conv: Conversation, max_regions: int = 16, **options) -> list[Region]:
         """TAP's segment-everything regions of the current image (masks included), best first.
@@ -486,57 +498,38 @@ class Assistant:
             return []
         key = conv.image_key
         with self._lock:
-            if key not in self._scene:
+            scene = self._scene.get(key)
+            if scene is None:
                 regions = self.candidates(conv, k)
                 w, h = self.predictor.size_of(key)
-                self._scene[key] = [GroundedRegion.from_pixels(i + 1, r.concept, r.concept_prob, r.bbox, r.area,
-                                                               r.caption, w, h, kind="scene")
-                                    for i, r in enumerate(regions)]
-                while len(self._scene) > 8:
-                    self._scene.popitem(last=False)
-            return self._scene[key]
+                scene = self._scene.put(key, [GroundedRegion.from_pixels(i + 1, r.concept, r.concept_prob, r.bbox,
+                                                                         r.area, r.caption, w, h, kind="scene")
+                                              for i, r in enumerate(regions)])
+            return scene
 
 
 def _region_fields(conv: Conversation, prompt: Prompt, region) -> dict:
     from .rle import encode
-    return {"image_sha": conv.image_sha, "prompt": _prompt_dict(prompt), "mask": encode(region.mask),
+    return {"image_sha": conv.image_sha, "prompt": prompt.to_dict(), "mask": encode(region.mask),
             "box": list(region.bbox), "concept": region.concept, "prob": region.concept_prob, "iou": region.iou,
             "caption": region.caption}
-
-
-def _prompt_dict(prompt: Prompt) -> dict:
-    return {"points": [list(p) for p in prompt.points], "labels": list(prompt.labels),
-            "box": list(prompt.box) if prompt.box is not None else None, "kind": prompt.kind}
-
-
-def _prompt_from_dict(data: dict) -> Prompt:
-    return Prompt(points=tuple(tuple(p) for p in data["points"]), labels=tuple(data["labels"]),
-                  box=tuple(data["box"]) if data.get("box") is not None else None, kind=data.get("kind", ""))
 
 
 def _grounded_from_record(rec) -> GroundedRegion:
     from .rle import decode as rle_decode
     mask = rle_decode(rec.mask) if rec.mask else np.zeros((1, 1), bool)
     h, w = mask.shape
-    ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
-    bbox = None if ys.size == 0 else (int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1)
-    return GroundedRegion.from_pixels(rec.number, rec.concept or "", rec.prob or 0.0, bbox, float(mask.mean()),
-                                      rec.caption or "", w, h)
+    return GroundedRegion.from_pixels(rec.number, rec.concept or "", rec.prob or 0.0, mask_bbox(mask),
+                                      float(mask.mean()), rec.caption or "", w, h)
 
 
-def _image_bytes(image: ImageSource) -> tuple[bytes, str]:
+def _image_bytes(image: DecodedImage) -> tuple[bytes, str]:
     """The original file bytes when we have them (kept as uploaded), else a PNG encoding."""
-    if isinstance(image, (bytes, bytearray)):
-        data = bytes(image)
-    elif isinstance(image, (str, Path)):
-        data = Path(image).read_bytes()
-    else:
-        rgb = load_image(image)
-        buf = io.BytesIO()
-        Image.fromarray(rgb).save(buf, format="PNG")
-        return buf.getvalue(), "png"
-    with Image.open(io.BytesIO(data)) as img:
-        return data, (img.format or "png").lower()
+    if image.data is not None:
+        return image.data, image.format
+    buf = io.BytesIO()
+    Image.fromarray(image.rgb).save(buf, format="PNG")
+    return buf.getvalue(), "png"
 
 
 def _load_encoder_blocks(predictor: TapPredictor, state: dict[str, torch.Tensor]) -> None:

@@ -9,12 +9,13 @@ model within one token.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
+
+from tokenizer_tap.cache import BoundedCache
 
 from .model import IMAGE_TOKEN, ChatModel
 
@@ -106,31 +107,22 @@ class PrefixCache:
 
     def __init__(self, max_bytes: int = 2 << 30) -> None:
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[str, CachedPrefix] = OrderedDict()
-        self._lock = threading.Lock()
+        self._entries: BoundedCache[str, CachedPrefix] = BoundedCache("assistant.kv_prefixes", max_bytes,
+                                                                      weigh=lambda e: e.nbytes, unit="bytes")
 
     def take(self, key: str) -> CachedPrefix:
         """The entry for `key`, removed while in use (a failed turn then simply leaves no cache behind)."""
-        with self._lock:
-            entry = self._entries.pop(key, None)
-        return entry or CachedPrefix(DynamicCache())
+        return self._entries.pop(key) or CachedPrefix(DynamicCache())
 
     def put(self, key: str, entry: CachedPrefix) -> None:
-        with self._lock:
-            self._entries[key] = entry
-            self._entries.move_to_end(key)
-            while len(self._entries) > 1 and self.nbytes > self.max_bytes:
-                self._entries.popitem(last=False)
-            if self.nbytes > self.max_bytes:  # a single entry larger than the budget is not kept
-                self._entries.clear()
+        self._entries.put(key, entry)  # over budget: oldest first; an entry alone over it is not kept
 
     def drop(self, key: str) -> None:
-        with self._lock:
-            self._entries.pop(key, None)
+        self._entries.pop(key)
 
     @property
     def nbytes(self) -> int:
-        return sum(e.nbytes for e in self._entries.values())
+        return self._entries.size
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -43,7 +43,6 @@ from .generation import GenerationSettings
 from .store import ChatStore
 
 SETTING_NAMES = ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed")
-REGION_KEYS = {"point", "box", "scribble"}
 
 
 @lru_cache(maxsize=1)
@@ -62,8 +61,9 @@ class TapChatModel(BaseChatModel):
                            additional_kwargs={"regions": [{"point": [120, 340]}]})
         print(model.invoke([msg]).content)
 
-    Regions: `{"point": [x, y]}` (optionally with `"negatives": [[x, y], ...]`), `{"box": [x1, y1, x2, y2]}` or
-    `{"scribble": [[x, y], ...]}`, in pixels of the message's image (or the latest earlier one).
+    Regions: `Prompt.from_dict`'s schema, e.g. `{"point": [x, y]}` (optionally with `"negatives": [[x, y], ...]`),
+    `{"box": [x1, y1, x2, y2]}` or `{"scribble": [[x, y], ...]}`, in pixels of the message's image (or the latest
+    earlier one).
     An Assistant with a history store is used through a storeless view (same models, caches and lock): LangChain
     calls never write to the store; use `TapChatMessageHistory` for that.
     """
@@ -264,7 +264,7 @@ class TapChatModel(BaseChatModel):
                 raise ValueError("regions need an image: send one in this message or an earlier one")
             for n, spec in enumerate(specs, 1):
                 try:
-                    self._engine.add_region(conv, _region_prompt(spec))
+                    self._engine.add_region(conv, Prompt.from_dict(spec))
                 except ValueError as e:  # PromptError, ConversationError and ours
                     raise ValueError(f"region {n}: {e}") from e
         except ValueError as e:  # ImageError too
@@ -343,27 +343,6 @@ class TapChatMessageHistory(BaseChatMessageHistory):
 
     def clear(self) -> None:
         self.store.truncate(self.owner, self.conversation_id, 0)
-
-
-def _region_prompt(spec: object) -> Prompt:
-    """A region dict as a TAP prompt; a malformed one raises ValueError naming what is wrong."""
-    if not isinstance(spec, dict):
-        raise ValueError(f"expected a dict such as {{'point': [x, y]}}, got {type(spec).__name__}")
-    kinds = sorted(REGION_KEYS & set(spec))
-    if len(kinds) != 1:
-        raise ValueError("give exactly one of 'point', 'box' or 'scribble'")
-    if extra := sorted(set(spec) - REGION_KEYS - {"negatives"}):
-        raise ValueError(f"unknown key(s) {', '.join(map(repr, extra))}")
-    if "negatives" in spec and kinds != ["point"]:
-        raise ValueError("'negatives' goes only with a 'point'")
-    value = spec[kinds[0]]
-    if kinds == ["point"]:
-        if not isinstance(value, (list, tuple)) or len(value) != 2:
-            raise ValueError(f"a point is [x, y], got {value!r}")
-        return Prompt.point(value[0], value[1], negatives=spec.get("negatives", ()))
-    if kinds == ["box"]:
-        return Prompt(box=value, kind="box")
-    return Prompt.scribble(value)
 
 
 def _b64decode(data: object) -> bytes:

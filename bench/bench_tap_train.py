@@ -1,6 +1,6 @@
 """TAP pre-training benchmark: the learning proof at full length on the synthetic world, with throughput.
 
-Writes the world (`python -m finetune tap-world`), then trains `tap_tiny` (at 256 px) from scratch with
+Writes the world (`python -m finetune tap-world`), then trains `tap_tiny` (at 128 px) from scratch with
 finetune/configs/tap_world_stage1.yaml and tap_world_stage2.yaml, and measures on held-out scenes, each against the
 untrained model: point-prompt mIoU, box-prompt mIoU, concept top-1 and caption CIDEr (the eval harness's scorer).
 
@@ -89,7 +89,7 @@ def main() -> None:
 
     shutil.rmtree(args.work, ignore_errors=True)
     world = args.work / "world"
-    make_world(world, train=args.train, eval=args.eval, seed=0, dim=256)  # the configs' sem_embed_dim
+    make_world(world, train=args.train, eval=args.eval, seed=0, size=128, dim=256)  # the configs' size, sem_embed_dim
     base = world_settings(world) + ([f"steps={args.steps}"] if args.steps else [])
     caps = caption_settings(world)
     tune = ["trainable.image_encoder=false", "trainable.prompt_encoder=false", "trainable.image_decoder=false",

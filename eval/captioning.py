@@ -23,6 +23,11 @@ from tokenizer_tap.predictor import TapPredictor
 from tokenizer_tap.prompts import Prompt
 
 from .questions import Question
+from .spec import RunInputs, ScoreOptions, predictions
+
+LMMS = None  # region captions come as COCO-style JSON or the refer toolkit's folder, not parquet
+CAPTIONS, CHOICES, IMAGES_REQUIRED = True, "", False
+submission = None
 
 
 def _references(ann: dict[str, Any]) -> list[str]:
@@ -160,3 +165,20 @@ def score(predictions: dict[str, str], references: dict[str, list[str]], *, mete
 
 def _simple_tokens(text: str) -> str:
     return " ".join("".join(c if c.isalnum() or c.isspace() else " " for c in text.lower()).split())
+
+
+def load_annotations(path: str | Path) -> dict[str, list[str]]:
+    """References by region id."""
+    return load(path)[1]
+
+
+def load_run(inputs: RunInputs) -> tuple[list[Question], Any, dict[str, str]]:
+    if inputs.questions is None:
+        raise FileNotFoundError("region captioning: pass --questions (COCO-style region JSON or a refer folder)")
+    if inputs.questions.is_dir():
+        return load_refer(inputs.questions, inputs.split or "val")
+    return load(inputs.questions)
+
+
+def report(rows: list[dict[str, Any]], annotations: Any, options: ScoreOptions) -> dict[str, Any]:
+    return score(predictions(rows), annotations, spice=options.spice)

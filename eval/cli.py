@@ -10,7 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .scoring import BENCHMARKS, CAPTIONS
+from assistant.options import add_model_options
+
+from .benchmarks import BENCHMARKS, get
+from .spec import RunInputs
 
 
 def torch_cuda() -> bool:
@@ -18,86 +21,43 @@ def torch_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def vqav2_submission(answers: Path, output: Path, all_questions: Path | None) -> int:
-    """EvalAI's format: every test question (unanswered ones get ""), answers normalised."""
-    from .normalize import normalize_vqa
-    from .questions import load_questions
-    from .runner import load_answers
-    predicted = load_answers(answers)
-    ids = [q.raw_id for q in load_questions(all_questions)[0]] if all_questions else list(predicted)
-    rows = [{"question_id": int(q), "answer": normalize_vqa(predicted.get(str(q), ""))} for q in ids]
-    output.write_text(json.dumps(rows))
-    return len(rows)
-
-
-def mmbench_submission(answers: Path, tsv: Path, output: Path) -> int:
-    """The OpenCompass upload: the TSV's rows without image/hint/category/source/comment/l2-category, plus
-    `prediction` (the unrotated question's answer); .xlsx as Bunny writes it, or .tsv."""
-    import pandas as pd
-
-    from . import mmbench
-    from .runner import load_answers
-    predicted = load_answers(answers)
-    drop = {"image", "hint", "category", "source", "comment", "l2-category"}
-    rows = [{**{k: v for k, v in row.items() if k.lower() not in drop},
-             "prediction": predicted.get(f"{row['index']}-0", "")} for row in mmbench.load(tsv)]
-    frame = pd.DataFrame(rows)
-    if output.suffix == ".xlsx":
-        frame.to_excel(output, index=False, engine="openpyxl")
-    else:
-        frame.to_csv(output, sep="\t", index=False)
-    return len(rows)
-
-
 def load_data(args: argparse.Namespace) -> tuple[list, Any, dict[str, str]]:
     """(questions, annotations or None, bad records) from --hf (lmms-lab parquet) or the Bunny/official files."""
-    from . import captioning, mmbench, seed
-    from .questions import load_questions
-    from .scoring import load_annotations
-    if args.images is None and (args.hf or args.benchmark == "mmbench"):
+    module = get(args.benchmark)
+    if args.images is None and (args.hf or module.IMAGES_REQUIRED):
         sys.exit(f"{args.benchmark}: pass --images DIR, where the images inside the data are written")
     if args.hf:
-        if args.benchmark in CAPTIONS:
-            sys.exit("region captioning reads COCO-style JSON (--questions), not parquet")
         from .lmms import load
         loaded = load(args.benchmark, args.hf, args.images, split=args.split, ocr=args.ocr)
         return loaded.questions, loaded.annotations, loaded.bad
-    if args.questions is None:
-        sys.exit(f"{args.benchmark}: pass --questions FILE (Bunny/official layout) or --hf SOURCE (lmms-lab parquet)")
-    if args.benchmark in CAPTIONS:
-        if args.questions.is_dir():
-            return captioning.load_refer(args.questions, args.split or "val")
-        return captioning.load(args.questions)
-    if args.benchmark == "seed":
-        bench = seed.load(args.questions)
-        return seed.questions(bench, video_frames=args.video_frames), bench, {}
-    if args.benchmark == "mmbench":
-        rows = mmbench.load(args.questions)
-        language = "cn" if "_CN" in args.questions.name.upper() else "en"
-        return mmbench.questions(rows, args.images, language=language), rows, {}
-    questions, bad = load_questions(args.questions)
-    annotations = load_annotations(args.benchmark, args.annotations) if args.annotations else None
-    return questions, annotations, bad
+    return module.load_run(RunInputs(questions=args.questions, images=args.images, annotations=args.annotations,
+                                     split=args.split, video_frames=args.video_frames, ocr=args.ocr))
 
 
 def answerer(args: argparse.Namespace, device: str):
-    if args.benchmark in CAPTIONS:
+    module = get(args.benchmark)
+    if module.CAPTIONS:
         from tokenizer_tap.predictor import TapPredictor
 
         from .captioning import RegionCaptioner
-        predictor = (TapPredictor.random("tap_tiny") if args.tiny
-                     else TapPredictor.from_pretrained(args.tap_model, args.checkpoint, device=device))
-        return RegionCaptioner(predictor, args.max_new_tokens, model_id=args.tap_model if not args.tiny else "tap_tiny")
+        tap_model = "tap_tiny" if args.tiny else args.tap_model or "tap_vit_l"
+        predictor = (TapPredictor.random("tap_tiny") if args.tiny else
+                     TapPredictor.from_pretrained(tap_model, args.tap_checkpoint or args.chat_checkpoint,
+                                                  device=device, dtype=args.dtype))
+        return RegionCaptioner(predictor, args.max_new_tokens, model_id=tap_model)
     from assistant.engine import Assistant
 
     from .runner import ChatAnswerer
-    bot = Assistant.tiny() if args.tiny else Assistant.from_pretrained(args.checkpoint, device=device)
-    choices = ""
-    if args.likelihood:
-        if args.benchmark not in ("seed", "mmbench"):
-            sys.exit("--likelihood is for the multiple-choice benchmarks (seed, mmbench)")
-        choices = "ABCD" if args.benchmark == "seed" else "ABCDE"
-    return ChatAnswerer(bot, args.max_new_tokens, choices)
+    if device != "auto":  # one GPU per launched rank
+        args.device = device
+    bot = Assistant.from_options(args)
+    if args.likelihood and not module.CHOICES:
+        sys.exit(f"--likelihood is for the multiple-choice benchmarks ({', '.join(multiple_choice())})")
+    return ChatAnswerer(bot, args.max_new_tokens, module.CHOICES if args.likelihood else "")
+
+
+def multiple_choice() -> list[str]:
+    return [name for name in BENCHMARKS if get(name).CHOICES]
 
 
 def launched_shard(args: argparse.Namespace) -> tuple[int, int, Path]:
@@ -152,11 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--video-frames", action="store_true", help="seed: also the video questions (middle frames)")
     r.add_argument("--ocr", action="store_true", help="textvqa --hf: add the Reference OCR token line to prompts")
     r.add_argument("--answers", type=Path, required=True, help="answers JSONL, appended to (resume)")
-    who = r.add_mutually_exclusive_group(required=True)
-    who.add_argument("--checkpoint", help="a TAP-Chat checkpoint folder (vg/refcocog: TAP weights or a TAP checkpoint "
-                     "folder from tap-train)")
-    who.add_argument("--tiny", action="store_true", help="tiny random models (tests, smoke runs)")
-    r.add_argument("--tap-model", default="tap_vit_l", help="vg/refcocog: TAP architecture of --checkpoint")
+    add_model_options(r, checkpoint_alias=True)  # vg/refcocog: --checkpoint may name the TAP weights
     r.add_argument("--annotations", type=Path, help="score after the run (gqa, vqav2 val, textvqa)")
     r.add_argument("--likelihood", action="store_true",
                    help="seed/mmbench: answer with the most likely option letter instead of generating text")
@@ -191,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("a", type=Path)
     c.add_argument("b", type=Path)
     args = p.parse_args(argv)
+    if args.command == "run" and not (args.tiny or args.chat_checkpoint or args.tap_checkpoint or args.llm):
+        r.error("name the model under test: --checkpoint (vg/refcocog: or --tap-checkpoint), --llm, or --tiny")
 
     if args.command == "merge":
         from .runner import merge
@@ -207,14 +165,14 @@ def main(argv: list[str] | None = None) -> None:
 def score_command(args: argparse.Namespace) -> None:
     from .scoring import load_annotations, read_answers, score
     if args.submission is not None:
-        if args.benchmark == "vqav2":
-            n = vqav2_submission(args.answers, args.submission, args.all_questions)
-            print(f"{n} answers -> {args.submission} (upload to EvalAI, VQA challenge, test-dev phase)")
-        elif args.benchmark == "mmbench" and args.annotations:
-            n = mmbench_submission(args.answers, args.annotations, args.submission)
-            print(f"{n} rows -> {args.submission} (upload to the OpenCompass MMBench server)")
-        else:
-            sys.exit("--submission is for vqav2 (test-dev) and mmbench (with --annotations TSV)")
+        write = get(args.benchmark).submission
+        if write is None:
+            sys.exit(f"--submission is for {', '.join(n for n in BENCHMARKS if get(n).submission)}")
+        try:
+            print(write(args.answers, args.submission, annotations=args.annotations,
+                        all_questions=args.all_questions))
+        except ValueError as exc:
+            sys.exit(str(exc))
         return
     if args.hf:
         from .lmms import load
@@ -247,7 +205,7 @@ def run_command(args: argparse.Namespace) -> None:
         questions = questions[:args.limit]
     every = questions
     questions = shard(questions, args.num_shards, args.shard)
-    if args.max_new_tokens is None and args.benchmark not in CAPTIONS:
+    if args.max_new_tokens is None and not get(args.benchmark).CAPTIONS:
         args.max_new_tokens = 128
     device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if world > 1 and torch_cuda() else "auto"
     who = answerer(args, device)
@@ -271,9 +229,7 @@ def run_command(args: argparse.Namespace) -> None:
     rows = [row for row in read_answers(args.answers) if str(row["question_id"]) in ids]
     partial = len(load_answers(args.answers)) < len(questions) or bool(args.limit)
     try:
-        if partial and args.benchmark == "mmbench":  # score the questions asked, not the whole TSV
-            annotations = [row for row in annotations if f"{row['index']}-0" in ids]
-        report = score(args.benchmark, rows, annotations, partial=partial)
+        report = score(args.benchmark, rows, annotations, partial=partial, asked=frozenset(ids))
     except ValueError as exc:
         sys.exit(str(exc))
     report.update(model=who.model_id, answers=str(args.answers), bad_records=len(bad))

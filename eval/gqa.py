@@ -9,10 +9,16 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from .lmms import SHORT, Loaded, read_rows, write_image
 from .normalize import normalize_exact_match, normalize_gqa
-from .questions import read_json_or_tar
+from .questions import Question, load_bunny, read_json_or_tar
+from .spec import RunInputs, ScoreOptions, predictions
 
 BINARY = {"verify", "logical", "choose", "compare"}
+LMMS = ("lmms-lab/GQA", "testdev_balanced_instructions", "testdev")
+GQA_IMAGES = "testdev_balanced_images"  # the lmms-lab config holding the images
+CAPTIONS, CHOICES, IMAGES_REQUIRED = False, "", False
+submission = None
 
 
 def load_annotations(path: str | Path) -> dict[str, dict[str, Any]]:
@@ -58,3 +64,32 @@ def _mean(values: list[bool]) -> float:
 def _order(item: tuple[str, Any]) -> tuple[int, Any]:
     key = item[0]
     return (0, int(key)) if key.isdigit() else (1, key)
+
+
+def load_run(inputs: RunInputs) -> tuple[list[Question], Any, dict[str, str]]:
+    return load_bunny(inputs, load_annotations)
+
+
+def report(rows: list[dict[str, Any]], annotations: Any, options: ScoreOptions) -> dict[str, Any]:
+    return {**score(predictions(rows), annotations, partial=options.partial, lenient=options.lenient),
+            "rule": "lmms-eval exact_match" if options.lenient else "official"}
+
+
+def from_lmms(rows: list[dict], image_dir: Path, source: str | Path, inputs: RunInputs) -> Loaded:
+    """Questions from the instructions config, images from the images config (written once)."""
+    wanted = {r["imageId"] for r in rows}
+    written = {}
+    for r in read_rows(source, GQA_IMAGES, "testdev"):
+        if r["id"] in wanted:
+            written[r["id"]] = write_image(image_dir, f"{r['id']}.jpg", r["image"])
+    questions, annotations, bad = [], {}, {}
+    for r in rows:
+        qid = str(r["id"])
+        annotations[qid] = {k: r.get(k) for k in ("answer", "question", "types", "semantic", "isBalanced")}
+        annotations[qid]["semantic"] = annotations[qid]["semantic"] or []
+        annotations[qid]["types"] = annotations[qid]["types"] or {}
+        if written.get(r["imageId"]) is None:
+            bad[qid] = f"image {r['imageId']} not in {GQA_IMAGES}"
+            continue
+        questions.append(Question(qid, written[r["imageId"]], r["question"] + SHORT, "default", r["id"]))
+    return Loaded(questions, annotations, bad)

@@ -8,7 +8,6 @@ finds them there.
 
 from __future__ import annotations
 
-import base64
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,15 +16,6 @@ from typing import Any
 from .questions import Question
 
 SHORT = "\nAnswer the question using a single word or phrase."
-HUB = {"gqa": ("lmms-lab/GQA", "testdev_balanced_instructions", "testdev"),
-       "vqav2": ("lmms-lab/VQAv2", None, "validation"), "textvqa": ("lmms-lab/textvqa", None, "validation"),
-       "seed": ("lmms-lab/SEED-Bench", None, "test"), "mmbench": ("lmms-lab/MMBench", "en", "dev")}
-GQA_IMAGES = "testdev_balanced_images"
-# SEED-Bench-1's dimensions by question_type_id (the parquet carries only the ids).
-SEED_DIMENSIONS = {1: "Scene Understanding", 2: "Instance Identity", 3: "Instance Attributes",
-                   4: "Instance Location", 5: "Instances Counting", 6: "Spatial Relation", 7: "Instance Interaction",
-                   8: "Visual Reasoning", 9: "Text Understanding", 10: "Action Recognition", 11: "Action Prediction",
-                   12: "Procedure Understanding"}
 
 
 class DataMissing(FileNotFoundError):
@@ -66,7 +56,8 @@ def read_rows(source: str | Path, config: str | None, split: str) -> list[dict[s
     return list(data)
 
 
-def _image_bytes(value: Any) -> bytes | None:
+def image_bytes(value: Any) -> bytes | None:
+    """The bytes of a parquet image cell (bytes, {bytes|path}, a PIL image; a frame list: its middle frame)."""
     if isinstance(value, list):
         value = value[len(value) // 2] if value else None  # SEED video questions: the middle frame
     if isinstance(value, dict):
@@ -80,10 +71,11 @@ def _image_bytes(value: Any) -> bytes | None:
     return None
 
 
-def _write(image_dir: Path, name: str, value: Any) -> str | None:
+def write_image(image_dir: Path, name: str, value: Any) -> str | None:
+    """Write an image cell once as `image_dir/name`; the name, or None when the row has no image."""
     path = image_dir / name
     if not path.exists():
-        data = _image_bytes(value)
+        data = image_bytes(value)
         if data is None:
             return None
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,82 +87,34 @@ def load(benchmark: str, source: str | Path, image_dir: str | Path, *, split: st
          ocr: bool = False) -> Loaded:
     """Questions and annotations of `benchmark` from its lmms-lab parquet (`source`: folder or dataset id).
     `ocr` adds TextVQA's "Reference OCR token" line to the prompt (lmms-eval's option, off by default there too)."""
-    _, config, default_split = HUB[benchmark]
+    from .benchmarks import get
+    from .spec import RunInputs
+    module = get(benchmark)
+    if module.LMMS is None:
+        raise DataMissing(f"{benchmark} is not published as lmms-lab parquet: pass --questions")
+    _, config, default_split = module.LMMS
     rows = read_rows(source, config, split or default_split)
     image_dir = Path(image_dir)
     image_dir.mkdir(parents=True, exist_ok=True)
-    if benchmark == "gqa":
-        return _gqa(rows, image_dir, source)
-    if benchmark in ("vqav2", "textvqa"):
-        return _vqa(rows, image_dir, benchmark, ocr)
-    return _seed(rows, image_dir) if benchmark == "seed" else _mmbench(rows, image_dir)
+    return module.from_lmms(rows, image_dir, source, RunInputs(images=image_dir, split=split, ocr=ocr))
 
 
-def _gqa(rows: list[dict], image_dir: Path, source: str | Path) -> Loaded:
-    wanted = {r["imageId"] for r in rows}
-    written = {}
-    for r in read_rows(source, GQA_IMAGES, "testdev"):
-        if r["id"] in wanted:
-            written[r["id"]] = _write(image_dir, f"{r['id']}.jpg", r["image"])
-    questions, annotations, bad = [], {}, {}
-    for r in rows:
-        qid = str(r["id"])
-        annotations[qid] = {k: r.get(k) for k in ("answer", "question", "types", "semantic", "isBalanced")}
-        annotations[qid]["semantic"] = annotations[qid]["semantic"] or []
-        annotations[qid]["types"] = annotations[qid]["types"] or {}
-        if written.get(r["imageId"]) is None:
-            bad[qid] = f"image {r['imageId']} not in {GQA_IMAGES}"
-            continue
-        questions.append(Question(qid, written[r["imageId"]], r["question"] + SHORT, "default", r["id"]))
-    return Loaded(questions, annotations, bad)
-
-
-def _vqa(rows: list[dict], image_dir: Path, benchmark: str, ocr: bool) -> Loaded:
+def vqa_questions(rows: list[dict], image_dir: Path, *, textvqa: bool, ocr: bool) -> Loaded:
     """VQAv2 val / TextVQA val: annotations are question id -> (answers, answer type) for local VQA accuracy."""
     questions, annotations, bad = [], {}, {}
     for r in rows:
         qid = str(r["question_id"])
         answers = [a["answer"] if isinstance(a, dict) else str(a) for a in (r.get("answers") or [])]
-        name = _write(image_dir, f"{r.get('image_id', qid)}.jpg", r.get("image"))
+        name = write_image(image_dir, f"{r.get('image_id', qid)}.jpg", r.get("image"))
         if name is None:
             bad[qid] = "no image in the row"
             continue
         if answers:
             annotations[qid] = {"answers": answers, "answer_type": r.get("answer_type") or "all"}
         question = r["question"]
-        if benchmark == "textvqa":
+        if textvqa:
             question = question[:1].upper() + question[1:]
             if ocr and r.get("ocr_tokens"):
                 question += "\nReference OCR token: " + ", ".join(r["ocr_tokens"])
         questions.append(Question(qid, name, question + SHORT, r.get("answer_type") or "default", r["question_id"]))
     return Loaded(questions, annotations, bad)
-
-
-def _seed(rows: list[dict], image_dir: Path) -> Loaded:
-    """To the official SEED-Bench.json shape, with images where `seed.questions` looks for them."""
-    from . import seed
-    bench = {"question_type": {v: k for k, v in SEED_DIMENSIONS.items()}, "questions": []}
-    bad = {}
-    for r in rows:
-        q = {k: r[k] for k in ("question_id", "question", "choice_a", "choice_b", "choice_c", "choice_d", "answer",
-                               "data_type", "data_id", "question_type_id")}
-        q["question_type_id"] = int(q["question_type_id"])
-        name = (f"SEED-Bench-image/{q['data_id']}" if q["data_type"] == "image"
-                else f"SEED-Bench-video-image/{q['question_type_id']}_{q['question_id']}.png")
-        if _write(image_dir, name, r.get("image")) is None:
-            bad[str(q["question_id"])] = "no image in the row"
-            continue
-        bench["questions"].append(q)
-    return Loaded(seed.questions(bench, video_frames=True), bench, bad)
-
-
-def _mmbench(rows: list[dict], image_dir: Path) -> Loaded:
-    """To the legacy TSV's rows (base64 image), then the TSV path: circular questions, same scorer."""
-    from . import mmbench
-    tsv = []
-    for r in rows:
-        row = {k: ("" if v is None else str(v)) for k, v in r.items() if k != "image"}
-        data = _image_bytes(r.get("image"))
-        row["image"] = base64.b64encode(data).decode() if data else ""
-        tsv.append(row)
-    return Loaded(mmbench.questions(tsv, image_dir), tsv, {})

@@ -14,9 +14,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from .lmms import Loaded, image_bytes
 from .questions import Question
+from .spec import RunInputs, ScoreOptions, predictions
 
 LETTERS = "ABCD"
+LMMS = ("lmms-lab/MMBench", "en", "dev")
+CAPTIONS, CHOICES, IMAGES_REQUIRED = False, "ABCDE", True  # images live in the TSV: written to --images
 SUFFIX = {"en": "\nAnswer with the option's letter from the given choices directly.", "cn": "\n请直接回答选项字母。"}
 
 
@@ -73,3 +77,55 @@ def score(predictions: dict[str, str], rows: list[dict[str, str]], *, lenient: b
         by_category["overall"].append(all(oks))
     return {"circular": {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in by_category.items()},
             "first_rotation_accuracy": sum(single) / max(1, len(single))}
+
+
+load_annotations = load
+
+
+def load_run(inputs: RunInputs) -> tuple[list[Question], Any, dict[str, str]]:
+    if inputs.questions is None:
+        raise FileNotFoundError("mmbench: pass --questions MMBench_DEV_EN.tsv or --hf SOURCE (lmms-lab parquet)")
+    rows = load(inputs.questions)
+    language = "cn" if "_CN" in inputs.questions.name.upper() else "en"
+    return questions(rows, inputs.images, language=language), rows, {}
+
+
+def report(rows: list[dict[str, Any]], annotations: Any, options: ScoreOptions) -> dict[str, Any]:
+    if options.partial and options.asked is not None:  # score the questions asked, not the whole TSV
+        annotations = [row for row in annotations if f"{row['index']}-0" in options.asked]
+    raw = score(predictions(rows), annotations, lenient=not options.strict)
+    overall = raw["circular"].pop("overall", {"accuracy": 0.0, "n": 0})
+    return {"accuracy": overall["accuracy"], "scored": overall["n"], "breakdowns": {"category": raw["circular"]},
+            "first_rotation_accuracy": raw["first_rotation_accuracy"], "rule": "circular"}
+
+
+def from_lmms(rows: list[dict], image_dir: Path, source: str | Path, inputs: RunInputs) -> Loaded:
+    """To the legacy TSV's rows (base64 image), then the TSV path: circular questions, same scorer."""
+    tsv = []
+    for r in rows:
+        row = {k: ("" if v is None else str(v)) for k, v in r.items() if k != "image"}
+        data = image_bytes(r.get("image"))
+        row["image"] = base64.b64encode(data).decode() if data else ""
+        tsv.append(row)
+    return Loaded(questions(tsv, image_dir), tsv, {})
+
+
+def submission(answers: Path, output: Path, annotations: Path | None = None,
+               all_questions: Path | None = None) -> str:
+    """The OpenCompass upload: the TSV's rows without image/hint/category/source/comment/l2-category, plus
+    `prediction` (the unrotated question's answer); .xlsx as Bunny writes it, or .tsv."""
+    import pandas as pd
+
+    from .runner import load_answers
+    if annotations is None:
+        raise ValueError("mmbench --submission needs --annotations: the benchmark's TSV")
+    predicted = load_answers(answers)
+    drop = {"image", "hint", "category", "source", "comment", "l2-category"}
+    rows = [{**{k: v for k, v in row.items() if k.lower() not in drop},
+             "prediction": predicted.get(f"{row['index']}-0", "")} for row in load(annotations)]
+    frame = pd.DataFrame(rows)
+    if output.suffix == ".xlsx":
+        frame.to_excel(output, index=False, engine="openpyxl")
+    else:
+        frame.to_csv(output, sep="\t", index=False)
+    return f"{len(rows)} rows -> {output} (upload to the OpenCompass MMBench server)"

@@ -51,3 +51,11 @@ def load_questions(path: str | Path) -> tuple[list[Question], dict[str, str]]:
         questions.append(Question(qid, row.get("image"), prompt, str(row.get("category", "default")),
                                   row["question_id"]))
     return questions, bad
+
+
+def load_bunny(inputs, load_annotations) -> tuple[list[Question], object, dict[str, str]]:
+    """A Bunny-layout run: the question JSONL, and the scorer's annotations when `--annotations` is given."""
+    if inputs.questions is None:
+        raise FileNotFoundError("pass --questions FILE (Bunny/official layout) or --hf SOURCE (lmms-lab parquet)")
+    questions, bad = load_questions(inputs.questions)
+    return questions, (load_annotations(inputs.annotations) if inputs.annotations else None), bad

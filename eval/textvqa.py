@@ -7,7 +7,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from . import vqa
+from .lmms import Loaded, vqa_questions
 from .normalize import vqa_accuracy
+from .questions import Question, load_bunny
+from .spec import RunInputs, ScoreOptions, predictions
+
+LMMS = ("lmms-lab/textvqa", None, "validation")
+CAPTIONS, CHOICES, IMAGES_REQUIRED = False, "", False
+submission = None
 
 
 def question_of(prompt: str) -> str:
@@ -26,3 +34,22 @@ def score(answers: list[dict[str, Any]], annotations: str | Path) -> dict[str, A
             continue
         scores.append(vqa_accuracy(row["text"], refs))
     return {"accuracy": sum(scores) / len(scores) if scores else 0.0, "scored": len(scores), "unmatched": unmatched}
+
+
+def load_annotations(path: str | Path) -> Path:
+    """The official val JSON stays a path: prompts are matched to it by (image id, question), see `score`."""
+    return Path(path)
+
+
+def load_run(inputs: RunInputs) -> tuple[list[Question], Any, dict[str, str]]:
+    return load_bunny(inputs, load_annotations)
+
+
+def report(rows: list[dict[str, Any]], annotations: Any, options: ScoreOptions) -> dict[str, Any]:
+    if isinstance(annotations, dict):  # from parquet: question id -> answers, as VQAv2
+        return vqa.score(predictions(rows), annotations)
+    return {**score(rows, annotations), "breakdowns": {}}
+
+
+def from_lmms(rows: list[dict], image_dir: Path, source: str | Path, inputs: RunInputs) -> Loaded:
+    return vqa_questions(rows, image_dir, textvqa=True, ocr=inputs.ocr)

@@ -8,7 +8,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .normalize import vqa_accuracy
+from .lmms import Loaded, vqa_questions
+from .normalize import normalize_vqa, vqa_accuracy
+from .questions import Question, load_bunny, load_questions
+from .spec import RunInputs, ScoreOptions, predictions
+
+LMMS = ("lmms-lab/VQAv2", None, "validation")
+CAPTIONS, CHOICES, IMAGES_REQUIRED = False, "", False
 
 
 def load_annotations(path: str | Path) -> dict[str, dict[str, Any]]:
@@ -30,3 +36,26 @@ def score(predictions: dict[str, str], annotations: dict[str, dict[str, Any]]) -
             "coverage": len(scores) / max(1, len(annotations)),
             "breakdowns": {"answer type": {k: {"accuracy": sum(v) / len(v), "n": len(v)}
                                            for k, v in sorted(by_type.items())}}}
+
+
+def load_run(inputs: RunInputs) -> tuple[list[Question], Any, dict[str, str]]:
+    return load_bunny(inputs, load_annotations)
+
+
+def report(rows: list[dict[str, Any]], annotations: Any, options: ScoreOptions) -> dict[str, Any]:
+    return score(predictions(rows), annotations)
+
+
+def from_lmms(rows: list[dict], image_dir: Path, source: str | Path, inputs: RunInputs) -> Loaded:
+    return vqa_questions(rows, image_dir, textvqa=False, ocr=inputs.ocr)
+
+
+def submission(answers: Path, output: Path, annotations: Path | None = None,
+               all_questions: Path | None = None) -> str:
+    """EvalAI's format: every test question (unanswered ones get ""), answers normalised."""
+    from .runner import load_answers
+    predicted = load_answers(answers)
+    ids = [q.raw_id for q in load_questions(all_questions)[0]] if all_questions else list(predicted)
+    rows = [{"question_id": int(q), "answer": normalize_vqa(predicted.get(str(q), ""))} for q in ids]
+    output.write_text(json.dumps(rows))
+    return f"{len(rows)} answers -> {output} (upload to EvalAI, VQA challenge, test-dev phase)"

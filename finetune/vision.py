@@ -9,12 +9,12 @@ the previous cross-window conv).
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 
 import numpy as np
 import torch
 from torch import nn
 
+from tokenizer_tap.cache import BoundedCache
 from tokenizer_tap.image_io import load_image
 from tokenizer_tap.modeling.tap import TAP
 from tokenizer_tap.transforms import preprocess
@@ -46,7 +46,7 @@ class VisionTower(nn.Module):
         self.k = trainable_blocks
         self.cut = len(enc.blocks) - trainable_blocks  # blocks[cut:] are trainable
         self.cache_size = cache_size
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cache: BoundedCache[str, torch.Tensor] = BoundedCache("finetune.frozen_features", max(cache_size, 1))
         for p in tap.parameters():
             p.requires_grad_(False)
         self.tail = nn.ModuleList(self.trainable_modules())
@@ -69,16 +69,14 @@ class VisionTower(nn.Module):
         frozen = []
         for i in range(images.shape[0]):
             key = keys[i] if keys is not None and self.cache_size else None
-            if key is not None and key in self._cache:
-                self._cache.move_to_end(key)
-                frozen.append(self._cache[key])
+            hit = self._cache.get(key) if key is not None else None
+            if hit is not None:
+                frozen.append(hit)
                 continue
             with torch.no_grad():
                 x = self._frozen(images[i:i + 1])
             if key is not None:
-                self._cache[key] = x
-                while len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
+                self._cache.put(key, x)
             frozen.append(x)
         x = torch.cat(frozen)
         if self.k:  # DeepSpeed may hold the tail in bf16 while the frozen part computes in float32

@@ -139,7 +139,7 @@ def test_two_clients_never_see_each_others_chats(server) -> None:
 @pytest.mark.parametrize(("call", "message"), [
     (lambda c, cid: c.predict(cid, {"points": [[5000, 10]]}, api_name="/segment"), "outside the 960x720 image"),
     (lambda c, cid: c.predict(cid, {"box": [10, 10, 10, 10]}, api_name="/segment"), "empty"),
-    (lambda c, cid: c.predict(cid, {"circle": 3}, api_name="/segment"), "Unknown region prompt field"),
+    (lambda c, cid: c.predict(cid, {"circle": 3}, api_name="/segment"), "unknown region prompt key"),
     (lambda c, cid: c.submit(cid, "   ", api_name="/chat").result(), "empty"),
     (lambda c, cid: c.submit(cid, "x" * 9000, api_name="/chat").result(), "too long"),
     (lambda c, cid: c.submit(cid, "What is <region9>?", api_name="/chat").result(), "unknown region"),

@@ -8,14 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.api import parse_prompt
 from app.config import AppConfig
+from app.errors import UserError
 from app.owners import AuthFileError, browser_owner, new_token, parse_credentials, pinned_secret, session_owner
 from app.render import chat_messages, message_html
-from app.service import ChatService, MessageView, RegionView, UserError
+from app.service import ChatService, MessageView, RegionView
 from app.ui import scribble_stroke
 from assistant.engine import Assistant
 from assistant.store import ChatStore
+from tokenizer_tap.prompts import Prompt
 
 SCENE = Path(__file__).resolve().parents[1] / "examples" / "scene.jpg"
 
@@ -81,7 +82,7 @@ def test_reopened_after_restart_the_chat_and_overlay_are_identical(bot_factory, 
     cid = one.new_chat("ann")
     one.set_image("ann", cid, SCENE)
     one.click("ann", cid, 510, 270)
-    one.add_region("ann", cid, parse_prompt({"box": [380, 330, 640, 560]}))
+    one.add_region("ann", cid, Prompt.from_dict({"box": [380, 330, 640, 560]}))
     one.remove_region("ann", cid, 1)
     one.stream("ann", cid, "What is <region2>?", max_new_tokens=5).text()
     before, overlay = one.snapshot("ann", cid), np.asarray(one.overlay("ann", cid))
@@ -165,14 +166,6 @@ def test_scribble_stroke_follows_the_drawing() -> None:
         scribble_stroke({"layers": [np.zeros((10, 10, 4), np.uint8)]})
 
 
-def test_prompt_specs() -> None:
-    assert parse_prompt({"points": [[1, 2], [3, 4]], "labels": [1, 0]}).labels == (1, 0)
-    assert parse_prompt({"box": [1, 2, 30, 40]}).kind == "box"
-    assert len(parse_prompt({"scribble": [[i, i] for i in range(50)]}).points) == 9
-    with pytest.raises(UserError):
-        parse_prompt([1, 2])
-
-
 def test_owners_and_credentials(tmp_path: Path) -> None:
     token = new_token()
     assert browser_owner(token) == browser_owner(token) != browser_owner(new_token())
@@ -187,3 +180,19 @@ def test_owners_and_credentials(tmp_path: Path) -> None:
         parse_credentials(["nopassword"], [])
     with pytest.raises(AuthFileError, match="cannot read"):
         parse_credentials([], [tmp_path / "absent.txt"])
+
+
+def test_an_upload_is_decoded_once(service: ChatService, monkeypatch) -> None:
+    """Validation, the encoder, the store (format, size) and the overlay all share one decode of the file."""
+    import PIL.Image
+    real, opened = PIL.Image.open, []
+
+    def counting(*args, **kwargs):
+        opened.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(PIL.Image, "open", counting)
+    snap = service.set_image("ann", "", SCENE.read_bytes())
+    assert len(opened) == 1 and snap.image is not None and snap.image.shape[:2] == (720, 960)
+    conv = service.conversation("ann", snap.conversation_id)
+    assert service.store.image_path(conv.image_sha).read_bytes() == SCENE.read_bytes()  # kept as uploaded

@@ -36,7 +36,7 @@ def test_repl_commands_and_history(image_file, tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert out.count("<region1>: ") >= 2  # added, then listed
-    assert "expected 4 comma-separated numbers" in out and "unknown command /nope" in out
+    assert "a box is X1,Y1,X2,Y2 (4 comma-separated numbers)" in out and "unknown command /nope" in out
     assert "unknown region <region7>" in out and "no such file" in out
     assert "1 record(s)" in out
     record, = json.loads((tmp_path / "out.json").read_text())

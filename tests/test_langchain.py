@@ -270,12 +270,12 @@ BAD = [
 ]
 BAD_REGIONS = [
     ({"regions": {"point": [1, 2]}}, "must be a list"),
-    ({"regions": [[1, 2]]}, "region 1: expected a dict"),
-    ({"regions": [{"point": [1, 2], "box": [1, 2, 3, 4]}]}, "exactly one"),
-    ({"regions": [{"circle": [1, 2]}]}, "exactly one"),
-    ({"regions": [{"point": [1, 2], "colour": "red"}]}, "unknown key"),
+    ({"regions": [[1, 2]]}, "region 1: a region prompt is an object"),
+    ({"regions": [{"point": [1, 2], "box": [1, 2, 3, 4]}]}, "a 'point' region stands alone: drop box"),
+    ({"regions": [{"circle": [1, 2]}]}, "unknown region prompt key"),
+    ({"regions": [{"point": [1, 2], "colour": "red"}]}, "unknown region prompt key"),
     ({"regions": [{"box": [1, 2, 30, 40], "negatives": [[5, 5]]}]}, "only with a 'point'"),
-    ({"regions": [{"point": [1, 2, 3]}]}, r"a point is \[x, y\]"),
+    ({"regions": [{"point": [1, 2, 3]}]}, "point must be 2 numbers"),
     ({"regions": [{"point": ["a", 2]}]}, "point must be 2 numbers"),
     ({"regions": [{"point": [1, 2]}, {"point": [999, 2]}]}, "region 2: point .* outside the 400x300 image"),
     ({"regions": [{"box": [1, 2, 3]}]}, "box must be 4 numbers"),

@@ -54,3 +54,39 @@ def test_scribble_is_sampled_to_nine_points_in_stroke_order():
     assert len(p.points) == 9 and p.points[0] == (10, 20) and p.points[-1] == (90, 180)
     assert p.rows(1000, 1000).shape == (10, 3)
     assert len(Prompt.scribble(stroke[:4]).points) == 4
+
+
+def test_the_json_schema_round_trips_and_reads_its_shorthands():
+    for p in (Prompt.point(3, 4, negatives=[(5, 6)]), Prompt.from_box(1, 2, 30, 40), Prompt.scribble([(1, 1), (2, 3)]),
+              Prompt(points=((7, 8),), labels=(0,), box=(1, 2, 30, 40), kind="everything")):
+        back = Prompt.from_dict(p.to_dict())
+        assert back == p and back.kind == p.kind
+    assert Prompt.from_dict({"point": [3, 4], "negatives": [[5, 6]]}) == Prompt.point(3, 4, negatives=[(5, 6)])
+    assert Prompt.from_dict({"box": [1, 2, 30, 40]}).kind == "box"
+    assert Prompt.from_dict({"points": [[1, 2], [3, 4]], "labels": [1, 0]}).labels == (1, 0)
+    assert len(Prompt.from_dict({"scribble": [[i, i] for i in range(50)]}).points) == 9
+
+
+@pytest.mark.parametrize("spec,match", [
+    ([1, 2], "a region prompt is an object"),
+    ({"circle": 3}, "unknown region prompt key.*'circle'"),
+    ({"point": [1, 2], "box": [1, 2, 3, 4]}, "a 'point' region stands alone: drop box"),
+    ({"scribble": [[1, 1]], "points": [[1, 1]]}, "a 'scribble' region stands alone"),
+    ({"box": [1, 2, 30, 40], "negatives": [[5, 5]]}, "only with a 'point'"),
+    ({"point": [1, 2, 3]}, "point must be 2 numbers"),
+    ({"kind": "box"}, "needs a point or a box"),
+    ({"points": [[1, 1]], "kind": 3}, "kind must be text"),
+])
+def test_bad_json_prompts_name_the_mistake(spec, match):
+    with pytest.raises(PromptError, match=match):
+        Prompt.from_dict(spec)
+
+
+def test_command_line_forms():
+    from tokenizer_tap.prompts import parse_box, parse_point, parse_stroke
+    assert parse_point("3, 4") == (3.0, 4.0) and parse_box("1,2,3,4") == (1.0, 2.0, 3.0, 4.0)
+    assert parse_stroke("1,2 3,4") == [(1.0, 2.0), (3.0, 4.0)]
+    for parse, text, match in [(parse_point, "3", "a point is X,Y"), (parse_box, "1,2,3", "a box is"),
+                               (parse_point, "nan,1", "X,Y"), (parse_stroke, " ", "a scribble is")]:
+        with pytest.raises(PromptError, match=match):
+            parse(text)

@@ -9,38 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import TapError
-
-
-def _pair(text: str) -> tuple[float, float]:
-    return _numbers(text, 2)  # type: ignore[return-value]
-
-
-def _quad(text: str) -> tuple[float, float, float, float]:
-    return _numbers(text, 4)  # type: ignore[return-value]
-
-
-def _numbers(text: str, n: int) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.replace(" ", "").split(","))
-    except ValueError:
-        values = ()
-    if len(values) != n:
-        raise argparse.ArgumentTypeError(f"expected {n} comma-separated numbers, got {text!r}")
-    return values
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
-
-
-def _stroke(text: str) -> list[tuple[float, float]]:
-    return [_pair(p) for p in text.split()]
+from .options import add_region_options, arg_type, positive_int, region_prompts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,13 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("describe", help="describe regions of an image given by points, boxes or scribbles")
     d.add_argument("image")
-    d.add_argument("--point", type=_pair, action="append", default=[], metavar="X,Y",
-                   help="positive point in image pixels; each --point is its own region")
-    d.add_argument("--neg", type=_pair, action="append", default=[], metavar="X,Y",
-                   help="negative point, added to every --point and --box region")
-    d.add_argument("--box", type=_quad, action="append", default=[], metavar="X1,Y1,X2,Y2", help="box region")
-    d.add_argument("--scribble", type=_stroke, action="append", default=[], metavar="'X,Y X,Y ...'",
-                   help="a stroke of points (sampled to 9) as one region")
+    add_region_options(d, negatives=True)
     d.add_argument("--everything", action="store_true", help="also segment the whole scene")
     d.add_argument("--model", default="tap_vit_l", help="tap_vit_b, tap_vit_l, tap_vit_h (default tap_vit_l)")
     d.add_argument("--checkpoint", help="weights (.pkl/.safetensors/.pt) or a TAP checkpoint folder (tap-train); "
@@ -66,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tiny", action="store_true", help="tiny random-weight model: needs no download (demo, tests)")
     d.add_argument("--device", default="auto")
     d.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    d.add_argument("--top-k", type=_positive, default=3, help="concepts per region in --json output")
-    d.add_argument("--max-regions", type=_positive, default=12, help="regions kept by --everything")
+    d.add_argument("--top-k", type=arg_type(positive_int), default=3, help="concepts per region in --json output")
+    d.add_argument("--max-regions", type=arg_type(positive_int), default=12, help="regions kept by --everything")
     d.add_argument("--json", action="store_true", help="print JSON instead of text")
     d.add_argument("--out", help="write an overlay image with numbered regions here")
 
@@ -87,7 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def describe(args: argparse.Namespace) -> int:
     from .predictor import TapPredictor
-    from .prompts import Prompt
     from .visualize import draw_regions
 
     if args.out:  # fail before any model work, not after it
@@ -102,10 +64,7 @@ def describe(args: argparse.Namespace) -> int:
         predictor = TapPredictor.from_pretrained(args.model, args.checkpoint, concepts=args.concepts,
                                                  tokenizer=args.tokenizer, device=args.device, dtype=args.dtype)
     predictor.set_image(args.image)
-    prompts = [Prompt.point(x, y, args.neg) for x, y in args.point]
-    negatives = tuple(args.neg)
-    prompts += [Prompt(points=negatives, labels=(0,) * len(negatives), box=b, kind="box") for b in args.box]
-    prompts += [Prompt.scribble(s) for s in args.scribble]
+    prompts = region_prompts(args)
     if not prompts and not args.everything:
         raise SystemExit("nothing to describe: give --point, --box, --scribble or --everything")
     regions = predictor.predict(prompts, top_k=args.top_k)

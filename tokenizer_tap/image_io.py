@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,15 +20,43 @@ from .errors import ImageError
 #: Default ceiling on decoded pixels (about 8k x 8k); larger images are refused before decoding.
 MAX_PIXELS = 64_000_000
 
-ImageSource = str | os.PathLike | bytes | Image.Image | np.ndarray
 
 
-def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Return an (H, W, 3) uint8 RGB array with EXIF orientation applied.
+@dataclass(frozen=True, eq=False)
+class DecodedImage:
+    """An upload decoded once: its pixels with the bytes and format it came in, so that validating, encoding,
+    storing (as uploaded) and drawing it never decode the file again."""
+
+    rgb: np.ndarray  # (H, W, 3) uint8, EXIF orientation applied
+    data: bytes | None  # the file as uploaded; None when it came as pixels
+    format: str  # "jpeg", "png" ... ("" for pixels)
+
+
+ImageSource = str | os.PathLike | bytes | Image.Image | np.ndarray | DecodedImage
+
+
+def decode_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> DecodedImage:
+    """`load_image`, keeping the file's bytes and format beside the pixels."""
+    if isinstance(source, DecodedImage):
+        _check_size(source.rgb.shape[1::-1], max_pixels, "image")
+        return source
+    data = bytes(source) if isinstance(source, (bytes, bytearray)) else None
+    if data is None and isinstance(source, (str, os.PathLike)) and Path(source).is_file():
+        data = Path(source).read_bytes()
+    found: list[str] = []
+    rgb = load_image(data if data is not None else source, max_pixels, found)
+    return DecodedImage(rgb, data, found[0] if found else "")
+
+
+def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS, format_out: list[str] | None = None) -> np.ndarray:
+    """Return an (H, W, 3) uint8 RGB array with EXIF orientation applied (`format_out` receives the file's format).
 
     Raises:
         ImageError: unreadable, truncated, non-image, zero-size or over `max_pixels`.
     """
+    if isinstance(source, DecodedImage):
+        _check_size(source.rgb.shape[1::-1], max_pixels, "image")
+        return source.rgb
     if isinstance(source, np.ndarray):
         return _from_array(source, max_pixels)
     if isinstance(source, Image.Image):
@@ -54,6 +83,8 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> np.ndarray:
             with Image.open(opener) as img:
                 _check_size(img.size, max_pixels, name)
                 img.load()
+                if format_out is not None:
+                    format_out.append((img.format or "png").lower())
                 return _from_pil(img, max_pixels, name)
     except ImageError:
         raise

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import threading
 import unicodedata
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from .build import DEFAULT_CONCEPTS, TINY_TOKENIZER, build_tap, checkpoint_folder
+from .cache import BoundedCache
 from .config import get_config
 from .errors import CheckpointError, PromptError, WeightsNotFoundError
 from .hub import checkpoint_path, concepts_path, tokenizer_path
@@ -26,7 +26,7 @@ from .image_io import MAX_PIXELS, ImageSource, load_image
 from .modeling import TAP, route
 from .prompts import Prompt
 from .text_tokenizer import TextTokenizer
-from .transforms import ResizeInfo, preprocess, upscale_masks
+from .transforms import ResizeInfo, mask_bbox, preprocess, upscale_masks
 
 
 @dataclass
@@ -57,10 +57,7 @@ class Region:
     @property
     def bbox(self) -> tuple[int, int, int, int] | None:
         """Tight (x1, y1, x2, y2) box of the mask, exclusive end; None for an empty mask."""
-        ys, xs = np.nonzero(self.mask.any(axis=1))[0], np.nonzero(self.mask.any(axis=0))[0]
-        if ys.size == 0:
-            return None
-        return int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1
+        return mask_bbox(self.mask)
 
     def describe(self) -> str:
         """The official demo's line `concept (iou, prob): caption`, with control characters blanked for display."""
@@ -102,7 +99,7 @@ class TapPredictor:
             raise ValueError("cache_size must be at least 1 (the current image is cached)")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.cache_size, self.max_pixels, self.decoder_batch = cache_size, max_pixels, decoder_batch
-        self._cache: OrderedDict[str, _Image] = OrderedDict()
+        self._cache: BoundedCache[str, _Image] = BoundedCache("tap.image_features", cache_size)
         self._image: _Image | None = None
         self._lock = threading.RLock()
         self.encoder_calls = 0  # how many times the image encoder ran (cache misses)
@@ -160,11 +157,7 @@ class TapPredictor:
         with self._lock:
             cached = self._cache.get(key)
             if cached is None:
-                cached = self._encode(rgb, key)
-                self._cache[key] = cached
-                while len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
-            self._cache.move_to_end(key)
+                cached = self._cache.put(key, self._encode(rgb, key))
             self._image = cached
         return key
 
@@ -210,9 +203,10 @@ class TapPredictor:
     def _current(self, key: str | None = None) -> _Image:
         """The current image, or the cached image with content key `key` (as returned by `set_image`)."""
         if key is not None:
-            if key not in self._cache:
+            cached = self._cache.get(key)
+            if cached is None:
                 raise RuntimeError(f"image {key} is no longer cached: call set_image(image) again")
-            return self._cache[key]
+            return cached
         if self._image is None:
             raise RuntimeError("no image set: call set_image(image) before predict()")
         return self._image

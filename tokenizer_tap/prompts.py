@@ -1,9 +1,11 @@
-"""Visual prompts in original image pixels, and their conversion to the model's (K, 3) prompt rows."""
+"""Visual prompts in original image pixels: the one JSON schema and command-line forms every front end parses,
+and the conversion to the model's (K, 3) prompt rows."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -12,6 +14,11 @@ from .modeling import BOX_BOTTOM_RIGHT, BOX_TOP_LEFT, NEGATIVE, PAD, POSITIVE
 
 #: A scribble is reduced to this many points, evenly spaced along the stroke (the official app also uses 9).
 SCRIBBLE_POINTS = 9
+
+#: The JSON keys of a region prompt: `to_dict`'s full form, and the `point` (+ `negatives`) and `scribble` shorthands.
+DICT_KEYS = ("points", "labels", "box", "kind", "point", "negatives", "scribble")
+EXAMPLE = ('{"point": [x, y]}, {"box": [x1, y1, x2, y2]}, {"scribble": [[x, y], ...]} or '
+           '{"points": [...], "labels": [...]}')
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,45 @@ class Prompt:
             idx = np.linspace(0, len(stroke), SCRIBBLE_POINTS + 2)[1:-1].astype(int)
             stroke = [stroke[i] for i in idx]
         return cls(tuple(stroke), (POSITIVE,) * len(stroke), kind="scribble")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form every layer stores and exchanges (history store, HTTP API, LangChain); `from_dict` reads it."""
+        return {"points": [list(p) for p in self.points], "labels": list(self.labels),
+                "box": None if self.box is None else list(self.box), "kind": self.kind}
+
+    @classmethod
+    def from_dict(cls, spec: object) -> Prompt:
+        """A prompt from its JSON form: `to_dict`'s keys, or the shorthands `{"point": [x, y]}` (with optional
+        `"negatives": [[x, y], ...]`) and `{"scribble": [[x, y], ...]}`, each standing alone (`kind` aside).
+
+        Raises:
+            PromptError: naming the mistake (not an object, an unknown key, mixed forms, bad numbers).
+        """
+        if not isinstance(spec, dict):
+            raise PromptError(f"a region prompt is an object such as {EXAMPLE}; got {type(spec).__name__}")
+        if unknown := sorted(set(spec) - set(DICT_KEYS)):
+            raise PromptError(f"unknown region prompt key(s) {', '.join(map(repr, unknown))}; the keys are "
+                              f"{', '.join(DICT_KEYS)}")
+        kind = spec.get("kind") or ""
+        if not isinstance(kind, str):
+            raise PromptError(f"a region prompt's kind must be text, got {kind!r}")
+        given = {k for k in spec if k != "kind" and spec[k] is not None}
+        if "negatives" in given and "point" not in given:
+            raise PromptError("'negatives' goes only with a 'point'")
+        for shorthand, allowed in (("point", {"point", "negatives"}), ("scribble", {"scribble"})):
+            if shorthand in given and given - allowed:
+                raise PromptError(f"a '{shorthand}' region stands alone: drop {', '.join(sorted(given - allowed))}")
+        if "point" in given:
+            x, y = _numbers(spec["point"], 2, "point")
+            return cls.point(x, y, spec.get("negatives") or ())
+        if "scribble" in given:
+            return cls.scribble(spec["scribble"])
+        if not given & {"points", "box"}:
+            raise PromptError(f"a region prompt needs a point or a box, such as {EXAMPLE}")
+        points = _rows(spec.get("points"), "points")
+        labels = spec.get("labels") or ()  # none given: every point is positive (see `rows`)
+        box = spec.get("box")
+        return cls(points, labels, box, kind=kind or ("box" if box is not None and not points else "point"))
 
     def rows(self, width: int, height: int) -> np.ndarray:
         """Validated (K, 3) float32 rows (x, y, label): box corners first, then points, then a pad row if no box.
@@ -120,3 +166,31 @@ def _label(value: object) -> int:
     if label != value:
         raise PromptError(f"point label must be 1 (positive) or 0 (negative), got {value!r}")
     return label
+
+
+def parse_point(text: str) -> tuple[float, float]:
+    """'X,Y' (command lines, chat commands) -> (x, y)."""
+    return _text_numbers(text, 2, "a point is X,Y")  # type: ignore[return-value]
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    """'X1,Y1,X2,Y2' -> the box."""
+    return _text_numbers(text, 4, "a box is X1,Y1,X2,Y2")  # type: ignore[return-value]
+
+
+def parse_stroke(text: str) -> list[tuple[float, float]]:
+    """'X,Y X,Y ...' (space-separated points) -> the stroke of a scribble."""
+    stroke = [parse_point(p) for p in text.split()]
+    if not stroke:
+        raise PromptError("a scribble is 'X,Y X,Y ...', got nothing")
+    return stroke
+
+
+def _text_numbers(text: str, n: int, form: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        values = ()
+    if len(values) != n or not all(np.isfinite(values)):
+        raise PromptError(f"{form} ({n} comma-separated numbers), got {text!r}")
+    return values

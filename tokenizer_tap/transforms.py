@@ -1,4 +1,4 @@
-"""Resize, pad and coordinate maths between original pixels and the model's square input frame.
+"""Resize, pad and coordinate maths between original pixels and the model's square input frame, and mask boxes.
 
 Reproduces the official preprocessing exactly (PIL antialiased bilinear resize of uint8, integer pad colour at the
 bottom-right) because the features, and so every downstream number, depend on it.
@@ -77,3 +77,13 @@ def upscale_masks(logits: torch.Tensor, info: ResizeInfo) -> torch.Tensor:
         x = F.interpolate(x, info.original_hw, mode="bilinear", align_corners=False)
         out[i:i + chunk] = x[:, 0] > 0
     return out
+
+
+def mask_bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Tight (x1, y1, x2, y2) box of a boolean mask, exclusive end; None when the mask is empty.
+
+    The one definition every layer uses (regions, overlays, grounding lines, the app's region list)."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not rows.size:
+        return None
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1

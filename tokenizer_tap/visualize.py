@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .transforms import mask_bbox
+
 # Colour-blind-friendly palette (Okabe-Ito, then Tableau), cycled.
 PALETTE = [(230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0),
            (204, 121, 167), (78, 121, 167), (242, 142, 43), (225, 87, 89), (118, 183, 178), (89, 161, 79)]
@@ -33,12 +35,12 @@ def tint(image: np.ndarray, masks: Sequence[np.ndarray], colours: Sequence[tuple
     """
     out = image.astype(np.float32)
     for mask, col in zip(masks, colours):
-        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-        if not rows.size:
+        box = mask_bbox(mask)
+        if box is None:
             continue
         # one pixel of margin, so a pixel on the box's edge still sees its outside neighbour (outline)
-        ys = slice(max(rows[0] - 1, 0), rows[-1] + 2)
-        xs = slice(max(cols[0] - 1, 0), cols[-1] + 2)
+        ys = slice(max(box[1] - 1, 0), box[3] + 1)
+        xs = slice(max(box[0] - 1, 0), box[2] + 1)
         m, view = mask[ys, xs], out[ys, xs]
         view[m] = view[m] * (1 - alpha) + np.asarray(col, np.float32) * alpha
         view[_edges(m)] = col

@@ -60,6 +60,7 @@ class TwoWayBlock(nn.Module):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, query_pos: torch.Tensor,
                 key_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens (N, T, D) and image (N, HW, D) attend to each other; returns both updated."""
         if self.skip_first_pe:  # the first block has neither positional encoding nor residual here
             query = self.norm1(self.dropout(self.self_attn(query, query, query)))
         else:
@@ -85,6 +86,7 @@ class TwoWayTransformer(nn.Module):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, query_pos: torch.Tensor,
                 key_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens (N, T, D), image (N, HW, D) and their positions -> updated (tokens, image)."""
         for block in self.blocks:
             query, key = block(query, key, query_pos, key_pos)
         query = self.norm(query + self.dropout(self.final_attn_token_to_image(query + query_pos, key + key_pos, key)))

@@ -63,6 +63,7 @@ class DropPath(nn.Module):
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Identity in eval; in training, zero whole samples and rescale the rest by 1 / (1 - p)."""
         if not self.training or self.p == 0.0:
             return x
         keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
@@ -81,6 +82,7 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """(windows, length, dim) tokens with their attention `bias` -> the same shape."""
         x = x + self.drop_path(self.attn(self.norm1(x), bias))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -99,6 +101,7 @@ class Bottleneck(nn.Module):
         self.norm3 = nn.BatchNorm2d(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C, H, W), residual."""
         y = F.gelu(self.norm1(self.conv1(x)))
         y = F.gelu(self.norm2(self.conv2(y)))
         return x + self.norm3(self.conv3(y))
@@ -110,6 +113,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(3, dim, patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) normalised pixels -> (N, dim, S / patch, S / patch)."""
         return self.proj(x)
 
 
@@ -134,6 +138,7 @@ class Neck(nn.Module):
         self.output_conv = nn.ModuleList([conv_bn(out_dim, out_dim, 3)])
 
     def forward(self, x: torch.Tensor, taps: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """(N, dim, h, w) -> (N, out_dim, h, w); `taps` collects the lateral output for parity checks."""
         x = self.lateral_conv[0](x)
         if taps is not None:
             taps["neck_lateral"] = x

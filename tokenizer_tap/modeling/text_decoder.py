@@ -63,6 +63,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: tuple[torch.Tensor, torch.Tensor] | None, start: int) -> torch.Tensor:
+        """Causal self-attention of (N, L, dim) at positions start..start+L, reading and writing `cache`."""
         n, length, dim = x.shape
         qkv = self.qkv(x).view(n, length, 3, self.num_heads, -1)  # channels: (which, head, head_dim)
         qk = apply_rotary(qkv[:, :, :2], cos[:, None, None], sin[:, None, None])  # q and k in one pass
@@ -95,6 +96,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: tuple[torch.Tensor, torch.Tensor] | None, start: int) -> torch.Tensor:
+        """(N, L, dim) -> (N, L, dim); `cache` is this block's (keys, values) buffer or None."""
         x = x + self.dropout(self.attn(self.norm1(x), cos, sin, cache, start))
         return x + self.dropout(self.mlp(self.norm2(x)))
 

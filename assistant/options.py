@@ -1,0 +1,30 @@
+"""The model options every front end shares (app, `assistant chat`, `eval run`), and building an Assistant from them.
+
+One definition keeps the names, defaults and help identical everywhere; `Assistant.from_options` reads any object
+with these attribute names (argparse's Namespace, the app's AppConfig).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+QUANTIZATIONS = ("none", "4bit", "8bit")
+
+
+def add_model_options(parser: argparse.ArgumentParser, *, checkpoint_alias: bool = False) -> None:
+    """--tiny, --tap-model, --tap-checkpoint, --llm, --chat-checkpoint, --quantization, --device, --dtype.
+
+    `checkpoint_alias` also accepts `--checkpoint` for `--chat-checkpoint` (the name those CLIs always had)."""
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny random models: no download, gibberish answers (demos, tests)")
+    parser.add_argument("--tap-model", default=None, help="TAP variant (default: the checkpoint's, or tap_vit_l)")
+    parser.add_argument("--tap-checkpoint", default=None,
+                        help="TAP weights (.pkl/.safetensors) or a checkpoint folder from tap-train (default: hub)")
+    parser.add_argument("--llm", default=None, help="language model id or folder (default: microsoft/phi-2)")
+    names = ["--chat-checkpoint", "--checkpoint"] if checkpoint_alias else ["--chat-checkpoint"]
+    parser.add_argument(*names, dest="chat_checkpoint", default=None,
+                        help="a TAP-Chat checkpoint folder (tapchat mode); without one: grounded mode")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
+                        help="load the LLM in 4 or 8 bits (bitsandbytes, CUDA)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")

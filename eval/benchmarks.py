@@ -1,0 +1,22 @@
+"""The benchmark registry: each name maps to the module that loads, asks and scores it (interface in `eval/spec.py`).
+
+The CLI, the scorer and the lmms-lab reader look benchmarks up here; nothing else branches on a benchmark's name.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from . import captioning, gqa, mmbench, seed, textvqa, vqa
+
+REGISTRY: dict[str, ModuleType] = {"gqa": gqa, "vqav2": vqa, "textvqa": textvqa, "seed": seed, "mmbench": mmbench,
+                                   "vg": captioning, "refcocog": captioning}
+BENCHMARKS = tuple(REGISTRY)
+
+
+def get(name: str) -> ModuleType:
+    """The module of benchmark `name`; an unknown name is a ValueError listing the known ones."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown benchmark {name!r}: one of {', '.join(BENCHMARKS)}") from None

@@ -1,0 +1,44 @@
+"""What every benchmark module is handed: the run's inputs and the scoring options, one shape for all of them.
+
+A benchmark module (registered by name in `eval/benchmarks.py`) exposes:
+- `load_run(inputs) -> (questions, annotations or None, bad records)`: from local files (`--questions`);
+- `load_annotations(path)`: the scorer's annotations (`--annotations`);
+- `report(rows, annotations, options) -> dict`: accuracy, scored, breakdowns (or caption metrics), rule;
+- `from_lmms(rows, image_dir, source, inputs) -> Loaded` with `LMMS = (dataset id, config, split)`, or `LMMS = None`;
+- `submission(answers, output, annotations=None, all_questions=None) -> str`, or `submission = None`;
+- `CAPTIONS` (TAP captions regions, no chat model), `CHOICES` (letters for `--likelihood`, "" for none) and
+  `IMAGES_REQUIRED` (needs `--images` even for local files).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    questions: Path | None = None
+    images: Path | None = None
+    annotations: Path | None = None
+    split: str | None = None
+    video_frames: bool = False  # seed: also the video questions (middle frames)
+    ocr: bool = False  # textvqa from parquet: the OCR token line in the prompt
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    lenient: bool = False  # seed: first letter; gqa: lmms-eval exact_match
+    strict: bool = False  # mmbench: the exact letter
+    partial: bool = False  # score the questions asked, not the whole benchmark (--limit, shards)
+    spice: bool = False  # captions: also SPICE
+    asked: frozenset[str] | None = None  # with `partial`: the question ids that were asked
+
+
+def predictions(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Question id -> answer text; the first answer of a question counts (a resumed file may repeat one)."""
+    out: dict[str, str] = {}
+    for row in rows:
+        out.setdefault(str(row["question_id"]), str(row["text"]))
+    return out
