@@ -156,7 +156,8 @@ def test_pretraining_learns_masks_and_concepts(tmp_path: Path) -> None:
     print(f"box mIoU {before.box_miou:.3f} -> {after.box_miou:.3f}, point mIoU {before.point_miou:.3f} -> "
           f"{after.point_miou:.3f}, concept top-1 {before.concept_top1:.3f} -> {after.concept_top1:.3f} "
           f"(majority {after.majority:.3f})")
-    # measured here (2 cores, 400 steps): box 0.044 -> 0.178, point 0.051 -> 0.109, concepts 0.023 -> 0.372 (majority 0.098)
+    # measured here (2 cores, 400 steps): box 0.044 -> 0.178, point 0.051 -> 0.109, concepts 0.023 -> 0.372
+    # (majority 0.098)
     assert after.box_miou > max(2 * before.box_miou, before.box_miou + 0.06)
     assert after.point_miou > before.point_miou + 0.02
     assert after.concept_top1 > max(2 * after.majority, before.concept_top1 + 0.15)
