@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--strict", action="store_true", help="mmbench: exact letter (default: first letter)")
     s.add_argument("--partial", action="store_true", help="gqa: score only the answered questions (--limit runs)")
     s.add_argument("--spice", action="store_true", help="vg/refcocog: also SPICE (needs its Stanford models)")
+    s.add_argument("--raw", action="store_true", help="vqav2: score the predictions as given (default: through the "
+                   "EvalAI/m4c answer processor first, as LLaVA/Bunny do before upload)")
     s.add_argument("--submission", type=Path, help="vqav2 test-dev: EvalAI JSON; mmbench: OpenCompass .xlsx/.tsv")
     s.add_argument("--all-questions", type=Path, help="vqav2: every test question (unanswered ones get \"\")")
     s.add_argument("--report", type=Path, help="write PREFIX.json, PREFIX.md and PREFIX.png")
@@ -185,7 +187,7 @@ def score_command(args: argparse.Namespace) -> None:
     rows = read_answers(args.answers)
     try:
         report = score(args.benchmark, rows, annotations, lenient=args.lenient, strict=args.strict,
-                       partial=args.partial, spice=args.spice)
+                       partial=args.partial, spice=args.spice, raw=args.raw)
     except ValueError as exc:
         sys.exit(str(exc))
     report.update(model=(rows[0].get("model_id") if rows else None) or args.answers.stem, answers=str(args.answers))

@@ -47,6 +47,8 @@ def markdown(report: dict[str, Any]) -> str:
     if extra.get("bad_records"):
         lines += ["", f"Bad records (not answered): {extra['bad_records']}."]
     lines += [f"Note: {n}" for n in extra.get("notes", [])]
+    if report.get("rule"):
+        lines += ["", f"Rule: {report['rule']}."]
     return "\n".join(lines) + "\n"
 
 

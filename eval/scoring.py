@@ -23,9 +23,9 @@ def load_annotations(benchmark: str, path: str | Path) -> Any:
 
 
 def score(benchmark: str, rows: list[dict[str, Any]], annotations: Any, *, lenient: bool = False,
-          strict: bool = False, partial: bool = False, spice: bool = False,
+          strict: bool = False, partial: bool = False, spice: bool = False, raw: bool = False,
           asked: frozenset[str] | None = None) -> dict[str, Any]:
     """Score answer rows; `lenient` is SEED's first-letter rule or GQA's lmms-eval exact_match, `strict` MMBench's
     exact letter, `partial` lets a --limit run be scored on the questions asked (`asked`) or answered."""
-    options = ScoreOptions(lenient=lenient, strict=strict, partial=partial, spice=spice, asked=asked)
+    options = ScoreOptions(lenient=lenient, strict=strict, partial=partial, spice=spice, raw=raw, asked=asked)
     return {"benchmark": benchmark, **get(benchmark).report(rows, annotations, options)}

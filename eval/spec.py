@@ -33,6 +33,7 @@ class ScoreOptions:
     strict: bool = False  # mmbench: the exact letter
     partial: bool = False  # score the questions asked, not the whole benchmark (--limit, shards)
     spice: bool = False  # captions: also SPICE
+    raw: bool = False  # vqav2: score predictions as given, without the EvalAI/m4c processor
     asked: frozenset[str] | None = None  # with `partial`: the question ids that were asked
 
 

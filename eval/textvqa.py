@@ -9,7 +9,7 @@ from typing import Any
 
 from . import vqa
 from .lmms import Loaded, vqa_questions
-from .normalize import vqa_accuracy
+from .normalize import m4c_accuracy
 from .questions import Question, load_bunny
 from .spec import RunInputs, ScoreOptions, predictions
 
@@ -32,7 +32,7 @@ def score(answers: list[dict[str, Any]], annotations: str | Path) -> dict[str, A
         if refs is None:
             unmatched += 1
             continue
-        scores.append(vqa_accuracy(row["text"], refs))
+        scores.append(m4c_accuracy(row["text"], refs))
     return {"accuracy": sum(scores) / len(scores) if scores else 0.0, "scored": len(scores), "unmatched": unmatched}
 
 
@@ -46,9 +46,11 @@ def load_run(inputs: RunInputs) -> tuple[list[Question], Any, dict[str, str]]:
 
 
 def report(rows: list[dict[str, Any]], annotations: Any, options: ScoreOptions) -> dict[str, Any]:
-    if isinstance(annotations, dict):  # from parquet: question id -> answers, as VQAv2
-        return vqa.score(predictions(rows), annotations)
-    return {**score(rows, annotations), "breakdowns": {}}
+    if isinstance(annotations, dict):  # from parquet: question id -> answers, the VQAv2 shape
+        result = vqa.score(predictions(rows), annotations, raw=True, accuracy=m4c_accuracy)
+    else:
+        result = {**score(rows, annotations), "breakdowns": {}}
+    return {**result, "rule": "m4c TextVQA accuracy (the processor on predictions and answers), as Bunny"}
 
 
 def from_lmms(rows: list[dict], image_dir: Path, source: str | Path, inputs: RunInputs) -> Loaded:

@@ -1,10 +1,14 @@
-"""VQAv2 val (and TextVQA from parquet) scored locally: VQA soft accuracy over the 10 reference answers, overall and
-by answer type (yes/no, number, other), from the official `v2_mscoco_val2014_annotations.json` or lmms-lab rows."""
+"""VQAv2 val scored locally as the official evaluator does (`normalize.vqa_accuracy`), overall and by answer type
+(yes/no, number, other), from the official `v2_mscoco_val2014_annotations.json` or lmms-lab rows.
+
+By default the predictions first go through the EvalAI/m4c answer processor, the step LLaVA and Bunny run before
+uploading (so local numbers match the published pipeline); `--raw` scores them as given."""
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +28,18 @@ def load_annotations(path: str | Path) -> dict[str, dict[str, Any]]:
                                     "answer_type": a.get("answer_type", "all")} for a in data["annotations"]}
 
 
-def score(predictions: dict[str, str], annotations: dict[str, dict[str, Any]]) -> dict[str, Any]:
+PROCESSED = "official vqaEval; predictions first through the EvalAI/m4c answer processor (as LLaVA/Bunny upload)"
+RAW = "official vqaEval on the predictions as given (--raw)"
+
+
+def score(predictions: dict[str, str], annotations: dict[str, dict[str, Any]], *, raw: bool = False,
+          accuracy: Callable[[str, list[str]], float] = vqa_accuracy) -> dict[str, Any]:
+    """Mean accuracy over the annotated questions that have a prediction, and by answer type."""
     by_type: dict[str, list[float]] = defaultdict(list)
     scores = []
     for qid, ann in annotations.items():
         if qid in predictions:
-            s = vqa_accuracy(predictions[qid], ann["answers"])
+            s = accuracy(predictions[qid] if raw else normalize_vqa(predictions[qid]), ann["answers"])
             scores.append(s)
             by_type[ann["answer_type"]].append(s)
     return {"accuracy": sum(scores) / len(scores) if scores else 0.0, "scored": len(scores),
@@ -43,7 +53,7 @@ def load_run(inputs: RunInputs) -> tuple[list[Question], Any, dict[str, str]]:
 
 
 def report(rows: list[dict[str, Any]], annotations: Any, options: ScoreOptions) -> dict[str, Any]:
-    return score(predictions(rows), annotations)
+    return {**score(predictions(rows), annotations, raw=options.raw), "rule": RAW if options.raw else PROCESSED}
 
 
 def from_lmms(rows: list[dict], image_dir: Path, source: str | Path, inputs: RunInputs) -> Loaded:

@@ -14,7 +14,7 @@ def test_least_recently_used_goes_first() -> None:
     c.put("b", 2)
     assert c.get("a") == 1  # a is now the most recent
     c.put("c", 3)
-    assert evicted == [("b", 2)] and "b" not in c and list(c) == ["a", "c"] and len(c) == 2
+    assert evicted == [("b", 2)] and "b" not in c and list(c) == ["a", "c"] and c.values() == [1, 3] and len(c) == 2
     assert c.pop("a") == 1 and c.pop("a") is None and c.get("zz", 7) == 7
 
 

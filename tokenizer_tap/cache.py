@@ -77,6 +77,11 @@ class BoundedCache(Generic[K, V]):
         with self._lock:
             return iter(list(self._data))
 
+    def values(self) -> list[V]:
+        """A snapshot of the values, oldest first (does not refresh them)."""
+        with self._lock:
+            return list(self._data.values())
+
 
 def cache_report() -> list[tuple[str, int, int, str]]:
     """(name, current size, limit, unit) of every live cache in the process, by name (the app logs it at start)."""
