@@ -26,7 +26,7 @@ from .questions import Question
 from .spec import RunInputs, ScoreOptions, predictions
 
 LMMS = None  # region captions come as COCO-style JSON or the refer toolkit's folder, not parquet
-CAPTIONS, CHOICES, IMAGES_REQUIRED = True, "", False
+TAP_ONLY, CHOICES, IMAGES_REQUIRED = True, "", False
 submission = None
 
 
@@ -165,6 +165,11 @@ def score(predictions: dict[str, str], references: dict[str, list[str]], *, mete
 
 def _simple_tokens(text: str) -> str:
     return " ".join("".join(c if c.isalnum() or c.isspace() else " " for c in text.lower()).split())
+
+
+def tap_answerer(predictor: TapPredictor, annotations: Any, model_id: str, max_new_tokens: int | None = None,
+                 **_: Any) -> RegionCaptioner:
+    return RegionCaptioner(predictor, max_new_tokens, model_id=model_id)
 
 
 def load_annotations(path: str | Path) -> dict[str, list[str]]:

@@ -31,20 +31,25 @@ def load_data(args: argparse.Namespace) -> tuple[list, Any, dict[str, str]]:
         loaded = load(args.benchmark, args.hf, args.images, split=args.split, ocr=args.ocr)
         return loaded.questions, loaded.annotations, loaded.bad
     return module.load_run(RunInputs(questions=args.questions, images=args.images, annotations=args.annotations,
-                                     split=args.split, video_frames=args.video_frames, ocr=args.ocr))
+                                     split=args.split, video_frames=args.video_frames, ocr=args.ocr,
+                                     detections=args.detections))
 
 
-def answerer(args: argparse.Namespace, device: str):
+def answerer(args: argparse.Namespace, device: str, annotations: Any = None):
     module = get(args.benchmark)
-    if module.CAPTIONS:
+    if module.TAP_ONLY:
+        from tokenizer_tap.build import DEFAULT_CONCEPTS, checkpoint_folder
         from tokenizer_tap.predictor import TapPredictor
-
-        from .captioning import RegionCaptioner
         tap_model = "tap_tiny" if args.tiny else args.tap_model or "tap_vit_l"
+        weights = args.tap_checkpoint or args.chat_checkpoint
+        concepts = args.concepts  # else a checkpoint folder's own vocabulary, or the benchmark's official one
+        if concepts is None and hasattr(module, "default_concepts") and checkpoint_folder(tap_model, weights) is None:
+            concepts = module.default_concepts(args.questions)
         predictor = (TapPredictor.random("tap_tiny") if args.tiny else
-                     TapPredictor.from_pretrained(tap_model, args.tap_checkpoint or args.chat_checkpoint,
+                     TapPredictor.from_pretrained(tap_model, weights, concepts=concepts or DEFAULT_CONCEPTS,
                                                   device=device, dtype=args.dtype))
-        return RegionCaptioner(predictor, args.max_new_tokens, model_id=tap_model)
+        model_id = str(weights) if weights and checkpoint_folder(tap_model, weights) is not None else tap_model
+        return module.tap_answerer(predictor, annotations, model_id=model_id, max_new_tokens=args.max_new_tokens)
     from assistant.engine import Assistant
 
     from .runner import ChatAnswerer
@@ -111,6 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--images", type=Path, default=None, help="the image folder (--hf and mmbench write images there)")
     r.add_argument("--video-frames", action="store_true", help="seed: also the video questions (middle frames)")
     r.add_argument("--ocr", action="store_true", help="textvqa --hf: add the Reference OCR token line to prompts")
+    r.add_argument("--detections", type=Path, help="coco-seg/lvis-seg: the detector's boxes (COCO results JSON)")
+    r.add_argument("--concepts", help="lvis-cls/coco-cls: concept vocabulary (lvis_1203, coco_80, a .pkl); default: "
+                                      "the dataset's official one, or a checkpoint folder's own")
     r.add_argument("--answers", type=Path, required=True, help="answers JSONL, appended to (resume)")
     add_model_options(r, checkpoint_alias=True)  # vg/refcocog: --checkpoint may name the TAP weights
     r.add_argument("--annotations", type=Path, help="score after the run (gqa, vqav2 val, textvqa)")
@@ -207,10 +215,10 @@ def run_command(args: argparse.Namespace) -> None:
         questions = questions[:args.limit]
     every = questions
     questions = shard(questions, args.num_shards, args.shard)
-    if args.max_new_tokens is None and not get(args.benchmark).CAPTIONS:
+    if args.max_new_tokens is None and not get(args.benchmark).TAP_ONLY:
         args.max_new_tokens = 128
     device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if world > 1 and torch_cuda() else "auto"
-    who = answerer(args, device)
+    who = answerer(args, device, annotations)
     stats = run(who, questions, args.images, args.answers, batch_size=args.batch_size, progress=rank == 0)
     bad.update(stats.bad)
     print(f"{stats.answered} answered, {stats.already_done} already in {args.answers}, {len(bad)} bad records")

@@ -17,7 +17,7 @@ from .spec import RunInputs, ScoreOptions, predictions
 BINARY = {"verify", "logical", "choose", "compare"}
 LMMS = ("lmms-lab/GQA", "testdev_balanced_instructions", "testdev")
 GQA_IMAGES = "testdev_balanced_images"  # the lmms-lab config holding the images
-CAPTIONS, CHOICES, IMAGES_REQUIRED = False, "", False
+TAP_ONLY, CHOICES, IMAGES_REQUIRED = False, "", False
 submission = None
 
 

@@ -20,7 +20,7 @@ from .spec import RunInputs, ScoreOptions, predictions
 
 LETTERS = "ABCD"
 LMMS = ("lmms-lab/MMBench", "en", "dev")
-CAPTIONS, CHOICES, IMAGES_REQUIRED = False, "ABCDE", True  # images live in the TSV: written to --images
+TAP_ONLY, CHOICES, IMAGES_REQUIRED = False, "ABCDE", True  # images live in the TSV: written to --images
 SUFFIX = {"en": "\nAnswer with the option's letter from the given choices directly.", "cn": "\n请直接回答选项字母。"}
 
 

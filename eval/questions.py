@@ -18,6 +18,8 @@ class Question:
     category: str = "default"
     raw_id: str | int = ""
     box: tuple[float, float, float, float] | None = None  # region captioning: the prompt box, x0 y0 x1 y1 pixels
+    # instance benchmarks: every box prompt of the image, x0 y0 x1 y1 (+ the detector's category id and score)
+    regions: tuple[tuple[float, ...], ...] = ()
 
 
 def read_json_or_tar(path: str | Path, member_suffix: str) -> bytes:

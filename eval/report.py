@@ -11,15 +11,39 @@ from typing import Any
 # region captioning on VG from its evaluation notebooks (v1.1 checkpoints). TAP-v2's own chat numbers are not in
 # our references, so they are not quoted.
 PUBLISHED: dict[str, dict[str, Any]] = {
-    "gqa": {"Bunny-v1.0-3B, testdev-balanced": 62.5},
-    "vqav2": {"Bunny-v1.0-3B, test-dev": 79.8},
-    "seed": {"Bunny-v1.0-3B, all": 62.5, "Bunny-v1.0-3B, image": 70.7},
-    "mmbench": {"Bunny-v1.0-3B, dev": 68.6, "Bunny-v1.0-3B, test": 69.2},
-    "textvqa": {},
+    # Bunny's model card; TAP-v2 paper Table 4 (Phi-2 + LoRA, TAP-L / TAP-XL as the vision encoder)
+    "gqa": {"Bunny-v1.0-3B, testdev-balanced": 62.5, "TAPv2-Chat TAP-L": 62.5, "TAPv2-Chat TAP-XL": 62.8},
+    "vqav2": {"Bunny-v1.0-3B, test-dev": 79.8, "TAPv2-Chat TAP-L, test-dev": 78.5,
+              "TAPv2-Chat TAP-XL, test-dev": 79.0},
+    "seed": {"Bunny-v1.0-3B, all": 62.5, "Bunny-v1.0-3B, image": 70.7, "TAPv2-Chat TAP-L": 63.3,
+             "TAPv2-Chat TAP-XL": 63.7},
+    "mmbench": {"Bunny-v1.0-3B, dev": 68.6, "Bunny-v1.0-3B, test": 69.2, "TAPv2-Chat TAP-L, dev": 59.8,
+                "TAPv2-Chat TAP-XL, dev": 60.4},
+    "textvqa": {"TAPv2-Chat TAP-L": 47.6, "TAPv2-Chat TAP-XL": 49.0},
+    # the official evaluation notebooks (v1.1), and TAP-v2 paper Table 2
     "vg": {"TAP-B v1.1": {"BLEU-4": 12.2, "METEOR": 17.7, "ROUGE-L": 36.0, "CIDEr": 152.3},
            "TAP-L v1.1": {"BLEU-4": 12.4, "METEOR": 17.9, "ROUGE-L": 36.2, "CIDEr": 154.7},
-           "TAP-H v1.1": {"BLEU-4": 12.4, "METEOR": 17.8, "ROUGE-L": 36.2, "CIDEr": 154.2}},
-    "refcocog": {},
+           "TAP-H v1.1": {"BLEU-4": 12.4, "METEOR": 17.8, "ROUGE-L": 36.2, "CIDEr": 154.2},
+           "TAPv2-L stage 2 (paper)": {"METEOR": 18.6, "CIDEr": 162.9},
+           "TAPv2-XL stage 2 (paper)": {"METEOR": 18.6, "CIDEr": 163.9}},
+    "refcocog": {"TAPv2-L stage 2 (paper)": {"METEOR": 19.9, "CIDEr": 99.3},
+                 "TAPv2-XL stage 2 (paper)": {"METEOR": 20.0, "CIDEr": 100.2}},
+    # TAP-v2 paper Table 1: LVIS v1 val, GT boxes, box AP
+    "lvis-cls": {"TAPv2-B SemanticSA-1B": {"AP": 57.4, "APr": 58.6, "APc": 56.8, "APf": 57.5},
+                 "TAPv2-L SemanticSA-1B": {"AP": 59.1, "APr": 61.7, "APc": 58.9, "APf": 58.3},
+                 "TAPv2-L CaptionSA-400M": {"AP": 65.2, "APr": 66.1, "APc": 65.3, "APf": 64.7},
+                 "TAPv2-XL CaptionSA-400M": {"AP": 67.2, "APr": 69.2, "APc": 67.4, "APf": 66.1},
+                 "EVA-CLIP-E": {"AP": 64.3, "APr": 72.4, "APc": 65.3, "APf": 59.7}},
+    "coco-cls": {},
+    # TAP-v2 paper Table 3: ViTDet-H boxes, mask AP
+    "coco-seg": {"SAM-H": {"AP": 46.5, "APs": 30.8, "APm": 51.0, "APl": 61.7},
+                 "TAPv2-B stage 1": {"AP": 45.1, "APs": 28.7, "APm": 50.1, "APl": 60.6},
+                 "TAPv2-L stage 1": {"AP": 46.0, "APs": 29.1, "APm": 50.9, "APl": 62.2},
+                 "TAPv2-L stage 2": {"AP": 46.6, "APs": 29.1, "APm": 51.9, "APl": 63.5}},
+    "lvis-seg": {"SAM-H": {"AP": 44.7, "APr": 34.6, "APc": 45.5, "APf": 47.8},
+                 "TAPv2-B stage 1": {"AP": 42.2, "APr": 33.6, "APc": 43.1, "APf": 45.0},
+                 "TAPv2-L stage 1": {"AP": 43.0, "APr": 33.7, "APc": 44.1, "APf": 46.0},
+                 "TAPv2-L stage 2": {"AP": 42.9, "APr": 34.1, "APc": 44.0, "APf": 45.7}},
 }
 # The breakdown drawn in the chart, per benchmark (the first one with several categories otherwise).
 CHART = {"gqa": "structural", "seed": "dimension", "mmbench": "category", "vqav2": "answer type"}
@@ -58,7 +82,7 @@ def chart(report: dict[str, Any], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     if "metrics" in report:
-        labels, values, title = list(report["metrics"]), list(report["metrics"].values()), "caption metrics"
+        labels, values, title = list(report["metrics"]), list(report["metrics"].values()), "metrics"
     else:
         groups = report.get("breakdowns", {})
         group = CHART.get(report["benchmark"])

@@ -18,7 +18,7 @@ from .spec import RunInputs, ScoreOptions, predictions
 
 SUFFIX = "\nAnswer with the option's letter from the given choices directly."
 LMMS = ("lmms-lab/SEED-Bench", None, "test")
-CAPTIONS, CHOICES, IMAGES_REQUIRED = False, "ABCD", False
+TAP_ONLY, CHOICES, IMAGES_REQUIRED = False, "ABCD", False
 submission = None
 # SEED-Bench-1's dimensions by question_type_id (the parquet carries only the ids).
 DIMENSIONS = {1: "Scene Understanding", 2: "Instance Identity", 3: "Instance Attributes", 4: "Instance Location",

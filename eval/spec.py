@@ -6,8 +6,9 @@ A benchmark module (registered by name in `eval/benchmarks.py`) exposes:
 - `report(rows, annotations, options) -> dict`: accuracy, scored, breakdowns (or caption metrics), rule;
 - `from_lmms(rows, image_dir, source, inputs) -> Loaded` with `LMMS = (dataset id, config, split)`, or `LMMS = None`;
 - `submission(answers, output, annotations=None, all_questions=None) -> str`, or `submission = None`;
-- `CAPTIONS` (TAP captions regions, no chat model), `CHOICES` (letters for `--likelihood`, "" for none) and
-  `IMAGES_REQUIRED` (needs `--images` even for local files).
+- `TAP_ONLY` (the tokenizer is evaluated, no chat model) with `tap_answerer(predictor, annotations, model_id,
+  max_new_tokens)`, `CHOICES` (letters for `--likelihood`, "" for none) and `IMAGES_REQUIRED` (needs `--images`
+  even for local files).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class RunInputs:
     split: str | None = None
     video_frames: bool = False  # seed: also the video questions (middle frames)
     ocr: bool = False  # textvqa from parquet: the OCR token line in the prompt
+    detections: Path | None = None  # coco-seg / lvis-seg: a detector's boxes (COCO results JSON)
 
 
 @dataclass(frozen=True)

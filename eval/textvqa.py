@@ -14,7 +14,7 @@ from .questions import Question, load_bunny
 from .spec import RunInputs, ScoreOptions, predictions
 
 LMMS = ("lmms-lab/textvqa", None, "validation")
-CAPTIONS, CHOICES, IMAGES_REQUIRED = False, "", False
+TAP_ONLY, CHOICES, IMAGES_REQUIRED = False, "", False
 submission = None
 
 

@@ -18,7 +18,7 @@ from .questions import Question, load_bunny, load_questions
 from .spec import RunInputs, ScoreOptions, predictions
 
 LMMS = ("lmms-lab/VQAv2", None, "validation")
-CAPTIONS, CHOICES, IMAGES_REQUIRED = False, "", False
+TAP_ONLY, CHOICES, IMAGES_REQUIRED = False, "", False
 
 
 def load_annotations(path: str | Path) -> dict[str, dict[str, Any]]:

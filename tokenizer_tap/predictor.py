@@ -239,6 +239,20 @@ class TapPredictor:
                 return self._regions(image, out, list(range(len(rows))), prompts, top_k, caption,
                                      max_new_tokens, temperature)
 
+    def classify(self, prompts: Sequence[Prompt], *, image: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(N,) predicted IoU and (N, K) concept probabilities over the whole vocabulary of each prompt's routed mask,
+        without masks or captions: zero-shot classification (box prompts use mask 0, as the official eval)."""
+        with self._lock:
+            current = self._current(image)
+            h, w = current.info.original_hw
+            rows = [p.rows(w, h) for p in prompts]
+            if not rows:
+                return np.zeros(0, np.float32), np.zeros((0, len(self.model.concept_projector.names)), np.float32)
+            with torch.inference_mode():
+                out = self.decode_rows(current, rows)
+                probs = self.model.concept_projector.probs(out["sem_embeds"])
+        return out["iou"].float().cpu().numpy(), probs.cpu().numpy()
+
     def _regions(self, image: _Image, out: dict[str, torch.Tensor], keep: list[int], prompts: Sequence[Prompt],
                  top_k: int, caption: bool, max_new_tokens: int | None = None,
                  temperature: float = 0.0) -> list[Region]:

@@ -693,6 +693,40 @@ def load_labels(out: str | Path, split: str = "eval") -> dict[str, str]:
     return {mask_key(e["image_id"], o["id"]): o["concept"] for e in world["splits"][split] for o in e["objects"]}
 
 
+def export_instances(out: str | Path, split: str = "eval", lvis: bool = False) -> Path:
+    """A split of a world as a COCO instances file (`instances_<split>.json`), or with `lvis` as an LVIS v1 one
+    (`lvis_<split>.json`: frequency groups, federated-label fields, `coco_url`), for the region benchmarks.
+
+    Every region is labelled (none is a crowd); LVIS frequency groups go round-robin over the concepts (r, c, f) so
+    that every group is populated. Image paths are relative to the world folder (`<split>/sa_<id>.jpg`)."""
+    out = Path(out)
+    world = json.loads((out / "world.json").read_text())
+    ids = {name: i + 1 for i, name in enumerate(world["concepts"])}
+    images, annotations = [], []
+    for entry in world["splits"][split]:
+        record = json.loads((out / entry["file_name"]).with_suffix(".json").read_text())
+        concept = {o["id"]: o["concept"] for o in entry["objects"]}
+        image = {"id": entry["image_id"], "width": entry["width"], "height": entry["height"]}
+        if lvis:  # LVIS names images by their COCO URL: the last two parts are the path under the image root
+            image.update(coco_url=f"http://example.invalid/{entry['file_name']}", neg_category_ids=[],
+                         not_exhaustive_category_ids=[])
+        else:
+            image["file_name"] = entry["file_name"]
+        images.append(image)
+        for ann in record["annotations"]:
+            annotations.append({"id": len(annotations) + 1, "image_id": entry["image_id"],
+                                "category_id": ids[concept[ann["id"]]], "bbox": ann["bbox"], "area": ann["area"],
+                                "segmentation": ann["segmentation"], "iscrowd": 0})
+    categories = [{"id": i, "name": name, "supercategory": "world"} for name, i in ids.items()]
+    if lvis:
+        for c in categories:
+            c["frequency"] = "rcf"[(c["id"] - 1) % 3]
+    path = out / f"{'lvis' if lvis else 'instances'}_{split}.json"
+    path.write_text(json.dumps({"info": {"description": f"synthetic world {split}"}, "images": images,
+                                "annotations": annotations, "categories": categories, "licenses": []}))
+    return path
+
+
 # ---------------------------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", type=Path, help="a new (or empty) folder for the world")
@@ -703,11 +737,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dim", type=int, default=1024, help="width of the simulated teacher embeddings")
     parser.add_argument("--noise", type=float, default=7.0,
                         help="prior noise: 0 gives one-hot targets, 7 (default) ~98 %% right top-1, 10 ~80 %%")
+    parser.add_argument("--instances", action="store_true",
+                        help="also write the held-out split as COCO and LVIS instance files (eval lvis-cls/coco-seg)")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         paths = make_world(args.out, args.train, args.eval, args.seed, args.size, args.dim, args.noise)
+        if args.instances and args.eval:
+            paths["instances_eval"] = export_instances(args.out, "eval")
+            paths["lvis_eval"] = export_instances(args.out, "eval", lvis=True)
     except (ValueError, OSError) as exc:
         print(f"tap-world: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,67 @@
+"""Zero-shot instance segmentation from a detector's boxes (paper Table 3; `eval run coco-seg` / `lvis-seg`).
+
+The input is any COCO-results detections file (`--detections`; the paper uses ViTDet-H boxes, as SAM did): each box
+is a prompt, mask 0 is brought to the original size and encoded as RLE, and score and category come from the
+detector. Mask AP with AP S/M/L (COCO, 100 per image) or APr/c/f (LVIS, 300 per image)."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from tokenizer_tap.predictor import TapPredictor
+
+from . import instances
+from .questions import Question
+from .spec import RunInputs, ScoreOptions
+
+LMMS = None
+TAP_ONLY, CHOICES, IMAGES_REQUIRED = True, "", True
+submission = None
+load_annotations = instances.read
+
+
+def load_run(inputs: RunInputs) -> tuple[list[Question], Any, dict[str, str]]:
+    if inputs.questions is None or inputs.detections is None:
+        raise FileNotFoundError("pass --questions (the COCO/LVIS instances file, for images and scoring) and "
+                                "--detections (a COCO-results JSON of boxes, e.g. ViTDet-H's)")
+    data = instances.read(inputs.questions)
+    detections = json.loads(Path(inputs.detections).read_text())
+    if not isinstance(detections, list):
+        raise ValueError(f"{inputs.detections}: expected a COCO results list of {{image_id, category_id, bbox, score}}")
+    kind = instances.flavour(data)
+    boxes: dict[int, list[tuple[float, ...]]] = defaultdict(list)
+    bad = {}
+    known = {image["id"] for image in data["images"]}
+    for n, det in enumerate(detections):
+        try:
+            x0, y0, x1, y1 = instances.xyxy(det["bbox"])
+            row = (x0, y0, x1, y1, int(det["category_id"]), float(det["score"]))
+            image_id = det["image_id"]
+        except (KeyError, TypeError, ValueError) as exc:
+            bad[f"detection {n}"] = f"not a detection ({type(exc).__name__}: {exc})"
+            continue
+        if image_id not in known:
+            bad[f"detection {n}"] = f"image {image_id} is not in {inputs.questions}"
+        elif x1 - x0 < 1 or y1 - y0 < 1:
+            bad[f"detection {n}"] = "empty box"
+        else:
+            boxes[image_id].append(row)
+    for rows in boxes.values():  # the evaluator reads only the best maxDets per image
+        rows.sort(key=lambda r: -r[5])
+        del rows[instances.MAX_PER_IMAGE[kind]:]
+    return instances.questions_per_image(data, boxes), data, bad
+
+
+def tap_answerer(predictor: TapPredictor, annotations: Any, model_id: str, **_: Any) -> instances.InstanceAnswerer:
+    return instances.InstanceAnswerer(predictor, "segment", model_id=model_id)
+
+
+def report(rows: list[dict[str, Any]], annotations: Any, options: ScoreOptions) -> dict[str, Any]:
+    results, ids = instances.results_of(rows)
+    metrics = instances.evaluate(annotations, results, "segm", ids if options.partial else None)
+    return {"metrics": metrics, "scored": len(ids), "regions": len(results),
+            "rule": f"mask AP ({instances.flavour(annotations).upper()} evaluator) of TAP's mask 0 on the detector's "
+                    "boxes, with the detector's scores and categories"}
