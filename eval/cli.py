@@ -192,7 +192,7 @@ def score_command(args: argparse.Namespace) -> None:
     else:
         sys.exit(f"{args.benchmark} needs --annotations FILE or --hf SOURCE (see --help); vqav2 test-dev has no "
                  "local answers: pass --submission OUT.json")
-    rows = read_answers(args.answers)
+    rows = getattr(get(args.benchmark), "read_results", read_answers)(args.answers)
     try:
         report = score(args.benchmark, rows, annotations, lenient=args.lenient, strict=args.strict,
                        partial=args.partial, spice=args.spice, raw=args.raw)
@@ -209,7 +209,7 @@ def run_command(args: argparse.Namespace) -> None:
     rank, world, final = launched_shard(args)
     try:
         questions, annotations, bad = load_data(args)
-    except (DataMissing, FileNotFoundError) as exc:
+    except (DataMissing, FileNotFoundError, ValueError) as exc:
         sys.exit(str(exc))
     if args.limit:
         questions = questions[:args.limit]
@@ -218,7 +218,10 @@ def run_command(args: argparse.Namespace) -> None:
     if args.max_new_tokens is None and not get(args.benchmark).TAP_ONLY:
         args.max_new_tokens = 128
     device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if world > 1 and torch_cuda() else "auto"
-    who = answerer(args, device, annotations)
+    try:
+        who = answerer(args, device, annotations)
+    except (ValueError, OSError) as exc:  # TapError's are ValueError/OSError too: a wrong file, name or vocabulary
+        sys.exit(f"{args.benchmark}: {exc}")
     stats = run(who, questions, args.images, args.answers, batch_size=args.batch_size, progress=rank == 0)
     bad.update(stats.bad)
     print(f"{stats.answered} answered, {stats.already_done} already in {args.answers}, {len(bad)} bad records")

@@ -22,6 +22,7 @@ TAP_ONLY, CHOICES, IMAGES_REQUIRED = True, "", True
 CONCEPTS = {"lvis": "lvis_1203", "coco": "coco_80"}  # the official vocabularies, when --concepts is not given
 submission = None
 load_annotations = instances.read
+read_results = instances.read_results  # `score` also takes any system's COCO results JSON
 
 
 def load_run(inputs: RunInputs) -> tuple[list[Question], Any, dict[str, str]]:
@@ -40,7 +41,10 @@ def load_run(inputs: RunInputs) -> tuple[list[Question], Any, dict[str, str]]:
 
 
 def tap_answerer(predictor: TapPredictor, annotations: Any, model_id: str, **_: Any) -> instances.InstanceAnswerer:
+    predictor.decoder_batch = max(predictor.decoder_batch, instances.DECODER_BATCH)
     names = predictor.model.concept_projector.names
+    if not names:
+        raise ValueError(f"{model_id} has no concept vocabulary (trained without priors?): pass --concepts FILE")
     return instances.InstanceAnswerer(predictor, "classify", instances.vocabulary_categories(names, annotations),
                                       model_id)
 

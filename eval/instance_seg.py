@@ -21,6 +21,7 @@ LMMS = None
 TAP_ONLY, CHOICES, IMAGES_REQUIRED = True, "", True
 submission = None
 load_annotations = instances.read
+read_results = instances.read_results  # `score` also takes any system's COCO results JSON
 
 
 def load_run(inputs: RunInputs) -> tuple[list[Question], Any, dict[str, str]]:
@@ -28,6 +29,10 @@ def load_run(inputs: RunInputs) -> tuple[list[Question], Any, dict[str, str]]:
         raise FileNotFoundError("pass --questions (the COCO/LVIS instances file, for images and scoring) and "
                                 "--detections (a COCO-results JSON of boxes, e.g. ViTDet-H's)")
     data = instances.read(inputs.questions)
+    if not Path(inputs.detections).is_file():
+        raise FileNotFoundError(f"{inputs.detections}: no such file. The paper's ViTDet-H boxes "
+                                "(coco_instances_val2017_vitdet_h_cascade.json, lvis_val_v1_vitdet_h_cascade.json) "
+                                "were made with detectron2 and are not shipped; any detector's COCO results JSON works")
     detections = json.loads(Path(inputs.detections).read_text())
     if not isinstance(detections, list):
         raise ValueError(f"{inputs.detections}: expected a COCO results list of {{image_id, category_id, bbox, score}}")
@@ -56,6 +61,7 @@ def load_run(inputs: RunInputs) -> tuple[list[Question], Any, dict[str, str]]:
 
 
 def tap_answerer(predictor: TapPredictor, annotations: Any, model_id: str, **_: Any) -> instances.InstanceAnswerer:
+    predictor.decoder_batch = max(predictor.decoder_batch, instances.DECODER_BATCH)
     return instances.InstanceAnswerer(predictor, "segment", model_id=model_id)
 
 

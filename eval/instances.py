@@ -29,10 +29,15 @@ from tokenizer_tap.prompts import Prompt
 from .questions import Question
 
 MAX_PER_IMAGE = {"coco": 100, "lvis": 300}  # the evaluators' maxDets; eval_cls keeps 300 per image for both
+DECODER_BATCH = 256  # prompts per decoder call, as the official scripts
+WHERE = ("LVIS v1 val: lvis_v1_val.json from https://www.lvisdataset.org/dataset (images: COCO 2017 train/val); "
+         "COCO: annotations_trainval2017.zip and val2017.zip from https://cocodataset.org/#download")
 
 
 def read(path: str | Path) -> dict[str, Any]:
-    """A COCO or LVIS instances file."""
+    """A COCO or LVIS instances file; a missing one is reported with where to get it."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file. {WHERE}")
     data = json.loads(Path(path).read_text())
     if not isinstance(data, dict) or not {"images", "categories"} <= set(data):
         raise ValueError(f"{path}: not a COCO/LVIS instances file (needs images and categories)")
@@ -113,6 +118,18 @@ def evaluate(data: dict[str, Any], results: list[dict[str, Any]], iou_type: str,
     return {"AP": 100 * float(stats["AP_all"]), "AP50": 100 * float(stats["AP_50"]),
             "AP75": 100 * float(stats["AP_75"]), "APr": 100 * float(stats["APr"]),
             "APc": 100 * float(stats["APc"]), "APf": 100 * float(stats["APf"])}
+
+
+def read_results(path: str | Path) -> list[dict[str, Any]]:
+    """Answer rows from our answers JSONL (one row per image), or from any system's COCO results JSON (a list of
+    {image_id, category_id, bbox or segmentation, score}), grouped per image the same way."""
+    text = Path(path).read_text()
+    if not text.lstrip().startswith("["):
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    per_image: dict[int, list[dict[str, Any]]] = {}
+    for det in json.loads(text):
+        per_image.setdefault(int(det["image_id"]), []).append({k: v for k, v in det.items() if k != "image_id"})
+    return [{"question_id": i, "text": json.dumps(dets)} for i, dets in per_image.items()]
 
 
 def results_of(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:

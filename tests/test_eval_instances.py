@@ -137,7 +137,29 @@ def test_coco_seg_uses_the_detectors_boxes_scores_and_categories(world: Path, ch
     assert all(r["score"] == 1.0 and r["segmentation"]["size"] == [128, 128] for r in results)
 
 
-def test_a_missing_detections_file_is_said_plainly(world: Path, tmp_path: Path) -> None:
+def test_missing_files_are_said_plainly(world: Path, tmp_path: Path) -> None:
+    base = ["--images", str(world), "--tiny", "--answers", str(tmp_path / "x.jsonl")]
     with pytest.raises(SystemExit, match="--detections"):
-        eval_main(["run", "coco-seg", "--questions", str(world / "instances_eval.json"), "--images", str(world),
-                   "--tiny", "--answers", str(tmp_path / "x.jsonl")])
+        eval_main(["run", "coco-seg", "--questions", str(world / "instances_eval.json"), *base])
+    with pytest.raises(SystemExit, match="not shipped"):
+        eval_main(["run", "coco-seg", "--questions", str(world / "instances_eval.json"), "--detections",
+                   str(tmp_path / "none.json"), *base])
+    with pytest.raises(SystemExit, match="lvisdataset.org"):
+        eval_main(["run", "lvis-cls", "--questions", str(tmp_path / "lvis_v1_val.json"), *base])
+
+
+def test_a_checkpoint_without_a_vocabulary_is_refused_plainly(world: Path, tmp_path: Path) -> None:
+    from tokenizer_tap.build import TINY_TOKENIZER, build_tap
+    from tokenizer_tap.checkpoint import save_pretrained
+    save_pretrained(build_tap("tap_tiny", random_weights=True, device="cpu", dtype="float32"), tmp_path / "ck",
+                    TINY_TOKENIZER)
+    with pytest.raises(SystemExit, match="no concept vocabulary"):
+        eval_main(["run", "lvis-cls", "--questions", str(world / "lvis_eval.json"), "--images", str(world),
+                   "--tap-checkpoint", str(tmp_path / "ck"), "--answers", str(tmp_path / "x.jsonl")])
+
+
+def test_score_takes_any_systems_coco_results(world: Path, tmp_path: Path, capsys) -> None:
+    data = instances.read(world / "lvis_eval.json")
+    (tmp_path / "results.json").write_text(json.dumps(perfect(data, "segm")))
+    eval_main(["score", "lvis-seg", str(tmp_path / "results.json"), "--annotations", str(world / "lvis_eval.json")])
+    assert "| ours | 100.0 |" in capsys.readouterr().out
