@@ -165,14 +165,17 @@ class ChatAPI:
             return {"format": "markdown", "markdown": zf.read("chat.md").decode()}
 
 
-MODEL = {"concurrency_id": "model"}  # model work: one lane, so requests queue instead of competing for the CPU/GPU
+# Model work queues in two lanes, one request at a time in each: TAP (images, clicks) and the LLM (answers). A click
+# never waits behind someone's answer; the engine's fair lock interleaves the two at token granularity.
+TAP = {"concurrency_id": "tap"}
+LLM = {"concurrency_id": "llm"}
 #: The API at a glance: endpoint name, method, and its queue settings.
 ENDPOINTS: list[tuple[str, str, dict[str, Any]]] = [
-    ("new_chat", "new_chat", {}), ("set_image", "set_image", MODEL), ("segment", "segment", MODEL),
-    ("remove_region", "remove_region", {}), ("segment_everything", "segment_everything", MODEL),
-    ("adopt", "adopt", MODEL), ("chat", "chat", MODEL), ("regenerate", "regenerate", MODEL),
+    ("new_chat", "new_chat", {}), ("set_image", "set_image", TAP), ("segment", "segment", TAP),
+    ("remove_region", "remove_region", {}), ("segment_everything", "segment_everything", TAP),
+    ("adopt", "adopt", TAP), ("chat", "chat", LLM), ("regenerate", "regenerate", LLM),
     ("stop", "stop", {"queue": False}), ("undo", "undo", {}), ("clear", "clear", {}),
-    ("ask_region", "ask_region", MODEL), ("history", "history", {}), ("open", "open_chat", {}),
+    ("ask_region", "ask_region", LLM), ("history", "history", {}), ("open", "open_chat", {}),
     ("rename", "rename", {}), ("delete", "delete", {}), ("export", "export", {}),
 ]
 

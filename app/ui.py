@@ -343,7 +343,8 @@ class Handlers:
 
 # ------------------------------------------------------------------------------------------------ wiring
 PRIVATE = {"api_visibility": "private"}  # page events are not API endpoints (those are in app/api.py)
-MODEL = {**PRIVATE, "concurrency_id": "model"}  # model work: one lane
+TAP = {**PRIVATE, "concurrency_id": "tap"}  # model work in two lanes (see app/api.py): TAP ...
+LLM = {**PRIVATE, "concurrency_id": "llm"}  # ... and answers, so a click never queues behind an answer
 # Every event that reads or rewrites the chat list shares one queue lane, so a search typed right after a rename
 # or delete runs after it and never paints the old titles back.
 HISTORY = {**PRIVATE, "concurrency_id": "history"}
@@ -373,16 +374,16 @@ def wire(demo: gr.Blocks, p: SimpleNamespace, h: Handlers) -> None:
         (p.md_btn.click, h.on_export_markdown, [p.owner, p.cid], p.export_file, PRIVATE, True),
         # image and regions; preprocess=False: the raw upload reaches the service, whose checks give readable
         # messages for corrupt, non-image and oversized files (Gradio's own decoding would fail with a bare "Error")
-        (p.image.upload, h.on_upload, [p.owner, p.cid, p.image], image_outputs, {**MODEL, "preprocess": False},
+        (p.image.upload, h.on_upload, [p.owner, p.cid, p.image], image_outputs, {**TAP, "preprocess": False},
          True),
-        (p.image.select, h.on_click, [p.owner, p.cid, p.mode, p.corner], region_outputs, MODEL, True),
-        (p.scribble_btn.click, h.on_scribble, [p.owner, p.cid, p.editor], region_outputs, MODEL, True),
+        (p.image.select, h.on_click, [p.owner, p.cid, p.mode, p.corner], region_outputs, TAP, True),
+        (p.scribble_btn.click, h.on_scribble, [p.owner, p.cid, p.editor], region_outputs, TAP, True),
         (p.chips.click, h.on_chip, [p.owner, p.cid, p.msg, p.chips], [p.image, p.focus, p.msg], PRIVATE, True),
         (p.focus_in.change, h.on_focus, [p.owner, p.cid, p.focus_in], [p.image, p.focus],
          {**PRIVATE, "trigger_mode": "always_last"}, True),
         (p.remove_btn.click, h.on_remove, [p.owner, p.cid, p.focus], [p.image, p.chips, p.focus], PRIVATE, True),
-        (p.everything_btn.click, h.on_everything, [p.owner, p.cid], [p.candidates, p.everything_box], MODEL, True),
-        (p.candidates.select, h.on_adopt, [p.owner, p.cid], [p.image, p.chips, p.focus], MODEL, True),
+        (p.everything_btn.click, h.on_everything, [p.owner, p.cid], [p.candidates, p.everything_box], TAP, True),
+        (p.candidates.select, h.on_adopt, [p.owner, p.cid], [p.image, p.chips, p.focus], TAP, True),
         # chat; Stop sets the answer's cancel event: the engine checks it before every token, so generation ends
         # within one step and the streaming handler finishes normally (saving the partial answer, restoring Send)
         (p.msg.stop, h.on_stop, [p.owner, p.cid], None, {**PRIVATE, "queue": False}, False),
@@ -391,15 +392,15 @@ def wire(demo: gr.Blocks, p: SimpleNamespace, h: Handlers) -> None:
         (p.chat.clear, h.on_clear, [p.owner, p.cid], [p.chat], PRIVATE, True),
     ]
     if p.example_ds is not None:
-        rows.append((p.example_ds.click, h.on_example, [p.owner, p.example_ds], [*image_outputs, p.msg], MODEL, True))
+        rows.append((p.example_ds.click, h.on_example, [p.owner, p.example_ds], [*image_outputs, p.msg], TAP, True))
     for event, handler, inputs, outputs, options, toast in rows:
         n = len(outputs) if isinstance(outputs, list) else 1
         event(toasts(n)(handler) if toast else handler, inputs, outputs, **options)
     # answers stream (their errors are handled inside `answer`), then the chat list is redrawn
     send = p.msg.submit(h.on_send, [p.owner, p.cid, p.msg, p.temperature, p.max_tokens], [p.cid, p.chat, p.msg],
-                        **MODEL)
+                        **LLM)
     regen = p.regen_btn.click(h.on_regenerate, [p.owner, p.cid, p.temperature, p.max_tokens], [p.chat, p.msg],
-                              **MODEL)
+                              **LLM)
     for event in (send, regen):
         event.then(h.history_view, [p.owner], history, queue=False, **PRIVATE)
 

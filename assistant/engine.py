@@ -38,6 +38,7 @@ from .conversation import (
     plan_prompt,
     turn_regions,
 )
+from .fairlock import FairRLock
 from .generation import GenerationSettings, PrefixCache, decode
 from .grounding import GroundedRegion
 from .llm import TINY_LLM, LoraSettings, TinyPhi
@@ -111,7 +112,7 @@ class Assistant:
         self.config: ChatConfig = chat.config
         self.model_id = model_id or f"{self.config.mode}:{self.config.tap_model}+{self.config.llm}"
         self.kv = PrefixCache(cache_bytes)
-        self._lock = threading.RLock()
+        self._lock = FairRLock()  # per decode step; a click waits for one step, not for the whole answer
         self._visual: BoundedCache[str, torch.Tensor] = BoundedCache("assistant.visual_tokens", 8)
         self._scene: BoundedCache[str, list[GroundedRegion]] = BoundedCache("assistant.scene_regions", 8)
         self._last_tokens: tuple[str, list[int]] | None = None

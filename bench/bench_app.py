@@ -110,7 +110,24 @@ def api_section(url: str, args: argparse.Namespace) -> dict:
             ttft.append(time.perf_counter() - t0)
             break
         job.result()
-    return {"segment_ms": 1000 * statistics.median(clicks), "ttft_ms": 1000 * statistics.median(ttft)}
+    # The same clicks while another user's 1024-token answer streams (separate queue lanes + the fair engine lock)
+    other = Client(url, verbose=False)
+    oid = other.predict(api_name="/new_chat")
+    other.predict(oid, handle_file(SCENE), api_name="/set_image")
+    busy = []
+    for x, y in POINTS[args.clicks + 1:2 * args.clicks + 1]:
+        job = other.submit(oid, "Tell me a very long story.", 0.0, 1024, api_name="/chat")
+        for _ in job:  # streaming has started
+            break
+        t0 = time.perf_counter()
+        client.predict(cid, {"points": [[x, y]]}, api_name="/segment")
+        busy.append(time.perf_counter() - t0)
+        other.predict(oid, api_name="/stop")
+        job.result()
+        other.predict(oid, api_name="/clear")
+    return {"segment_ms": 1000 * statistics.median(clicks), "ttft_ms": 1000 * statistics.median(ttft),
+            "segment_while_streaming_ms": 1000 * statistics.median(busy),
+            "streaming_over_alone": statistics.median(busy) / statistics.median(clicks)}
 
 
 def browser_section(url: str, args: argparse.Namespace) -> dict | None:

@@ -211,3 +211,33 @@ def test_the_same_image_is_stored_once(server, client: Client) -> None:
     assert len([p for p in files if p.read_bytes() == Path(SCENE).read_bytes()]) == 1
     assert a != b
     assert np.asarray(Image.open(files[0])).shape == (720, 960, 3)
+
+
+def test_a_click_does_not_wait_behind_another_users_answer(server, monkeypatch) -> None:
+    """TAP work and answers queue in separate lanes, and the engine's fair lock interleaves them per token: Bob's
+    click comes back while Alice's slow answer is still being written."""
+    import threading
+    import time
+
+    import assistant.generation as generation
+    real = generation.next_tokens
+
+    def slow(*args, **kwargs):  # 40 ms per token: a 300-token answer takes 12 s
+        time.sleep(0.04)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "next_tokens", slow)
+    alice, bob = Client(server[0], verbose=False), Client(server[0], verbose=False)
+    a, b = chat_with_image(alice), chat_with_image(bob)
+    answer = alice.submit(a, "Tell me a long story.", 0.0, 300, api_name="/chat")
+    finished = threading.Event()
+    threading.Thread(target=lambda: (answer.result(), finished.set()), daemon=True).start()
+    deadline = time.monotonic() + 30
+    while not answer.status().progress_data and answer.status().code.name != "ITERATING":
+        assert time.monotonic() < deadline, "the answer never started streaming"
+        time.sleep(0.05)
+    region = bob.predict(b, {"point": [510, 270]}, api_name="/segment")
+    assert region["number"] == 1
+    assert not finished.is_set(), "the click waited for the whole answer"
+    alice.predict(a, api_name="/stop")
+    finished.wait(30)
