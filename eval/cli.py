@@ -42,13 +42,14 @@ def answerer(args: argparse.Namespace, device: str, annotations: Any = None):
         from tokenizer_tap.predictor import TapPredictor
         tap_model = "tap_tiny" if args.tiny else args.tap_model or "tap_vit_l"
         weights = args.tap_checkpoint or args.chat_checkpoint
+        folder = checkpoint_folder(tap_model, weights)
         concepts = args.concepts  # else a checkpoint folder's own vocabulary, or the benchmark's official one
-        if concepts is None and hasattr(module, "default_concepts") and checkpoint_folder(tap_model, weights) is None:
-            concepts = module.default_concepts(args.questions)
+        if concepts is None and folder is None and hasattr(module, "default_concepts"):
+            concepts = module.default_concepts(annotations)
         predictor = (TapPredictor.random("tap_tiny") if args.tiny else
                      TapPredictor.from_pretrained(tap_model, weights, concepts=concepts or DEFAULT_CONCEPTS,
                                                   device=device, dtype=args.dtype))
-        model_id = str(weights) if weights and checkpoint_folder(tap_model, weights) is not None else tap_model
+        model_id = str(folder) if folder is not None else tap_model
         return module.tap_answerer(predictor, annotations, model_id=model_id, max_new_tokens=args.max_new_tokens)
     from assistant.engine import Assistant
 

@@ -8,7 +8,6 @@ dataset's evaluator (LVIS: AP, APr, APc, APf)."""
 from __future__ import annotations
 
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 from tokenizer_tap.predictor import TapPredictor
@@ -57,5 +56,6 @@ def report(rows: list[dict[str, Any]], annotations: Any, options: ScoreOptions) 
                     "score sqrt(prob x IoU), per-class NMS 0.5, top 300 per image"}
 
 
-def default_concepts(path: str | Path) -> str:
-    return CONCEPTS[instances.flavour(instances.read(path))]
+def default_concepts(annotations: Any) -> str:
+    """The official vocabulary of the dataset already loaded by `load_run`."""
+    return CONCEPTS[instances.flavour(annotations)]

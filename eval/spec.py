@@ -6,7 +6,8 @@ A benchmark module (registered by name in `eval/benchmarks.py`) exposes:
 - `report(rows, annotations, options) -> dict`: accuracy, scored, breakdowns (or caption metrics), rule;
 - `from_lmms(rows, image_dir, source, inputs) -> Loaded` with `LMMS = (dataset id, config, split)`, or `LMMS = None`;
 - `submission(answers, output, annotations=None, all_questions=None) -> str`, or `submission = None`;
-- optionally `read_results(path) -> rows` where `score` accepts other files than the answers JSONL;
+- optionally `read_results(path) -> rows` where `score` accepts other files than the answers JSONL, and
+  `default_concepts(annotations)`, the concept vocabulary a TAP-only benchmark uses when none is given;
 - `TAP_ONLY` (the tokenizer is evaluated, no chat model) with `tap_answerer(predictor, annotations, model_id,
   max_new_tokens)`, `CHOICES` (letters for `--likelihood`, "" for none) and `IMAGES_REQUIRED` (needs `--images`
   even for local files).

@@ -47,6 +47,7 @@ def load_run(inputs: RunInputs) -> tuple[list[Question], Any, dict[str, str]]:
 
 def report(rows: list[dict[str, Any]], annotations: Any, options: ScoreOptions) -> dict[str, Any]:
     if isinstance(annotations, dict):  # from parquet: question id -> answers, the VQAv2 shape
+        # raw=True: m4c_accuracy runs the processor itself, on both sides
         result = vqa.score(predictions(rows), annotations, raw=True, accuracy=m4c_accuracy)
     else:
         result = {**score(rows, annotations), "breakdowns": {}}

@@ -13,6 +13,7 @@ process and eight take the same steps.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import logging
@@ -59,7 +60,7 @@ def cosine_with_warmup(total: int, warmup: int):
     return factor
 
 
-class TrainLoop:
+class TrainLoop(abc.ABC):
     """Shared machinery. `config` needs output_dir, seed, micro_batch, global_batch, save_every, keep_checkpoints,
     log_every, report_to, max_steps, precision and optim (betas, weight_decay, warmup_ratio, max_grad_norm)."""
 
@@ -114,30 +115,31 @@ class TrainLoop:
         ds["gradient_clipping"] = self.config.optim.max_grad_norm
 
     # ------------------------------------------------------------------------------------------ subclass hooks
+    @abc.abstractmethod
     def collate(self, items: list[Any], epoch: int = 0, micro: int = 0) -> Any | None:
         """This rank's items of one micro-batch -> what the model's forward takes (None: nothing usable)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def counts(self, batch: Any) -> dict[str, float]:
         """What each loss term of `batch` is averaged over (tokens, prompts), before the forward pass."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def loss_terms(self, output: Any) -> dict[str, torch.Tensor]:
         """The model's output -> summed loss per term (same names as `counts`)."""
-        raise NotImplementedError
 
     def batch_size(self, batch: Any) -> int:
         return len(batch)
 
+    @abc.abstractmethod
     def export(self) -> None:
-        raise NotImplementedError
+        """Write the trained model where its consumers load it."""
 
     def extra_state(self) -> dict[str, torch.Tensor]:
         """Non-parameter tensors a checkpoint must keep (e.g. BatchNorm statistics); none by default."""
         return {}
 
-    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore what `extra_state` saved."""
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:  # noqa: B027 - optional hook, no-op here
+        """Restore what `extra_state` saved (nothing by default)."""
 
     # ------------------------------------------------------------------------------------------------ data
     def epoch_order(self, epoch: int) -> list[int]:

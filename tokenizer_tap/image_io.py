@@ -36,33 +36,21 @@ ImageSource = str | os.PathLike | bytes | Image.Image | np.ndarray | DecodedImag
 
 
 def decode_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> DecodedImage:
-    """`load_image`, keeping the file's bytes and format beside the pixels."""
-    if isinstance(source, DecodedImage):
-        _check_size(source.rgb.shape[1::-1], max_pixels, "image")
-        return source
-    data = bytes(source) if isinstance(source, (bytes, bytearray)) else None
-    if data is None and isinstance(source, (str, os.PathLike)) and Path(source).is_file():
-        data = Path(source).read_bytes()
-    found: list[str] = []
-    rgb = load_image(data if data is not None else source, max_pixels, found)
-    return DecodedImage(rgb, data, found[0] if found else "")
-
-
-def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS, format_out: list[str] | None = None) -> np.ndarray:
-    """Return an (H, W, 3) uint8 RGB array with EXIF orientation applied (`format_out` receives the file's format).
+    """`load_image`, keeping the file's bytes and format beside the pixels (decoded once, whatever uses them).
 
     Raises:
         ImageError: unreadable, truncated, non-image, zero-size or over `max_pixels`.
     """
     if isinstance(source, DecodedImage):
         _check_size(source.rgb.shape[1::-1], max_pixels, "image")
-        return source.rgb
+        return source
     if isinstance(source, np.ndarray):
-        return _from_array(source, max_pixels)
+        return DecodedImage(_from_array(source, max_pixels), None, "")
+    data: bytes | None = None
     if isinstance(source, Image.Image):
-        name, opener = "image", None
+        name = "image"
     elif isinstance(source, (bytes, bytearray)):
-        name, opener = "image data", io.BytesIO(source)
+        name, data = "image data", bytes(source)
     elif isinstance(source, (str, os.PathLike)):
         name = str(source)
         try:
@@ -71,21 +59,20 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS, format_out: li
             exists = False
         if not exists:
             raise ImageError(f"{name[:200]}: no such file")
-        opener = name
     else:
         raise ImageError(f"expected a path, bytes, a PIL image or a numpy array, got {type(source).__name__}")
     try:
         with warnings.catch_warnings():
             # Our own pixel limit is checked from the header before decoding, so PIL's warning is redundant.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            if opener is None:
-                return _from_pil(source, max_pixels, name)
-            with Image.open(opener) as img:
+            if isinstance(source, Image.Image):
+                return DecodedImage(_from_pil(source, max_pixels, name), None, "")
+            if data is None:
+                data = Path(name).read_bytes()
+            with Image.open(io.BytesIO(data)) as img:
                 _check_size(img.size, max_pixels, name)
                 img.load()
-                if format_out is not None:
-                    format_out.append((img.format or "png").lower())
-                return _from_pil(img, max_pixels, name)
+                return DecodedImage(_from_pil(img, max_pixels, name), data, (img.format or "png").lower())
     except ImageError:
         raise
     except Image.DecompressionBombError:
@@ -94,6 +81,15 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS, format_out: li
         raise ImageError(f"{name}: not an image file PIL can read (JPEG, PNG, WebP, TIFF, BMP, GIF ...)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"{name}: the image is corrupt, truncated or in an unsupported mode ({exc})") from None
+
+
+def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Return an (H, W, 3) uint8 RGB array with EXIF orientation applied.
+
+    Raises:
+        ImageError: unreadable, truncated, non-image, zero-size or over `max_pixels`.
+    """
+    return decode_image(source, max_pixels).rgb
 
 
 def _check_size(size: tuple[int, int], max_pixels: int, name: str) -> None:
