@@ -1,8 +1,8 @@
 """`Assistant`: the one façade the CLI, the app, LangChain and the benchmark harness use.
 
 It owns the TAP predictor (regions, image features), the chat model, per-conversation KV caches and, optionally,
-the history store. Model work is serialised by one lock: on a CPU two generations at once are slower than one
-after the other, and the predictor and KV caches are not meant for concurrent use.
+the history store. Model work is serialised by one first-come-first-served lock, taken per decode step; answers
+being written at the same time decode together as one batch (`batching.Batcher`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from tokenizer_tap.predictor import Region, TapPredictor
 from tokenizer_tap.prompts import Prompt
 from tokenizer_tap.transforms import mask_bbox
 
+from .batching import Batcher
 from .config import ChatConfig
 from .conversation import (
     Conversation,
@@ -113,6 +114,7 @@ class Assistant:
         self.model_id = model_id or f"{self.config.mode}:{self.config.tap_model}+{self.config.llm}"
         self.kv = PrefixCache(cache_bytes)
         self._lock = FairRLock()  # per decode step; a click waits for one step, not for the whole answer
+        self.batcher = Batcher(chat, self._lock)  # concurrent answers decode together
         self._visual: BoundedCache[str, torch.Tensor] = BoundedCache("assistant.visual_tokens", 8)
         self._scene: BoundedCache[str, list[GroundedRegion]] = BoundedCache("assistant.scene_regions", 8)
         self._last_tokens: tuple[str, list[int]] | None = None
@@ -347,7 +349,7 @@ class Assistant:
                     model=self.model_id, settings=settings.to_dict(), complete=False)
         ids: list[int] = []
         emitted, saved_at, start = "", time.monotonic(), time.monotonic()
-        steps = None
+        member = None
         try:
             with self._lock:
                 self._ensure_image(conv)
@@ -355,20 +357,18 @@ class Assistant:
                 vis = self._visual_tokens(conv.image_key) if visual else None
                 entry = self.kv.take(conv.id)
                 reply.prompt_tokens = self.chat.prompt_length(tokens)
-                steps = decode(self.chat, [tokens], [vis], run, prefix=entry, image_key=conv.image_key,
-                               cancel=cancel, max_context=self.config.max_context)
-            # The lock is taken per step, never held across a yield: the reader may resume this generator from
-            # another thread (Gradio does), and other requests get the model between tokens.
+                member = self.batcher.join(tokens, vis, run, prefix=entry, image_key=conv.image_key, cancel=cancel,
+                                           max_context=self.config.max_context)
+            # The lock is taken per step inside `next`, never held across a yield: the reader may resume this
+            # generator from another thread (Gradio does), and other requests get the model between tokens.
             while True:
-                with self._lock:
-                    token = next(steps, None)
-                if token is None:  # max_new_tokens or cancelled: complete (if cut) unless cancelled
+                t = self.batcher.next(member)
+                if t is None:  # max_new_tokens or cancelled: complete (if cut) unless cancelled
                     reply.complete = not cancel.is_set()
                     break
                 if reply.first_token_s is None:
                     reply.first_token_s = time.monotonic() - start
                     reply.reused_tokens = entry.reused
-                t = int(token[0])
                 if t == self.chat.eos_id:
                     reply.complete = True
                     break
@@ -382,15 +382,17 @@ class Assistant:
                     self.store.update_message(conv.owner, turn.message_id, emitted.strip(), complete=False)
                     saved_at = time.monotonic()
             with self._lock:
-                steps.close()
-                self.kv.put(conv.id, entry)
+                self.kv.put(conv.id, self.batcher.leave(member))
         except GeneratorExit:  # the caller stopped reading: keep what was said, marked incomplete
-            if steps is not None:
+            if member is not None:
                 with self._lock:
-                    steps.close()
+                    self.batcher.leave(member)
             self._finish(conv, turn, reply, ids)
             raise
         except Exception as exc:
+            if member is not None:
+                with self._lock:
+                    self.batcher.leave(member)
             self.kv.drop(conv.id)
             self._finish(conv, turn, reply, ids)
             raise GenerationError(f"the model failed while answering ({type(exc).__name__}: {exc}); "

@@ -1,9 +1,9 @@
-"""Token generation: sampling settings, the decode loop (streaming, cancellable, batched) and prefix KV caches.
+"""Token generation: sampling settings, the fixed-batch decode loop and per-conversation prefix KV caches.
 
-The loop is our own rather than `generate()` because a conversation's KV cache must outlive one call: a
+The loops are our own rather than `generate()` because a conversation's KV cache must outlive one call: a
 follow-up question extends the cache of the previous turn instead of re-running the image prefix (about 1100
-positions in tapchat mode). Cancellation is checked before every forward step, so `cancel.set()` stops the
-model within one token.
+positions in tapchat mode; `resume` works out what is left to compute). Cancellation is checked before every
+forward step, so `cancel.set()` stops the model within one token.
 """
 
 from __future__ import annotations
@@ -140,31 +140,21 @@ def sequence_items(ids: list[int], image_key: str | None, num_visual: int) -> li
 
 
 def decode(model: ChatModel, sequences: list[list[int]], visuals: list[torch.Tensor | None],
-           settings: GenerationSettings, *, prefix: CachedPrefix | None = None, image_key: str | None = None,
-           cancel: threading.Event | None = None, max_context: int | None = None) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row, step by step, until all rows end, a limit is hit or `cancel` is set.
+           settings: GenerationSettings, *, cancel: threading.Event | None = None,
+           max_context: int | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row of a fixed batch, step by step, until all rows end, a limit is hit or
+    `cancel` is set (benchmarks' single-turn questions; conversations go through `batching.Batcher`).
 
-    With `prefix` (batch of one), positions already in its cache are not recomputed and the cache is left holding
-    the prompt and every token fed back, so the next turn can extend it. A batch whose rows start with the same
-    tokens (same image, same template) computes that shared part once (see `_prefill_shared`).
+    A batch whose rows start with the same tokens (same image, same template) computes that shared part once
+    (see `_prefill_shared`).
     """
     generator = None
     if settings.seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(settings.seed)
-    cache = prefix.cache if prefix is not None else DynamicCache()
+    cache = DynamicCache()
     seen = [[t for t in s if t >= 0] for s in sequences]  # the whole prompt counts for the repetition penalty
     past = 0
-    if prefix is not None:
-        if len(sequences) != 1:
-            raise ValueError("prefix reuse is for one conversation at a time")
-        items = sequence_items(sequences[0], image_key, model.num_visual_tokens)
-        # keep at least one position to compute (it yields the first logits)
-        start, past = _split(sequences[0], min(prefix.common_prefix(items), len(items) - 1), model.num_visual_tokens)
-        prefix.truncate(past)
-        prefix.reused = past
-        todo = sequences[0][start:]
-        sequences, visuals = [todo], visuals if IMAGE_TOKEN in todo else [None]
-    elif len(sequences) > 1:
+    if len(sequences) > 1:
         sequences, visuals, past = _prefill_shared(model, sequences, visuals, cache)
     embeds, mask, positions = model.embed(sequences, visuals, past=past)
     done = torch.zeros(len(sequences), dtype=torch.bool, device=model.device)
@@ -182,8 +172,6 @@ def decode(model: ChatModel, sequences: list[list[int]], visuals: list[torch.Ten
                 out = model.llm(input_ids=step_input["ids"], attention_mask=mask, position_ids=positions,
                                 cache=cache, use_cache=True, logits_to_keep=1)
                 logits = out.logits[:, -1].float()
-            if prefix is not None:
-                prefix.items.extend(items[past:] if "embeds" in step_input else [int(step_input["ids"])])
             token = next_tokens(logits, seen, settings, generator)
             token = torch.where(done, torch.full_like(token, model.eos_id), token)
             yield token
@@ -195,6 +183,21 @@ def decode(model: ChatModel, sequences: list[list[int]], visuals: list[torch.Ten
             step_input = {"ids": token[:, None]}
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             positions = positions[:, -1:] + 1
+
+
+def resume(model: ChatModel, ids: list[int], visual: torch.Tensor | None, prefix: CachedPrefix,
+           image_key: str | None) -> tuple[list[list[int]], list[torch.Tensor | None], int, list[Hashable]]:
+    """What is left to compute of one prompt on top of `prefix`, whose cache is cut back to the reusable part.
+
+    Returns the remaining tokens and visual (as a batch of one), the positions reused, and the prompt's items.
+    """
+    items = sequence_items(ids, image_key, model.num_visual_tokens)
+    # keep at least one position to compute (it yields the first logits)
+    start, past = _split(ids, min(prefix.common_prefix(items), len(items) - 1), model.num_visual_tokens)
+    prefix.truncate(past)
+    prefix.reused = past
+    todo = ids[start:]
+    return [todo], [visual if IMAGE_TOKEN in todo else None], past, items
 
 
 def _split(ids: list[int], n: int, num_visual: int) -> tuple[int, int]:

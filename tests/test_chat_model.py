@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from assistant.batching import Batcher
 from assistant.config import ChatConfig
 from assistant.generation import CachedPrefix, GenerationSettings, PrefixCache, decode, next_tokens
 from assistant.llm import TINY_LLM, LoraSettings, load_llm
@@ -120,19 +121,70 @@ def test_shared_prefix_is_computed_once(chat, visual, monkeypatch):
     assert got == [run(chat, [r], [v])[0] for r, v in zip(rows, [visual, other, visual])]
 
 
+def converse(chat, ids, vis, entry, key, settings=GREEDY) -> list[int]:
+    """One conversation turn through the continuous batcher alone (the engine's path)."""
+    lock = threading.RLock()
+    batcher = Batcher(chat, lock)
+    with lock:
+        member = batcher.join(ids, vis, settings, prefix=entry, image_key=key, cancel=threading.Event(),
+                              max_context=None)
+    out = []
+    while (t := batcher.next(member)) is not None:
+        out.append(t)
+    return out
+
+
 def test_prefix_reuse_matches_fresh_prefill(chat, visual):
     entry = CachedPrefix(DynamicCache())
     first = chat.tokenize(render([Turn("What is this?")]))
-    out1 = run(chat, [first], [visual], prefix=entry, image_key="img")[0]
+    out1 = converse(chat, first, visual, entry, "img")
+    assert out1 == run(chat, [first], [visual])[0] == reference_greedy(chat, first, visual, GREEDY.max_new_tokens)
     assert entry.cache.get_seq_length() == len(entry.items) == chat.prompt_length(first) + len(out1) - 1
     answer = chat.tokenizer.decode([t for t in out1 if t != chat.eos_id])
     follow = chat.tokenize(render([Turn("What is this?", answer), Turn("And the sky?")]))
-    out2 = run(chat, [follow], [visual], prefix=entry, image_key="img")[0]
+    out2 = converse(chat, follow, visual, entry, "img")
     assert entry.reused >= chat.prompt_length(first)  # the image prefix was not recomputed
     assert out2 == run(chat, [follow], [visual])[0]
     # a different image under the same text cannot reuse anything past the placeholder
-    run(chat, [follow], [visual * 2], prefix=entry, image_key="other")
+    converse(chat, follow, visual * 2, entry, "other")
     assert entry.reused == follow.index(IMAGE_TOKEN)
+
+
+def test_continuous_batch_rows_decode_as_if_alone(chat, visual):
+    """Requests joining a running batch at different steps (different lengths, images, limits, a follow-up on a
+    cached prefix) get exactly the greedy tokens they get alone, and each keeps a usable cache."""
+    texts = ["What is this?", "Describe the picture in a few words, please.", "Colour?"]
+    prompts = [chat.tokenize(render([Turn(q)])) for q in texts]
+    visuals = [visual, visual.flip(0), None]
+    prompts[2] = chat.tokenize("USER: what colour is the sky? ASSISTANT:")
+    limits = [12, 7, 10]
+    alone = [converse(chat, p, v, CachedPrefix(DynamicCache()), f"k{i}",
+                      GenerationSettings(max_new_tokens=n))
+             for i, (p, v, n) in enumerate(zip(prompts, visuals, limits))]
+    lock = threading.RLock()
+    batcher = Batcher(chat, lock)
+    entries = [CachedPrefix(DynamicCache()) for _ in prompts]
+    members, got = [], [[] for _ in prompts]
+    for step in range(40):  # one reader thread interleaving: member i joins at step 2*i
+        if step % 2 == 0 and len(members) < len(prompts):
+            i = len(members)
+            with lock:
+                members.append(batcher.join(prompts[i], visuals[i], GenerationSettings(max_new_tokens=limits[i]),
+                                            prefix=entries[i], image_key=f"k{i}", cancel=threading.Event(),
+                                            max_context=None))
+        for i, m in enumerate(members):
+            if not m.ended or m.ready:
+                t = batcher.next(m)
+                if t is not None:
+                    got[i].append(t)
+    assert batcher.largest == 3
+    assert got == alone
+    with lock:
+        for i, m in enumerate(members):
+            batcher.leave(m)
+            assert entries[i].cache.get_seq_length() == len(entries[i].items)
+            assert entries[i].cache.get_seq_length() == chat.prompt_length(prompts[i]) + len(got[i]) - 1
+    assert batcher.members == [] and batcher.cache is None
 
 
 def test_prefix_cache_is_bounded_lru():

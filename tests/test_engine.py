@@ -243,3 +243,81 @@ def test_abandoned_stream_keeps_partial_answer(tmp_path, image):
     assert last.role == "assistant" and not last.complete and last.text == said.strip() == conv.turns[-1].answer
     assert bot.ask(conv, "still there?", SHORT).complete  # the model lock was released
     store.close()
+
+
+def interleave(streams) -> list[str]:
+    """Read the streams round-robin from one thread: each read may run a decode step for all of them."""
+    texts = ["" for _ in streams]
+    live = {i: iter(s) for i, s in enumerate(streams)}
+    while live:
+        for i, it in list(live.items()):
+            piece = next(it, None)
+            if piece is None:
+                del live[i]
+            else:
+                texts[i] += piece
+    return texts
+
+
+def test_concurrent_answers_decode_together_as_if_alone(tmp_path, image, photo):
+    """Continuous batching: answers joining at different times, with different limits and follow-ups on cached
+    prefixes, give the same greedy text as alone; a Stop of one leaves the others as they would be alone."""
+    questions = ["What is this?", "Describe <region1> briefly.", "Where is the light coming from?"]
+    limits = [14, 9, 20]
+
+    def setup(bot):
+        convs = [bot.start(f"u{i}", image=image if i != 2 else photo[::-1].copy()) for i in range(3)]
+        bot.add_region(convs[1], Prompt.point(100, 100))
+        bot.ask(convs[0], "first turn", SHORT)  # so the first question is a follow-up on a cached prefix
+        return convs
+
+    alone_bot = Assistant.tiny("tapchat")
+    alone_convs = setup(alone_bot)
+    alone = [alone_bot.ask(c, q, GenerationSettings(max_new_tokens=n)).text
+             for c, q, n in zip(alone_convs, questions, limits)]
+    alone_next = [alone_bot.ask(c, "And then?", SHORT).text for c in alone_convs]
+    store = ChatStore(tmp_path / "chat.db")
+    bot = Assistant.tiny("tapchat", store=store)
+    convs = setup(bot)
+    streams = [bot.stream(c, q, GenerationSettings(max_new_tokens=n)) for c, q, n in zip(convs, questions, limits)]
+    first = iter(streams[0])
+    next(first), next(first)  # the first answer runs alone for two tokens, then the others join
+    interleave(streams)
+    assert bot.batcher.largest == 3
+    assert [s.reply.text for s in streams] == alone and all(s.reply.complete for s in streams)
+    assert [m.text for m in store.get_conversation("u2", convs[2].id).messages][-1] == alone[2]
+    # Stop one of three mid-answer: it ends marked incomplete, the others answer as alone
+    streams = [bot.stream(c, "And then?", SHORT) for c in convs]
+    for s in streams:
+        next(iter(s))
+    streams[1].cancel()
+    interleave(streams)
+    assert streams[1].reply.cancelled and not streams[1].reply.complete
+    assert [streams[0].reply.text, streams[2].reply.text] == [alone_next[0], alone_next[2]]
+    last = store.get_conversation("u1", convs[1].id).messages[-1]
+    assert last.text == streams[1].reply.text and not last.complete
+    store.close()
+
+
+def test_crash_in_a_shared_step_reaches_every_member(tmp_path, image, monkeypatch):
+    store = ChatStore(tmp_path / "chat.db")
+    bot = Assistant.tiny("tapchat", store=store)
+    convs = [bot.start(f"u{i}", image=image) for i in range(2)]
+    streams = [bot.stream(c, "Talk", GenerationSettings(max_new_tokens=50)) for c in convs]
+    for s in streams:
+        next(iter(s))
+    real = bot.chat.llm.forward
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated out of memory")
+
+    monkeypatch.setattr(bot.chat.llm, "forward", broken)
+    for s in streams:
+        with pytest.raises(GenerationError, match="partial answer was kept"):
+            interleave([s])
+    monkeypatch.setattr(bot.chat.llm, "forward", real)
+    for s, c in zip(streams, convs):
+        last = store.get_conversation(c.owner, c.id).messages[-1]
+        assert not last.complete and last.text == s.reply.text
+    assert bot.batcher.members == [] and all(bot.ask(c, "again?", SHORT).complete for c in convs)
+    store.close()
