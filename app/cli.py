@@ -11,6 +11,7 @@ import gradio as gr
 
 from assistant.engine import Assistant
 from assistant.options import add_model_options
+from assistant.remote import ServerError
 from assistant.store import ChatStore, StoreError
 from tokenizer_tap.cache import cache_report
 from tokenizer_tap.errors import WeightsNotFoundError
@@ -77,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
     p.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     p.add_argument("--max-upload-mb", type=int, default=25)
     args = p.parse_args(argv)
+    if args.tiny and args.llm_server:
+        p.error("--tiny runs random models here; with --llm-server pass --chat-checkpoint (the server serves its llm/)")
     try:
         auth = parse_credentials(args.auth, args.auth_file)
     except AuthFileError as exc:
@@ -84,7 +87,8 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
     config = AppConfig(host=args.host, port=args.port, db=args.db, auth=auth, tiny=args.tiny,
                        tap_model=args.tap_model, tap_checkpoint=args.tap_checkpoint, llm=args.llm,
                        chat_checkpoint=args.chat_checkpoint, quantization=args.quantization, device=args.device,
-                       dtype=args.dtype, share=args.share, max_upload_mb=args.max_upload_mb)
+                       dtype=args.dtype, llm_server=args.llm_server, llm_server_model=args.llm_server_model,
+                       share=args.share, max_upload_mb=args.max_upload_mb)
     if args.data_dir is not None:
         config.data_dir = args.data_dir
     return config
@@ -97,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
         demo, service, banner = build_app(config)
     except StoreError as exc:
         sys.exit(f"cannot open the history store: {exc}")
+    except ServerError as exc:
+        sys.exit(str(exc))
     bot = service.bot
     log.info("memory bounds: %s", ", ".join(f"{name} <= {limit:,} {unit}" for name, _, limit, unit in cache_report()))
     models = f"TAP {bot.config.tap_model} + {bot.config.llm} ({bot.mode} mode)"

@@ -36,6 +36,8 @@ class AppConfig:
     quantization: str = "none"
     device: str = "auto"
     dtype: str = "auto"
+    llm_server: str | None = None  # an OpenAI-compatible vLLM URL: the LLM runs there
+    llm_server_model: str | None = None
     share: bool = False
     max_upload_mb: int = 25
     max_pixels: int = 40_000_000  # about 7,300 x 5,500; larger uploads are refused with a message

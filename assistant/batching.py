@@ -49,7 +49,7 @@ class Member:
 
 
 class Batcher:
-    """The running decode batch of one `ChatModel`. Every method must be called with `lock` held."""
+    """The running decode batch of one `ChatModel`; `leave` must be called with `lock` held."""
 
     def __init__(self, model: ChatModel, lock) -> None:
         self.model, self.lock = model, lock
@@ -60,8 +60,15 @@ class Batcher:
 
     def join(self, ids: list[int], visual: torch.Tensor | None, settings: GenerationSettings, *,
              prefix: CachedPrefix, image_key: str | None, cancel: threading.Event,
-             max_context: int | None) -> Member:
-        """Prefill `ids` alone on top of `prefix`, choose the first token, and enter the batch for the rest."""
+             max_context: int | None, text: str | None = None) -> Member:
+        """Prefill `ids` alone on top of `prefix`, choose the first token, and enter the batch for the rest.
+
+        (`text`, the prompt as text, is for the server backend's interface; tokens are what runs here.)
+        """
+        with self.lock:
+            return self._join(ids, visual, settings, prefix, image_key, cancel, max_context)
+
+    def _join(self, ids, visual, settings, prefix, image_key, cancel, max_context) -> Member:
         model = self.model
         sequences, visuals, past, items = resume(model, ids, visual, prefix, image_key)
         embeds, mask, positions = model.embed(sequences, visuals, past=past)

@@ -45,6 +45,7 @@ from .grounding import GroundedRegion
 from .llm import TINY_LLM, LoraSettings, TinyPhi
 from .model import ChatModel
 from .projector import ProjectorConfig
+from .remote import ServerError, ServerLLM
 
 SAVE_EVERY_S = 1.0  # how often a streaming answer is written to the store
 
@@ -108,13 +109,14 @@ class Assistant:
     """
 
     def __init__(self, predictor: TapPredictor, chat: ChatModel, store=None, *,
-                 cache_bytes: int = 2 << 30, model_id: str = "") -> None:
+                 cache_bytes: int = 2 << 30, model_id: str = "", llm_server: ServerLLM | None = None) -> None:
         self.predictor, self.chat, self.store = predictor, chat, store
         self.config: ChatConfig = chat.config
         self.model_id = model_id or f"{self.config.mode}:{self.config.tap_model}+{self.config.llm}"
         self.kv = PrefixCache(cache_bytes)
         self._lock = FairRLock()  # per decode step; a click waits for one step, not for the whole answer
-        self.batcher = Batcher(chat, self._lock)  # concurrent answers decode together
+        # concurrent answers decode together, here or on an LLM server
+        self.decoder: Batcher | ServerLLM = llm_server or Batcher(chat, self._lock)
         self._visual: BoundedCache[str, torch.Tensor] = BoundedCache("assistant.visual_tokens", 8)
         self._scene: BoundedCache[str, list[GroundedRegion]] = BoundedCache("assistant.scene_regions", 8)
         self._last_tokens: tuple[str, list[int]] | None = None
@@ -125,8 +127,13 @@ class Assistant:
     @classmethod
     def from_pretrained(cls, checkpoint: str | Path | None = None, *, tap_model: str | None = None,
                         tap_checkpoint: str | Path | None = None, llm: str | None = None, device: str = "auto",
-                        dtype: str = "auto", quantization: str = "none", store=None, **tap_kwargs) -> Assistant:
-        """A checkpoint folder (tapchat or grounded), or with no folder, grounded mode on public weights."""
+                        dtype: str = "auto", quantization: str = "none", store=None, llm_server: str | None = None,
+                        llm_server_model: str | None = None, **tap_kwargs) -> Assistant:
+        """A checkpoint folder (tapchat or grounded), or with no folder, grounded mode on public weights.
+
+        With `llm_server` (an OpenAI-compatible vLLM URL) the LLM runs there and only its tokenizer and embedding
+        table are loaded here; `llm_server_model` names the served model (default: the LoRA adapter or the base).
+        """
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         if checkpoint is not None:
@@ -141,11 +148,14 @@ class Assistant:
                 return TapPredictor.random("tap_tiny", seed=0, device=str(dev))
             return TapPredictor.from_pretrained(tap_name, tap_checkpoint, device=str(dev), **tap_kwargs)
 
-        loaders = {"predictor": predictor,
-                   "chat": lambda: (ChatModel.from_pretrained(checkpoint, dtype=dt, device=dev,
-                                                              quantization=quantization, llm=llm)
-                                    if checkpoint is not None else
-                                    ChatModel.create(config, dtype=dt, device=dev, quantization=quantization))}
+        def chat() -> ChatModel:
+            if llm_server:
+                return ChatModel.for_server(checkpoint, llm=llm, dtype=dt, device=dev)
+            if checkpoint is not None:
+                return ChatModel.from_pretrained(checkpoint, dtype=dt, device=dev, quantization=quantization, llm=llm)
+            return ChatModel.create(config, dtype=dt, device=dev, quantization=quantization)
+
+        loaders = {"predictor": predictor, "chat": chat}
         for name, load in loaders.items():  # try both, so one message names every missing file
             try:
                 parts[name] = load()
@@ -153,18 +163,24 @@ class Assistant:
                 missing.append(str(exc))
         if missing:
             raise WeightsNotFoundError("\n".join(missing))
-        return cls(parts["predictor"], parts["chat"], store)
+        server = ServerLLM(parts["chat"], llm_server, llm_server_model) if llm_server else None
+        return cls(parts["predictor"], parts["chat"], store, llm_server=server)
 
     @classmethod
     def from_options(cls, options: Any, store=None) -> Assistant:
         """The models named by `assistant.options.add_model_options` (an argparse Namespace, or any object with the
         same attribute names such as the app's AppConfig); `--tiny` gives the random ones, in `options.mode`."""
+        server = getattr(options, "llm_server", None)
         if options.tiny:
+            if server:
+                raise ValueError("--tiny runs random models in this process; --llm-server needs a checkpoint folder "
+                                 "(--chat-checkpoint) whose llm/ the server serves")
             return cls.tiny(getattr(options, "mode", "tapchat"), store=store)
         return cls.from_pretrained(options.chat_checkpoint, tap_model=options.tap_model,
                                    tap_checkpoint=options.tap_checkpoint, llm=options.llm, device=options.device,
                                    dtype=getattr(options, "dtype", "auto"), quantization=options.quantization,
-                                   store=store)
+                                   store=store, llm_server=server,
+                                   llm_server_model=getattr(options, "llm_server_model", None))
 
     @classmethod
     def tiny(cls, mode: str = "tapchat", *, store=None, seed: int = 0, lora: bool = True,
@@ -357,12 +373,12 @@ class Assistant:
                 vis = self._visual_tokens(conv.image_key) if visual else None
                 entry = self.kv.take(conv.id)
                 reply.prompt_tokens = self.chat.prompt_length(tokens)
-                member = self.batcher.join(tokens, vis, run, prefix=entry, image_key=conv.image_key, cancel=cancel,
-                                           max_context=self.config.max_context)
+            member = self.decoder.join(tokens, vis, run, prefix=entry, image_key=conv.image_key, cancel=cancel,
+                                       max_context=self.config.max_context, text=plan.text)
             # The lock is taken per step inside `next`, never held across a yield: the reader may resume this
             # generator from another thread (Gradio does), and other requests get the model between tokens.
             while True:
-                t = self.batcher.next(member)
+                t = self.decoder.next(member)
                 if t is None:  # max_new_tokens or cancelled: complete (if cut) unless cancelled
                     reply.complete = not cancel.is_set()
                     break
@@ -382,21 +398,22 @@ class Assistant:
                     self.store.update_message(conv.owner, turn.message_id, emitted.strip(), complete=False)
                     saved_at = time.monotonic()
             with self._lock:
-                self.kv.put(conv.id, self.batcher.leave(member))
+                self.kv.put(conv.id, self.decoder.leave(member))
         except GeneratorExit:  # the caller stopped reading: keep what was said, marked incomplete
             if member is not None:
                 with self._lock:
-                    self.batcher.leave(member)
+                    self.decoder.leave(member)
             self._finish(conv, turn, reply, ids)
             raise
         except Exception as exc:
             if member is not None:
                 with self._lock:
-                    self.batcher.leave(member)
+                    self.decoder.leave(member)
             self.kv.drop(conv.id)
             self._finish(conv, turn, reply, ids)
-            raise GenerationError(f"the model failed while answering ({type(exc).__name__}: {exc}); "
-                                  "the partial answer was kept") from exc
+            cause = str(exc) if isinstance(exc, ServerError) else \
+                f"the model failed while answering ({type(exc).__name__}: {exc})"
+            raise GenerationError(f"{cause}; the partial answer was kept") from exc
         reply.cancelled = cancel.is_set() and not reply.complete
         reply.total_s = time.monotonic() - start
         self._finish(conv, turn, reply, ids)
@@ -434,7 +451,9 @@ class Assistant:
                                max_context=self.config.max_context, max_new_tokens=settings.max_new_tokens)
             with self._lock:
                 vis = self._visual_tokens(conv.image_key) if visual else None
-            prepared.append((self._tokenize(plan.text), vis, plan.max_new_tokens))
+            prepared.append((self._tokenize(plan.text), vis, plan.max_new_tokens, plan.text))
+        if isinstance(self.decoder, ServerLLM):
+            return self._answer_on_server(prepared, settings, batch_size)
         answers: list[str] = [""] * len(prepared)
         # same image together (their shared prefix is computed once), then similar lengths (least padding)
         order = sorted(range(len(prepared)), key=lambda i: (id(prepared[i][1]), len(prepared[i][0])))
@@ -450,6 +469,23 @@ class Assistant:
                 row = row[:row.index(self.chat.eos_id)] if self.chat.eos_id in row else row
                 answers[i] = self.chat.tokenizer.decode(row, skip_special_tokens=True).strip()
         return answers
+
+    def _answer_on_server(self, prepared: list, settings: GenerationSettings, concurrency: int) -> list[str]:
+        """Benchmark answers from the LLM server: `concurrency` requests in flight, batched there."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(item) -> str:
+            ids, vis, limit, text = item
+            run = GenerationSettings(**{**settings.to_dict(), "max_new_tokens": limit})
+            request = self.decoder.join(ids, vis, run, image_key=None, cancel=threading.Event(),
+                                        max_context=self.config.max_context, text=text)
+            row = []
+            while (t := self.decoder.next(request)) is not None and t != self.chat.eos_id:
+                row.append(t)
+            return self.chat.tokenizer.decode(row, skip_special_tokens=True).strip()
+
+        with ThreadPoolExecutor(max(1, concurrency)) as pool:
+            return list(pool.map(one, prepared))
 
     # ------------------------------------------------------------------------------------------- internals
     def _count(self, text: str) -> int:

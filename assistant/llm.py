@@ -157,3 +157,49 @@ def _offline(name: str | Path) -> bool:
     if Path(str(name)).expanduser().is_dir():
         return True
     return not hub_reachable()
+
+
+def load_input_embeddings(name: str | Path, *, dtype: torch.dtype = torch.float32,
+                          device: torch.device | str = "cpu") -> torch.nn.Embedding:
+    """Only the token-embedding table of an LLM (hub id or folder), read from its safetensors.
+
+    What a client of an LLM server needs to send prompt embeddings: 0.26 GB for Phi-2 in bf16 instead of 5.6 GB.
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(str(name), local_files_only=_offline(name))
+        with torch.device("meta"):
+            skeleton = PhiForCausalLM(config)
+        table = skeleton.get_input_embeddings()
+        key = next(n for n, m in skeleton.named_modules() if m is table) + ".weight"
+        with safe_open(_weights_file(name, key), framework="pt") as f:
+            weight = f.get_tensor(key)
+    except (OSError, StopIteration) as exc:
+        raise WeightsNotFoundError(_missing_message(name, missing_files(name), exc)) from None
+    return torch.nn.Embedding.from_pretrained(weight.to(device=device, dtype=dtype), freeze=True)
+
+
+def _weights_file(name: str | Path, key: str) -> str:
+    """The safetensors file of `name` (a folder or hub id, sharded or not) that holds tensor `key`."""
+    import json
+
+    def fetch(filename: str) -> str | None:
+        folder = Path(str(name)).expanduser()
+        if folder.is_dir():
+            return str(folder / filename) if (folder / filename).is_file() else None
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+        try:
+            return hf_hub_download(str(name), filename, local_files_only=_offline(name))
+        except EntryNotFoundError:
+            return None
+
+    index = fetch("model.safetensors.index.json")
+    if index is not None:
+        shard = fetch(json.loads(Path(index).read_text())["weight_map"][key])
+    else:
+        shard = fetch("model.safetensors")
+    if shard is None:
+        raise OSError(f"no safetensors file of {name} holds {key}")
+    return shard

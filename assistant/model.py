@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import ChatConfig
-from .llm import TINY_LLM, TinyPhi, apply_lora, load_llm, load_tokenizer
+from .llm import TINY_LLM, TinyPhi, apply_lora, load_input_embeddings, load_llm, load_tokenizer
 from .projector import ConvProjector
 
 IMAGE_TOKEN = -200
@@ -70,9 +70,7 @@ class ChatModel(nn.Module):
         """Load a checkpoint folder; `llm` overrides where the base LLM comes from (hub id or folder)."""
         folder = Path(folder)
         config = ChatConfig.load(folder)
-        base = llm or (str(folder / "llm") if (folder / "llm").is_dir() else config.llm)
-        if base == TINY_LLM:
-            raise ValueError(f"{folder} names the tiny random LLM but has no llm/ folder with its weights")
+        base = _base_llm(folder, config, llm)
         tokenizer = load_tokenizer(base)
         model = load_llm(base, dtype=dtype, device=device, quantization=quantization)
         if config.lora is not None:
@@ -80,13 +78,34 @@ class ChatModel(nn.Module):
                 raise FileNotFoundError(f"{folder}/adapter is missing but config.json has LoRA settings")
             from peft import PeftModel
             model = PeftModel.from_pretrained(model, str(folder / "adapter")).eval()
+        return cls._assemble(folder, config, model, tokenizer, device, dtype)
+
+    @classmethod
+    def for_server(cls, folder: str | Path | None, *, llm: str | None = None, dtype: torch.dtype = torch.float32,
+                   device: str | torch.device = "cpu") -> ChatModel:
+        """The client side of a model whose LLM runs on a server (`--llm-server`): tokenizer, projector and, in
+        tapchat mode, the token-embedding table (prompts with an image are sent as embeddings); no LLM weights."""
+        config = ChatConfig.load(folder) if folder is not None else ChatConfig(mode="grounded",
+                                                                               **({"llm": llm} if llm else {}))
+        base = _base_llm(Path(folder), config, llm) if folder is not None else config.llm
+        if base == TINY_LLM and folder is None:
+            raise ValueError("the tiny random LLM cannot run on a server: serve a checkpoint folder's llm/")
+        table = (load_input_embeddings(base, dtype=dtype, device=device) if config.mode == "tapchat" else
+                 nn.Embedding(1, 1, device=device, dtype=dtype))  # grounded mode sends text: no table needed
+        stand_in = ServedLLM(table)
+        return cls._assemble(Path(folder) if folder is not None else None, config, stand_in, load_tokenizer(base),
+                             device, dtype)
+
+    @classmethod
+    def _assemble(cls, folder: Path | None, config: ChatConfig, llm: nn.Module, tokenizer, device, dtype) -> ChatModel:
+        """The model around a loaded LLM: the checkpoint's projector and tuned encoder weights, if any."""
         projector = None
         if config.projector is not None:
             projector = ConvProjector(config.projector)
             projector.load_state_dict(_load(folder / "projector.safetensors"))
             projector = projector.to(device=device, dtype=dtype)
-        chat = cls(config, model, tokenizer, projector).eval()
-        if (folder / "encoder.safetensors").is_file():
+        chat = cls(config, llm, tokenizer, projector).eval()
+        if folder is not None and (folder / "encoder.safetensors").is_file():
             chat.encoder_state = _load(folder / "encoder.safetensors")
         return chat
 
@@ -205,6 +224,20 @@ class ChatModel(nn.Module):
         return out.logits[:, -1].float()
 
 
+class ServedLLM(nn.Module):
+    """Stands in for an LLM that runs on a server: holds only its token-embedding table."""
+
+    def __init__(self, table: nn.Embedding) -> None:
+        super().__init__()
+        self.table = table
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.table
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("this LLM runs on a server (--llm-server); it cannot run here")
+
+
 def tokenize_with_image(tokenizer, text: str) -> list[int]:
     """Token ids with one `IMAGE_TOKEN` per `<image>` (chunks are tokenized separately, as Bunny does)."""
     ids: list[int] = []
@@ -226,6 +259,14 @@ def merge_checkpoint(src: str | Path, dst: str | Path) -> Path:
     if (src / "encoder.safetensors").is_file() and not (dst / "encoder.safetensors").is_file():
         shutil.copy2(src / "encoder.safetensors", dst / "encoder.safetensors")
     return dst
+
+
+def _base_llm(folder: Path, config: ChatConfig, llm: str | None) -> str:
+    """Where a checkpoint's base LLM comes from: `llm` if given, its own llm/ folder, else the hub id it names."""
+    base = llm or (str(folder / "llm") if (folder / "llm").is_dir() else config.llm)
+    if base == TINY_LLM:
+        raise ValueError(f"{folder} names the tiny random LLM but has no llm/ folder with its weights")
+    return base
 
 
 def _save_llm(llm: nn.Module, tokenizer, folder: Path) -> None:

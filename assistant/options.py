@@ -12,7 +12,8 @@ QUANTIZATIONS = ("none", "4bit", "8bit")
 
 
 def add_model_options(parser: argparse.ArgumentParser, *, checkpoint_alias: bool = False) -> None:
-    """--tiny, --tap-model, --tap-checkpoint, --llm, --chat-checkpoint, --quantization, --device, --dtype.
+    """--tiny, --tap-model, --tap-checkpoint, --llm, --chat-checkpoint, --quantization, --device, --dtype,
+    --llm-server, --llm-server-model.
 
     `checkpoint_alias` also accepts `--checkpoint` for `--chat-checkpoint` (the name those CLIs always had)."""
     parser.add_argument("--tiny", action="store_true",
@@ -28,3 +29,9 @@ def add_model_options(parser: argparse.ArgumentParser, *, checkpoint_alias: bool
                         help="load the LLM in 4 or 8 bits (bitsandbytes, CUDA)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--llm-server", default=None, metavar="URL",
+                        help="run the LLM on an OpenAI-compatible vLLM server at URL (see docs/deployment.md); "
+                             "TAP and the projector stay here")
+    parser.add_argument("--llm-server-model", default=None, metavar="NAME",
+                        help="the served model to ask (default: the LoRA adapter if the checkpoint has one, "
+                             "else the base model)")

@@ -223,7 +223,10 @@ def run_command(args: argparse.Namespace) -> None:
         who = answerer(args, device, annotations)
     except (ValueError, OSError) as exc:  # TapError's are ValueError/OSError too: a wrong file, name or vocabulary
         sys.exit(f"{args.benchmark}: {exc}")
-    stats = run(who, questions, args.images, args.answers, batch_size=args.batch_size, progress=rank == 0)
+    try:
+        stats = run(who, questions, args.images, args.answers, batch_size=args.batch_size, progress=rank == 0)
+    except ConnectionError as exc:  # the LLM server went away: what was answered is saved
+        sys.exit(f"{exc}\nthe answers so far are in {args.answers}; run the same command again to resume")
     bad.update(stats.bad)
     print(f"{stats.answered} answered, {stats.already_done} already in {args.answers}, {len(bad)} bad records")
     for qid, why in list(bad.items())[:10]:
