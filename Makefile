@@ -2,6 +2,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# the vLLM server's own venv (tests start a real server from it; docs/deployment.md)
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
 .PHONY: run demo test lint bench screenshots parity clean
 
@@ -10,6 +13,15 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $(STAMP)
+
+$(VLLM_STAMP): requirements-vllm.txt
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet -r requirements-vllm.txt
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+.venv-vllm: $(VLLM_STAMP)
 
 ## run: the app on http://127.0.0.1:7860 (real weights from the HF cache; offline without them it says so and runs
 ## tiny random models). Pass options with ARGS, e.g. make run ARGS="--tiny" or ARGS="--auth alice:secret".
@@ -24,8 +36,8 @@ demo: $(STAMP)
 	$(PY) -m assistant chat examples/scene.jpg --tiny --point 510,270 --ask "What is <region1>?" \
 		--max-new-tokens 24
 
-## test: the whole test suite (parity tests need ../shared/reference; CI requires it)
-test: $(STAMP)
+## test: the whole test suite, a real vLLM server included (parity tests need ../shared/reference; CI requires it)
+test: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest
 
 lint: $(STAMP)
@@ -46,4 +58,4 @@ parity: $(STAMP)
 	$(PY) -m tokenizer_tap parity ../shared/reference/tap-parity/A
 
 clean:
-	rm -rf $(VENV) out .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) out .pytest_cache .ruff_cache

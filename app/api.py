@@ -165,10 +165,19 @@ class ChatAPI:
             return {"format": "markdown", "markdown": zf.read("chat.md").decode()}
 
 
-# Model work queues in two lanes, one request at a time in each: TAP (images, clicks) and the LLM (answers). A click
-# never waits behind someone's answer; the engine's fair lock interleaves the two at token granularity.
+# Model work queues in two lanes: TAP (images, clicks; one at a time) and the LLM (answers; up to
+# `AppConfig.answers_at_once`, which the engine decodes as one batch). A click never waits behind someone's answer;
+# the engine's fair lock interleaves the two at token granularity.
 TAP = {"concurrency_id": "tap"}
 LLM = {"concurrency_id": "llm"}
+
+
+def lane(options: dict[str, Any], service: ChatService) -> dict[str, Any]:
+    """Queue settings of an event: the LLM lane gets its limit from the config (Gradio applies the lowest limit
+    set on a lane, so every event in it must carry the same one)."""
+    if options.get("concurrency_id") == LLM["concurrency_id"]:
+        return {**options, "concurrency_limit": service.config.answers_at_once}
+    return options
 #: The API at a glance: endpoint name, method, and its queue settings.
 ENDPOINTS: list[tuple[str, str, dict[str, Any]]] = [
     ("new_chat", "new_chat", {}), ("set_image", "set_image", TAP), ("segment", "segment", TAP),
@@ -184,4 +193,4 @@ def register(service: ChatService, *, auth: bool) -> None:
     """Add the endpoints to the Blocks being built."""
     endpoints = ChatAPI(service, auth)
     for name, method, queue in ENDPOINTS:
-        gr.api(getattr(endpoints, method), api_name=name, **queue)
+        gr.api(getattr(endpoints, method), api_name=name, **lane(queue, service))

@@ -77,7 +77,11 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
     add_model_options(p)
     p.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     p.add_argument("--max-upload-mb", type=int, default=25)
+    p.add_argument("--answers-at-once", type=int, default=8,
+                   help="answers streamed at the same time, decoded as one batch (with --llm-server: more, e.g. 32)")
     args = p.parse_args(argv)
+    if args.answers_at_once < 1:
+        p.error("--answers-at-once must be at least 1")
     if args.tiny and args.llm_server:
         p.error("--tiny runs random models here; with --llm-server pass --chat-checkpoint (the server serves its llm/)")
     try:
@@ -88,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
                        tap_model=args.tap_model, tap_checkpoint=args.tap_checkpoint, llm=args.llm,
                        chat_checkpoint=args.chat_checkpoint, quantization=args.quantization, device=args.device,
                        dtype=args.dtype, llm_server=args.llm_server, llm_server_model=args.llm_server_model,
-                       share=args.share, max_upload_mb=args.max_upload_mb)
+                       share=args.share, max_upload_mb=args.max_upload_mb, answers_at_once=args.answers_at_once)
     if args.data_dir is not None:
         config.data_dir = args.data_dir
     return config

@@ -43,6 +43,7 @@ class AppConfig:
     max_pixels: int = 40_000_000  # about 7,300 x 5,500; larger uploads are refused with a message
     everything_grid: int = 12  # segment everything prompts a grid this many points wide (12 x 12 = 144)
     everything_min_iou: float = 0.7  # keep candidates TAP is this confident in (--tiny: 0, random weights)
+    answers_at_once: int = 8  # answers streamed at the same time (decoded together); more wait in the queue
     queue_size: int = 64  # waiting requests beyond this are turned away ("too busy"), not piled up
 
     @property

@@ -397,10 +397,11 @@ def wire(demo: gr.Blocks, p: SimpleNamespace, h: Handlers) -> None:
         n = len(outputs) if isinstance(outputs, list) else 1
         event(toasts(n)(handler) if toast else handler, inputs, outputs, **options)
     # answers stream (their errors are handled inside `answer`), then the chat list is redrawn
+    llm = api.lane(LLM, h.service)
     send = p.msg.submit(h.on_send, [p.owner, p.cid, p.msg, p.temperature, p.max_tokens], [p.cid, p.chat, p.msg],
-                        **LLM)
+                        **llm)
     regen = p.regen_btn.click(h.on_regenerate, [p.owner, p.cid, p.temperature, p.max_tokens], [p.chat, p.msg],
-                              **LLM)
+                              **llm)
     for event in (send, regen):
         event.then(h.history_view, [p.owner], history, queue=False, **PRIVATE)
 

@@ -38,6 +38,18 @@ def first_token(steps) -> float:
     return time.perf_counter() - start
 
 
+def conversation_turn(chat, ids, visual, settings, entry):
+    """One conversation turn as the engine runs it (continuous batcher, KV prefix in `entry`), as (1,) tensors."""
+    import threading
+
+    from assistant.batching import Batcher
+    batcher = Batcher(chat, threading.RLock())
+    member = batcher.join(ids, visual, settings, prefix=entry, image_key="img", cancel=threading.Event(),
+                          max_context=None)
+    while (t := batcher.next(member)) is not None:
+        yield torch.tensor([t])
+
+
 def batch_vs_single(bot, items, settings) -> tuple[float, float, bool]:
     """Seconds for one `answer_batch` call, for one call per item, and whether the answers agree."""
     bot.answer_batch(items, settings)  # warm-up: encodes the images (kept in the feature cache)
@@ -119,7 +131,7 @@ def phi2(args: argparse.Namespace, quantization: str = "none") -> dict:
     question = "What is in the image? Describe the main objects and where they are."
     first_ids = chat.tokenize(render([Turn(question)]))
     entry = CachedPrefix(DynamicCache())
-    steps = decode(chat, [first_ids], [visual], forced, prefix=entry, image_key="img")
+    steps = conversation_turn(chat, first_ids, visual, forced, entry)
     ttft = first_token(steps)
     t0 = time.perf_counter()
     answer_ids = [int(t[0]) for t in steps]
@@ -127,7 +139,7 @@ def phi2(args: argparse.Namespace, quantization: str = "none") -> dict:
     answer = chat.tokenizer.decode([t for t in answer_ids if t != chat.eos_id]) or "a picture"
     follow_ids = chat.tokenize(render([Turn(question, answer), Turn("What colour is the largest one?")]))
     one = GenerationSettings(max_new_tokens=1)
-    reuse = first_token(decode(chat, [follow_ids], [visual], one, prefix=entry, image_key="img"))
+    reuse = first_token(conversation_turn(chat, follow_ids, visual, one, entry))
     fresh = first_token(decode(chat, [follow_ids], [visual], settings))
     return {"device": device, "dtype": args.dtype, "quantization": quantization, "build_s": build_s,
             "prompt_positions": chat.prompt_length(first_ids), "first_turn_ttft_s": ttft,

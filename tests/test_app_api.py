@@ -219,14 +219,14 @@ def test_a_click_does_not_wait_behind_another_users_answer(server, monkeypatch) 
     import threading
     import time
 
-    import assistant.generation as generation
-    real = generation.next_tokens
+    import assistant.batching as batching
+    real = batching.next_tokens
 
     def slow(*args, **kwargs):  # 40 ms per token: a 300-token answer takes 12 s
         time.sleep(0.04)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(generation, "next_tokens", slow)
+    monkeypatch.setattr(batching, "next_tokens", slow)
     alice, bob = Client(server[0], verbose=False), Client(server[0], verbose=False)
     a, b = chat_with_image(alice), chat_with_image(bob)
     answer = alice.submit(a, "Tell me a long story.", 0.0, 300, api_name="/chat")
@@ -241,3 +241,27 @@ def test_a_click_does_not_wait_behind_another_users_answer(server, monkeypatch) 
     assert not finished.is_set(), "the click waited for the whole answer"
     alice.predict(a, api_name="/stop")
     finished.wait(30)
+
+
+def test_answers_of_several_users_are_decoded_together(server) -> None:
+    """The LLM lane lets `answers_at_once` answers run, and the engine decodes them as one batch; each is the
+    answer its user would get alone."""
+    import threading
+
+    url, service = server
+    clients = [Client(url, verbose=False) for _ in range(3)]
+    cids = [chat_with_image(c) for c in clients]
+    questions = [f"Question {i}: what is in the picture?" for i in range(3)]
+    alone = [list(c.submit(cid, q, 0.0, 40, api_name="/chat"))[-1] for c, cid, q in zip(clients, cids, questions)]
+    service.bot.decoder.largest = 0
+    for c, cid in zip(clients, cids):
+        c.predict(cid, api_name="/clear")
+    got: dict[int, str] = {}
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(
+        i, list(clients[i].submit(cids[i], questions[i], 0.0, 40, api_name="/chat"))[-1])) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert service.bot.decoder.largest >= 2  # they overlapped in one decode batch
+    assert [got[i] for i in range(3)] == alone
