@@ -23,10 +23,10 @@ $(VLLM_STAMP): requirements-vllm.txt
 
 .venv-vllm: $(VLLM_STAMP)
 
-## run: the app on http://127.0.0.1:7860 (real weights from the HF cache; offline without them it says so and runs
+## run: the app on http://127.0.0.1:7860 (MALLOC_ARENA_MAX=2: see docs/deployment.md, "Memory") (real weights from the HF cache; offline without them it says so and runs
 ## tiny random models). Pass options with ARGS, e.g. make run ARGS="--tiny" or ARGS="--auth alice:secret".
 run: $(STAMP)
-	$(PY) -m app $(ARGS)
+	MALLOC_ARENA_MAX=2 $(PY) -m app $(ARGS)
 
 ## demo: the command-line tools on the bundled example image (tiny random models, no download)
 demo: $(STAMP)

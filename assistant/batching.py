@@ -87,9 +87,7 @@ class Batcher:
         prefix.items.extend(items[past:])
         member.choose(logits, model.eos_id)
         if not member.ended:
-            rows = self._rows()
-            rows[member] = prefix.cache
-            self._regroup(self.members + [member], rows)
+            self._admit(member)
         return member
 
     def next(self, member: Member) -> int | None:
@@ -111,9 +109,7 @@ class Batcher:
     def leave(self, member: Member) -> CachedPrefix:
         """Take `member` out of the batch; its prefix then holds the prompt and every token fed back."""
         if member in self.members:
-            rows = self._rows()
-            member.prefix.cache = rows.pop(member)
-            self._regroup([m for m in self.members if m is not member], rows)
+            self._dismiss(member)
         member.ended = True
         return member.prefix
 
@@ -144,32 +140,54 @@ class Batcher:
             m.prefix.items.append(m.last)
             m.choose(logits[row:row + 1], model.eos_id)
 
-    def _rows(self) -> dict[Member, DynamicCache]:
-        """Each member's own KV cache, padding stripped (a copy)."""
-        if self.cache is None:
-            return {}
-        layers = [(layer.keys, layer.values) for layer in self.cache.layers]
-        pads = (self.mask == 0).sum(-1).tolist()
-        return {m: DynamicCache([(k[r:r + 1, :, pad:], v[r:r + 1, :, pad:]) for k, v in layers])
-                for r, (m, pad) in enumerate(zip(self.members, pads))}
+    def _admit(self, member: Member) -> None:
+        """Add `member`'s prefilled cache to the batch as a new row, left-padding the shorter side.
 
-    def _regroup(self, members: list[Member], rows: dict[Member, DynamicCache]) -> None:
-        """Rebuild the batch cache from each member's own cache in `rows`, left-padded to the longest."""
-        self.members = members
-        if not members:
+        Layer by layer, each layer's old tensors freed as soon as its new ones exist, so admitting costs one layer
+        of extra memory, not a second copy of the batch. The member's own cache is consumed (it is in the batch).
+        """
+        own = member.prefix.cache
+        member.prefix.cache = DynamicCache()
+        length = own.get_seq_length()
+        if not self.members:
+            self.members, self.cache = [member], own
+            self.mask = torch.ones(1, length, dtype=torch.long, device=self.model.device)
+            return
+        longest = max(length, self.mask.shape[1])
+        for layer, row in zip(self.cache.layers, own.layers, strict=True):
+            for name in ("keys", "values"):
+                setattr(layer, name, torch.cat([_left_pad(getattr(layer, name), longest),
+                                                _left_pad(getattr(row, name), longest)]))
+                setattr(row, name, None)
+        ones = torch.ones(1, length, dtype=self.mask.dtype, device=self.mask.device)
+        self.mask = torch.cat([_left_pad(self.mask, longest), _left_pad(ones, longest)])
+        self.members.append(member)
+
+    def _dismiss(self, member: Member) -> None:
+        """Take `member`'s row out of the batch into its own cache (padding stripped); trim the padding columns
+        no remaining row needs."""
+        row = self.members.index(member)
+        pad = int((self.mask[row] == 0).sum())
+        keep = [r for r in range(len(self.members)) if r != row]
+        layers = self.cache.layers
+        member.prefix.cache = DynamicCache([(layer.keys[row:row + 1, :, pad:], layer.values[row:row + 1, :, pad:])
+                                            for layer in layers])  # copied by DynamicCache
+        self.members = [self.members[r] for r in keep]
+        if not keep:
             self.cache = self.mask = None
             return
-        lengths = [rows[m].get_seq_length() for m in members]
-        longest = max(lengths)
-        layers = []
-        for i in range(len(rows[members[0]].layers)):
-            keys, values = [], []
-            for m, n in zip(members, lengths):
-                layer = rows[m].layers[i]
-                keys.append(torch.nn.functional.pad(layer.keys, (0, 0, longest - n, 0)))
-                values.append(torch.nn.functional.pad(layer.values, (0, 0, longest - n, 0)))
-            layers.append((torch.cat(keys), torch.cat(values)))
-        self.cache = DynamicCache(layers)
-        self.mask = torch.zeros(len(members), longest, dtype=torch.long, device=self.model.device)
-        for r, n in enumerate(lengths):
-            self.mask[r, longest - n:] = 1
+        index = torch.tensor(keep, device=self.mask.device)
+        mask = self.mask.index_select(0, index)
+        trim = int((mask == 0).all(0).sum())  # leading columns that are padding for every remaining row
+        for layer in layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, trim:]
+            layer.values = layer.values.index_select(0, index)[:, :, trim:]
+        self.mask = mask[:, trim:]
+
+
+def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
+    """`t` (batch, ..., positions[, dim]) left-padded with zeros to `length` positions (the mask hides them)."""
+    missing = length - (t.shape[-2] if t.dim() == 4 else t.shape[-1])
+    if missing == 0:
+        return t
+    return torch.nn.functional.pad(t, (0, 0, missing, 0) if t.dim() == 4 else (missing, 0))

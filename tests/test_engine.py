@@ -283,7 +283,7 @@ def test_concurrent_answers_decode_together_as_if_alone(tmp_path, image, photo):
     first = iter(streams[0])
     next(first), next(first)  # the first answer runs alone for two tokens, then the others join
     interleave(streams)
-    assert bot.batcher.largest == 3
+    assert bot.decoder.largest == 3
     assert [s.reply.text for s in streams] == alone and all(s.reply.complete for s in streams)
     assert [m.text for m in store.get_conversation("u2", convs[2].id).messages][-1] == alone[2]
     # Stop one of three mid-answer: it ends marked incomplete, the others answer as alone
@@ -319,5 +319,5 @@ def test_crash_in_a_shared_step_reaches_every_member(tmp_path, image, monkeypatc
     for s, c in zip(streams, convs):
         last = store.get_conversation(c.owner, c.id).messages[-1]
         assert not last.complete and last.text == s.reply.text
-    assert bot.batcher.members == [] and all(bot.ask(c, "again?", SHORT).complete for c in convs)
+    assert bot.decoder.members == [] and all(bot.ask(c, "again?", SHORT).complete for c in convs)
     store.close()
