@@ -91,8 +91,14 @@ class Batcher:
         return member
 
     def next(self, member: Member) -> int | None:
-        """`member`'s next token, running batch steps as needed; None once it has ended (or was cancelled)."""
+        """`member`'s next token, running batch steps as needed; None once it has ended (or was cancelled).
+
+        A token already chosen is returned without the lock: a newcomer's first token (chosen by its prefill)
+        does not wait for the prefills queued behind it.
+        """
         while True:
+            if member.ready and not member.cancel.is_set() and member.error is None:
+                return member.ready.popleft()  # only this member's reader pops; deque ops are atomic
             with self.lock:
                 if member.error is not None:
                     raise member.error
@@ -100,7 +106,7 @@ class Batcher:
                     self.leave(member)
                     return None
                 if member.ready:
-                    return member.ready.popleft()
+                    continue
                 if member.ended:
                     self.leave(member)
                     return None

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from bench.bench_app import POINTS, SCENE, start_app  # noqa: E402
 from bench.bench_tokenizer import cpu_name, emit  # noqa: E402
 
-PREFILL_TFLOP = 2 * 2.78e12 * 1077 / 1e12
+PREFILL_TFLOP = 2 * 2.78e9 * 1077 / 1e12
 MATMUL_PEAK_TFLOPS = 2.0
 WEIGHTS_GB, BANDWIDTH_GBS = 5.6, 21.0
 
@@ -129,7 +129,8 @@ def engine_throughput() -> dict:
 
 # --------------------------------------------------------------------------------- phi2, in process vs vLLM
 def phi2_models(folder: Path):
-    """Random Phi-2 (microsoft/phi-2's config) in bf16, saved for vLLM; the in-process ChatModel; visual tokens."""
+    """Random Phi-2 (microsoft/phi-2's config) in bf16, saved for vLLM; the in-process ChatModel; 8 users' visual
+    tokens."""
     from transformers import PhiConfig, PhiForCausalLM
 
     from assistant.config import ChatConfig
@@ -149,12 +150,12 @@ def phi2_models(folder: Path):
     proj = ProjectorConfig(in_dim=1024, hidden_dim=1024, out_dim=2560)
     chat_cfg = ChatConfig(mode="tapchat", tap_model="tap_vit_l", llm=str(folder), projector=proj)
     chat = ChatModel(chat_cfg, llm, tokenizer, ConvProjector(proj).to(torch.bfloat16)).eval()
-    with torch.inference_mode():
-        visual = chat.visual_tokens(torch.randn(1, 1024, 64, 64))[0]
-    return chat, visual
+    with torch.inference_mode():  # one image per user: no user's prefix is another's
+        visuals = [chat.visual_tokens(torch.randn(1, 1024, 64, 64))[0] for _ in range(8)]
+    return chat, visuals
 
 
-def measure(decoder, chat, visual, tokens: int) -> dict:
+def measure(decoder, chat, visuals, tokens: int) -> dict:
     """First-token times and token rates for 1, 4 and 8 users at once through a decoder (`join` / `next`)."""
     from transformers import DynamicCache
 
@@ -167,7 +168,7 @@ def measure(decoder, chat, visual, tokens: int) -> dict:
     def user(i: int) -> tuple[float, int, float]:
         """(first-token s, tokens, decode s after the first token) of user i."""
         t0 = time.perf_counter()
-        member = decoder.join(prompts[i], visual, settings, prefix=CachedPrefix(DynamicCache()),
+        member = decoder.join(prompts[i], visuals[i], settings, prefix=CachedPrefix(DynamicCache()),
                               image_key=f"img{i}", cancel=threading.Event(), max_context=2048)
         first, count = 0.0, 0
         while decoder.next(member) is not None:  # to the limit or EOS
@@ -215,14 +216,15 @@ def phi2_section(args: argparse.Namespace) -> dict:
     from assistant.remote import ServerLLM
     folder = Path(tempfile.mkdtemp(prefix="tapchat-phi2-"))
     try:
-        chat, visual = phi2_models(folder)
-        here = measure(Batcher(chat, FairRLock()), chat, visual, args.tokens)
+        chat, visuals = phi2_models(folder)
+        here = measure(Batcher(chat, FairRLock()), chat, visuals, args.tokens)
+        print("in process:", here, flush=True)
         client = ChatModel(chat.config, ServedLLM(chat.embedding), chat.tokenizer, chat.projector)
         del chat
         gc.collect()
         proc, url = start_vllm(folder, folder / "vllm.log")
         try:
-            served = measure(ServerLLM(client, url), client, visual, args.tokens)
+            served = measure(ServerLLM(client, url), client, visuals, args.tokens)
         finally:
             os.killpg(proc.pid, 15)
             proc.wait(60)
