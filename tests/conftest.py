@@ -63,6 +63,23 @@ def llama_tokenizer() -> Path:
     return _need(LLAMA_TOKENIZER)
 
 
+@pytest.fixture
+def slow_tokens(monkeypatch):
+    """Make every chosen token take `seconds` (default 20 ms), so streaming and Stop can be watched. Patched where
+    the app's answers choose their tokens: the continuous batcher."""
+    import time
+
+    import assistant.batching as batching
+    real = batching.next_tokens
+
+    def slow_down(seconds: float = 0.02) -> None:
+        def slow(*args, **kwargs):
+            time.sleep(seconds)
+            return real(*args, **kwargs)
+        monkeypatch.setattr(batching, "next_tokens", slow)
+    return slow_down
+
+
 @pytest.fixture(scope="session")
 def tiny_predictor():
     from tokenizer_tap import TapPredictor

@@ -162,18 +162,10 @@ def test_bad_images_are_refused_plainly(client: Client, bad_images) -> None:
     assert ok["image_size"] == [960, 720]
 
 
-def test_stop_ends_a_running_answer_and_keeps_it(server, client: Client, monkeypatch) -> None:
+def test_stop_ends_a_running_answer_and_keeps_it(server, client: Client, slow_tokens) -> None:
     import time
 
-    import assistant.generation as generation
-
-    real = generation.next_tokens
-
-    def slow(*args, **kwargs):  # a slow model, so the answer is still running when stop arrives
-        time.sleep(0.02)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(generation, "next_tokens", slow)
+    slow_tokens(0.02)  # a slow model, so the answer is still running when stop arrives
     cid = chat_with_image(client)
     job = client.submit(cid, "Tell me a long story.", 0.0, 1000, api_name="/chat")
     deadline = time.monotonic() + 20
@@ -213,20 +205,13 @@ def test_the_same_image_is_stored_once(server, client: Client) -> None:
     assert np.asarray(Image.open(files[0])).shape == (720, 960, 3)
 
 
-def test_a_click_does_not_wait_behind_another_users_answer(server, monkeypatch) -> None:
+def test_a_click_does_not_wait_behind_another_users_answer(server, slow_tokens) -> None:
     """TAP work and answers queue in separate lanes, and the engine's fair lock interleaves them per token: Bob's
     click comes back while Alice's slow answer is still being written."""
     import threading
     import time
 
-    import assistant.batching as batching
-    real = batching.next_tokens
-
-    def slow(*args, **kwargs):  # 40 ms per token: a 300-token answer takes 12 s
-        time.sleep(0.04)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(batching, "next_tokens", slow)
+    slow_tokens(0.04)  # 40 ms per token: a 300-token answer takes 12 s
     alice, bob = Client(server[0], verbose=False), Client(server[0], verbose=False)
     a, b = chat_with_image(alice), chat_with_image(bob)
     answer = alice.submit(a, "Tell me a long story.", 0.0, 300, api_name="/chat")

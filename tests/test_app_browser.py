@@ -62,17 +62,9 @@ def page(browser, server):
 
 
 @pytest.fixture
-def slow_model(monkeypatch):
+def slow_model(slow_tokens) -> None:
     """A model that takes 20 ms per token, so streaming and Stop can be watched."""
-    import assistant.generation as generation
-
-    real = generation.next_tokens
-
-    def slow(*args, **kwargs):
-        time.sleep(0.02)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(generation, "next_tokens", slow)
+    slow_tokens(0.02)
 
 
 def shot(page, name: str) -> None:
