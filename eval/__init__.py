@@ -1,6 +1,5 @@
-"""Benchmark harness: run a chat checkpoint over benchmark questions (batched, resumable, sharded) and score
-answers with each benchmark's official rules (`python -m eval run|score|merge`).
+"""Benchmark harness: run a chat checkpoint or TAP over benchmark questions (batched, resumable, sharded) and score
+answers with each benchmark's official rules (`python -m eval run|score|merge|compare`): the paper's tables.
 
-First increment: GQA testdev-balanced (official scorer and breakdowns), VQAv2 test-dev submission files and
-TextVQA prompts in the Bunny/LLaVA layout, VQA answer normalisation and soft accuracy.
+Benchmarks are modules registered by name in `benchmarks.py` (interface in `spec.py`).
 """

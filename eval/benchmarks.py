@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import captioning, gqa, instance_cls, instance_seg, mmbench, seed, textvqa, vqa
+from . import captioning, gqa, instance_cls, instance_seg, mmbench, seed, short_answer, textvqa, vqa
 
 REGISTRY: dict[str, ModuleType] = {"gqa": gqa, "vqav2": vqa, "textvqa": textvqa, "seed": seed, "mmbench": mmbench,
                                    "vg": captioning, "refcocog": captioning,
                                    "lvis-cls": instance_cls, "coco-cls": instance_cls,  # Table 1
-                                   "coco-seg": instance_seg, "lvis-seg": instance_seg}  # Table 3
+                                   "coco-seg": instance_seg, "lvis-seg": instance_seg,  # Table 3
+                                   "short-answer": short_answer}  # held-out synthetic questions
 BENCHMARKS = tuple(REGISTRY)
 
 

@@ -1,34 +1,47 @@
-"""Exact-match accuracy of a checkpoint on held-out short-answer questions (the learning proof)."""
+"""Exact-match accuracy of a checkpoint on held-out short-answer questions (the learning proof), through the eval
+harness: its runner answers (batched, as `eval run`), its `short-answer` benchmark scores."""
 
 from __future__ import annotations
 
-import json
-from collections import defaultdict
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from assistant.engine import Assistant, BatchItem
-from assistant.generation import GenerationSettings
-from tokenizer_tap.image_io import load_image
+from assistant.engine import Assistant
+from eval import short_answer
+from eval.questions import Question
+from eval.runner import ChatAnswerer, run
+from eval.scoring import read_answers
+from eval.spec import RunInputs, predictions
 
-from .synthetic import normalise
+
+@dataclass
+class BlankImages:
+    """The same answerer shown black images: what a model that ignores the pixels would score."""
+
+    inner: ChatAnswerer
+
+    @property
+    def model_id(self) -> str:
+        return self.inner.model_id
+
+    def answer(self, items: list[tuple[Question, np.ndarray | None]], batch_size: int) -> list[str]:
+        return self.inner.answer([(q, None if im is None else np.zeros_like(im)) for q, im in items], batch_size)
 
 
 def accuracy(checkpoint: str | Path, questions: str | Path, *, blank_images: bool = False,
              max_new_tokens: int = 6) -> dict[str, float]:
     """Overall and per-kind exact match, loading the checkpoint exactly as the assistant and the app do."""
     bot = Assistant.from_pretrained(checkpoint, device="cpu", dtype="float32")
-    items = json.loads(Path(questions).read_text())
-    folder = Path(questions).parent
-    images = [load_image(folder / q["image"]) for q in items]
-    if blank_images:
-        images = [np.zeros_like(im) for im in images]
-    answers = bot.answer_batch([BatchItem(im, q["question"]) for im, q in zip(images, items)],
-                               GenerationSettings(max_new_tokens=max_new_tokens), batch_size=32)
-    hits: dict[str, list[bool]] = defaultdict(list)
-    for q, a in zip(items, answers):
-        ok = normalise(a) == normalise(q["answer"])
-        hits[q.get("kind", "all")].append(ok)
-        hits["overall"].append(ok)
-    return {k: float(np.mean(v)) for k, v in sorted(hits.items())}
+    asked, annotations, bad = short_answer.load_run(RunInputs(questions=Path(questions)))
+    if bad:
+        raise ValueError(f"{questions}: {len(bad)} bad records, e.g. {next(iter(bad.items()))}")
+    answerer = ChatAnswerer(bot, max_new_tokens=max_new_tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        answers = Path(tmp) / "answers.jsonl"
+        run(BlankImages(answerer) if blank_images else answerer, asked, Path(questions).parent, answers,
+            batch_size=32, progress=False)
+        report = short_answer.score(predictions(read_answers(answers)), annotations)
+    return {"overall": report["accuracy"], **{k: v["accuracy"] for k, v in report["breakdowns"]["kind"].items()}}

@@ -108,6 +108,3 @@ def make(folder: str | Path, train_images: int = 400, eval_images: int = 100, se
         paths[key].write_text(json.dumps(data, indent=1))
     return paths
 
-
-def normalise(answer: str) -> str:
-    return answer.strip().lower().rstrip(".").strip()

@@ -290,3 +290,27 @@ def test_vqav2_and_textvqa_run_in_the_bunny_layout(tmp_path: Path, capsys) -> No
                    str(tmp_path / f"{name}_ann.json"), "--tiny", "--max-new-tokens", "2"])
         assert "1 answered" in capsys.readouterr().out
         assert json.loads((tmp_path / f"{name}_answers.report.json").read_text())["scored"] == 1
+
+
+def test_short_answer_sets_run_and_score_per_kind(tmp_path: Path, capsys) -> None:
+    from eval import short_answer
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "red.png")
+    items = [{"id": f"q{i}", "image": "red.png", "kind": kind, "question": q, "answer": a}
+             for i, (kind, q, a) in enumerate([("colour", "What colour is it?", "red"),
+                                               ("count", "How many shapes?", "one"),
+                                               ("colour", "And the border?", "Red.")])]
+    questions = tmp_path / "eval.json"
+    questions.write_text(json.dumps(items))
+    annotations = short_answer.load_annotations(questions)
+    report = short_answer.score({"q0": "Red.", "q1": "two", "q2": "red"}, annotations)  # exact_match: case, "."
+    assert report["accuracy"] == pytest.approx(2 / 3)
+    assert report["breakdowns"]["kind"] == {"colour": {"accuracy": 1.0, "n": 2}, "count": {"accuracy": 0.0, "n": 1}}
+    with pytest.raises(ValueError, match="1 of 3 questions have no answer"):
+        short_answer.score({"q0": "red", "q1": "one"}, annotations)
+    answers = tmp_path / "answers.jsonl"
+    eval_main(["run", "short-answer", "--questions", str(questions), "--images", str(tmp_path),
+               "--answers", str(answers), "--tiny", "--max-new-tokens", "3", "--report", str(tmp_path / "r.json")])
+    assert "3 answered" in capsys.readouterr().out
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["benchmark"] == "short-answer" and result["scored"] == 3
+    assert set(result["breakdowns"]["kind"]) == {"colour", "count"}

@@ -1,4 +1,6 @@
-"""TAP network components, one module per box of the architecture figure."""
+"""TAP network components, one module per box of the architecture figure: `image_encoder` (ViT), `prompt_encoder`
+(points, boxes), `image_decoder` (masks, IoU, semantic tokens), `concept_projector` (concepts), `text_decoder`
+(captions); `tap` wires them together."""
 
 from .concept_projector import ConceptProjector
 from .image_decoder import ImageDecoder, route

@@ -15,6 +15,8 @@ from ..errors import CheckpointError
 
 
 class ConceptProjector(nn.Module):
+    """The figure's "concept" head: a semantic token scored against the concept vocabulary (no trained weights)."""
+
     def __init__(self, sem_dim: int) -> None:
         super().__init__()
         self.sem_dim = sem_dim
@@ -23,6 +25,7 @@ class ConceptProjector(nn.Module):
         self.names: list[str] = []
 
     def reset_weights(self, weights: np.ndarray | torch.Tensor, names: list[str]) -> None:
+        """Install a (sem_dim, K) text-embedding matrix and its K names; any vocabulary, any time."""
         weights = torch.as_tensor(np.asarray(weights, dtype=np.float32))
         if weights.ndim != 2 or weights.shape[0] != self.sem_dim or weights.shape[1] != len(names):
             raise CheckpointError(f"concept matrix must be ({self.sem_dim}, K) with K names; got "
@@ -32,6 +35,7 @@ class ConceptProjector(nn.Module):
 
     @property
     def loaded(self) -> bool:
+        """Whether a vocabulary is installed (the checkpoint does not carry one)."""
         return bool(self.names)
 
     def probs(self, sem_embeds: torch.Tensor) -> torch.Tensor:

@@ -108,6 +108,8 @@ class Bottleneck(nn.Module):
 
 
 class PatchEmbed(nn.Module):
+    """Non-overlapping patches to tokens: one strided conv (the encoder's input, figure: "image encoder")."""
+
     def __init__(self, dim: int, patch_size: int) -> None:
         super().__init__()
         self.proj = nn.Conv2d(3, dim, patch_size, stride=patch_size)
@@ -126,6 +128,7 @@ class PosEmbed(nn.Module):
 
 
 def conv_bn(in_dim: int, out_dim: int, kernel: int) -> nn.Sequential:
+    """A bias-free conv with "same" padding followed by BatchNorm (the neck's building block)."""
     return nn.Sequential(nn.Conv2d(in_dim, out_dim, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(out_dim))
 
 

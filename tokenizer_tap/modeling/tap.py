@@ -43,10 +43,12 @@ class TAP(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype the weights were cast to (read from a buffer, so it follows `.to()`)."""
         return self.pixel_mean.dtype
 
     @property
     def device(self) -> torch.device:
+        """The device the weights live on."""
         return self.pixel_mean.device
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:

@@ -44,9 +44,9 @@ class KVCache:
 
     @classmethod
     def empty(cls, depth: int, batch: int, heads: int, length: int, head_dim: int, like: torch.Tensor) -> KVCache:
-        def make() -> list[torch.Tensor]:
-            return [like.new_zeros(batch, heads, length, head_dim) for _ in range(depth)]
-        return cls(make(), make())
+        """Zeroed keys and values for every block, in `like`'s dtype and device."""
+        keys, values = ([like.new_zeros(batch, heads, length, head_dim) for _ in range(depth)] for _ in range(2))
+        return cls(keys, values)
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only `rows` (used to stop computing captions that already ended)."""
@@ -55,6 +55,8 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    """Causal self-attention with rotary positions, writing into and reading from the preallocated KV cache."""
+
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -125,6 +127,7 @@ class TextDecoder(nn.Module):
         self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def rotary(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) tables for every position, built once per dtype and device."""
         weight = self.encoder.weight
         tables = self._rotary
         if tables is None or tables[0].dtype != weight.dtype or tables[0].device != weight.device:
