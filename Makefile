@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: run demo test lint bench screenshots parity clean
+.PHONY: run demo demo-models test lint bench screenshots parity clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -35,6 +35,11 @@ demo: $(STAMP)
 		--scribble "175,260 170,330 176,400 172,470 178,540" --out out/overlay.png
 	$(PY) -m assistant chat examples/scene.jpg --tiny --point 510,270 --ask "What is <region1>?" \
 		--max-new-tokens 24
+
+## demo-models: retrain the bundled demo models end to end on the synthetic world (seeded; models/demo/README.md
+## says how long it took and what they score)
+demo-models: $(STAMP)
+	$(PY) -m finetune demo-models --out models/demo --work runs/demo
 
 ## test: the whole test suite, a real vLLM server included (parity tests need ../shared/reference; CI requires it)
 test: $(STAMP) $(VLLM_STAMP)

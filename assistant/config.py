@@ -1,7 +1,8 @@
 """`ChatConfig`: everything needed to rebuild a chat model, stored as `config.json` in a checkpoint folder.
 
-A folder never holds absolute paths: the TAP model and the LLM are named (preset / hub id), and every tensor file
-is addressed relative to the folder, so a folder written on a training machine loads anywhere unchanged.
+A folder never needs absolute paths: the TAP model and the LLM are named (preset / hub id) or, for a TAP trained by
+this project, given as a folder relative to the checkpoint (the demo bundle's `../tap`); every tensor file is
+addressed relative to the folder, so a folder written on a training machine loads anywhere unchanged.
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ class ChatConfig:
         if self.scene_regions is not None:
             return self.scene_regions
         return 5 if self.mode == "grounded" else 0
+
+    def tap_location(self, folder: str | Path) -> str:
+        """`tap_model`, or the folder it names relative to the checkpoint `folder` when there is one."""
+        beside = Path(folder) / self.tap_model
+        return str(beside) if not Path(self.tap_model).is_absolute() and beside.is_dir() else self.tap_model
 
     def with_(self, **changes) -> ChatConfig:
         return replace(self, **changes)

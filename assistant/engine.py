@@ -141,7 +141,7 @@ class Assistant:
         else:
             config = ChatConfig(mode="grounded", **({"llm": llm} if llm else {}))
         parts, missing = {}, []
-        tap_name = tap_model or config.tap_model
+        tap_name = tap_model or (config.tap_location(checkpoint) if checkpoint is not None else config.tap_model)
 
         def predictor() -> TapPredictor:
             if tap_name == "tap_tiny" and tap_checkpoint is None:  # no public weights: the seed-0 random model

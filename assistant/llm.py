@@ -52,6 +52,12 @@ class TinyPhi:
     num_attention_heads: int = 4
     max_position_embeddings: int = 2048
 
+    def __post_init__(self) -> None:
+        head = self.hidden_size // self.num_attention_heads
+        if self.hidden_size % self.num_attention_heads or int(head * 0.4) % 2:
+            raise ValueError(f"TinyPhi: hidden_size {self.hidden_size} / {self.num_attention_heads} heads must give a "
+                             "head size whose rotary part (0.4 of it, as Phi-2's 32 of 80) is a whole even number")
+
     def config(self, vocab_size: int) -> PhiConfig:
         return PhiConfig(vocab_size=vocab_size, hidden_size=self.hidden_size,
                          intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
@@ -61,9 +67,13 @@ class TinyPhi:
 
 
 def load_tokenizer(name: str | Path = DEFAULT_LLM) -> PreTrainedTokenizerFast:
-    """Phi-2's tokenizer (hub id or folder), or the bundled tiny one for `tiny-phi`; pad is set to EOS."""
-    if str(name) == TINY_LLM:
-        tok = PreTrainedTokenizerFast(tokenizer_file=str(TINY_TOKENIZER), eos_token=EOS_TEXT, bos_token=EOS_TEXT,
+    """Phi-2's tokenizer (hub id or folder), a `tokenizer.json` file of the same kind (byte-level BPE whose one
+    special token is `<|endoftext|>`), or the bundled one for `tiny-phi`; pad is set to EOS."""
+    if str(name) == TINY_LLM or str(name).endswith(".json"):
+        file = TINY_TOKENIZER if str(name) == TINY_LLM else Path(name)
+        if not file.is_file():
+            raise FileNotFoundError(f"tokenizer file {file} not found")
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(file), eos_token=EOS_TEXT, bos_token=EOS_TEXT,
                                       unk_token=EOS_TEXT)
     else:
         from transformers import AutoTokenizer

@@ -48,9 +48,11 @@ class ChatModel(nn.Module):
     # ---------------------------------------------------------------------------------------- construction
     @classmethod
     def create(cls, config: ChatConfig, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               quantization: str = "none", seed: int = 0, tiny: TinyPhi | None = None) -> ChatModel:
-        """Fresh model for `config`: base LLM weights, a new projector, new LoRA adapters (if configured)."""
-        tokenizer = load_tokenizer(config.llm)
+               quantization: str = "none", seed: int = 0, tiny: TinyPhi | None = None,
+               tokenizer: str | None = None) -> ChatModel:
+        """Fresh model for `config`: base LLM weights, a new projector, new LoRA adapters (if configured).
+        `tokenizer` (a tokenizer.json) replaces the bundled one of a tiny LLM trained from scratch."""
+        tokenizer = load_tokenizer(tokenizer or config.llm)
         llm = load_llm(config.llm, dtype=dtype, device=device, quantization=quantization,
                        vocab_size=len(tokenizer), seed=seed, tiny=tiny)
         if config.lora is not None:
@@ -171,8 +173,10 @@ class ChatModel(nn.Module):
     def tokenize(self, text: str) -> list[int]:
         return tokenize_with_image(self.tokenizer, text)
 
+    @torch.inference_mode()
     def visual_tokens(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) TAP trunk features -> (B, N, hidden) LLM input embeddings."""
+        """(B, C, H, W) TAP trunk features -> (B, N, hidden) LLM input embeddings (inference: training calls the
+        projector itself; TAP's features are inference tensors, which autograd refuses)."""
         if self.projector is None:
             raise RuntimeError("grounded mode has no visual tokens")
         weight = self.projector.merge.weight

@@ -1,5 +1,6 @@
 """`python -m finetune check|train|synthetic|evaluate` (the chat stages) and `tap-train|tap-priors|tap-world`
-(TAP region-level pre-training)."""
+(TAP region-level pre-training) `world-chat` (chat data about the synthetic world)
+and `demo-models` (all of them, end to end: the bundled demo models)."""
 
 from __future__ import annotations
 
@@ -28,9 +29,10 @@ def check(config: TrainConfig) -> int:
         base = Path(m.init) / "llm"
         tokenizer = load_tokenizer(str(base) if base.is_dir() else llm)
     else:
-        grid = get_config(m.tap_model).grid_size
+        tap = m.tap_checkpoint if m.tap_checkpoint and Path(m.tap_checkpoint).is_dir() else m.tap_model
+        grid = get_config(tap).grid_size
         num_visual = ProjectorConfig(in_dim=1, out_dim=1, grid=grid, **m.projector).num_tokens()
-        tokenizer = load_tokenizer(m.llm)
+        tokenizer = load_tokenizer(m.tokenizer or m.llm)
     samples, report = prepare(load_records(config.data.path), lambda t: tokenize_with_image(tokenizer, t),
                               tokenizer.eos_token_id, stage=config.stage, num_visual=num_visual,
                               max_length=config.data.max_length, image_folder=config.data.image_folder)
@@ -79,15 +81,22 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("config", type=Path, help="a YAML file (see finetune/configs/tap_*.yaml)")
     t.add_argument("overrides", nargs="*", help="key=value, e.g. data.sa1b=DIR init=official max_steps=100")
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    from . import demo, world_chat
     from .tap import teacher, world
     teacher.add_arguments(sub.add_parser("tap-priors", help="CLIP concept priors (SemanticSA-1B) for SA-1B masks"))
     world.add_arguments(sub.add_parser("tap-world", help="write the synthetic scene world (SA-1B layout)"))
+    world_chat.add_arguments(sub.add_parser("world-chat", help="chat data and a tokenizer from a synthetic world"))
+    demo.add_arguments(sub.add_parser("demo-models", help="train, evaluate and bundle the demo models end to end"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "tap-priors":
         sys.exit(teacher.run(args))
     if args.command == "tap-world":
         sys.exit(world.run(args))
+    if args.command == "world-chat":
+        sys.exit(world_chat.run(args))
+    if args.command == "demo-models":
+        sys.exit(demo.run(args))
     if args.command == "tap-train":
         sys.exit(tap_train(args))
     if args.command == "synthetic":

@@ -32,6 +32,7 @@ class ModelConfig:
     tap_checkpoint: str = ""
     llm: str = "microsoft/phi-2"
     tiny_llm: dict[str, int] = field(default_factory=dict)  # TinyPhi fields, with llm: tiny-phi
+    tokenizer: str = ""  # with llm: tiny-phi, a tokenizer.json to use instead of the bundled one (world-chat's)
     projector: dict[str, int] = field(default_factory=dict)  # ProjectorConfig fields besides in/out dims
     lora_r: int = 128
     lora_alpha: int = 256
@@ -90,7 +91,7 @@ class TrainConfig:
         config = build(cls, read_yaml(path, overrides))
         # relative paths are relative to the working directory, as in HF scripts
         for obj, attr in [(config.data, "path"), (config.data, "image_folder"), (config.model, "init"),
-                          (config, "output_dir")]:
+                          (config.model, "tokenizer"), (config, "output_dir")]:
             if getattr(obj, attr):
                 setattr(obj, attr, str(Path(getattr(obj, attr)).expanduser()))
         config.validate()
@@ -105,6 +106,8 @@ class TrainConfig:
                 (self.model.quantization in ("none", "4bit", "8bit"), "model.quantization: none, 4bit or 8bit"),
                 (self.model.quantization == "none" or self.trainable.llm != "full",
                  "a quantized base cannot be trained in full; use trainable.llm: lora (QLoRA)"),
+                (not self.model.tokenizer or self.model.llm == "tiny-phi",
+                 "model.tokenizer is for llm: tiny-phi (a pretrained LLM keeps its own tokenizer)"),
                 (bool(self.data.path), "data.path is required")]
         for ok, message in need:
             if not ok:

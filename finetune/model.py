@@ -34,7 +34,7 @@ def build_chat(config: TrainConfig, device: torch.device, dtype: torch.dtype) ->
     m = config.model
     if m.init:
         chat = ChatModel.from_pretrained(m.init, dtype=dtype, device=device, quantization=m.quantization)
-        tap_name = chat.config.tap_model
+        tap_name = chat.config.tap_location(m.init)
     else:  # a TAP checkpoint folder (e.g. from `tap-train`) is recorded as the model, so the result loads with it
         tap_name = m.tap_checkpoint if m.tap_checkpoint and Path(m.tap_checkpoint).is_dir() else m.tap_model
     # tap_tiny has no public weights: it is the seed-0 random model, exactly what the assistant builds for it
@@ -53,7 +53,7 @@ def build_chat(config: TrainConfig, device: torch.device, dtype: torch.dtype) ->
                              lora=(LoraSettings(r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout)
                                    if config.trainable.llm == "lora" else None))
     chat = ChatModel.create(chat_config, dtype=dtype, device=device, quantization=m.quantization, seed=m.seed,
-                            tiny=tiny)
+                            tiny=tiny, tokenizer=m.tokenizer or None)
     return chat, tap
 
 

@@ -11,7 +11,7 @@ from transformers import DynamicCache
 from assistant.batching import Batcher
 from assistant.config import ChatConfig
 from assistant.generation import CachedPrefix, GenerationSettings, PrefixCache, decode, next_tokens
-from assistant.llm import TINY_LLM, LoraSettings, load_llm
+from assistant.llm import TINY_LLM, LoraSettings, TinyPhi, load_llm, load_tokenizer
 from assistant.model import IMAGE_TOKEN, ChatModel, merge_checkpoint
 from assistant.projector import ProjectorConfig
 from assistant.template import Turn, render
@@ -268,6 +268,18 @@ def test_config_round_trip_and_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a TAP-Chat checkpoint"):
         ChatConfig.load(tmp_path)
     assert ChatConfig().num_scene_regions == 5 and cfg.num_scene_regions == 0
+    (tmp_path / "tap").mkdir(), (tmp_path / "chat").mkdir()  # a TAP folder named relative to a checkpoint
+    assert cfg.with_(tap_model="../tap").tap_location(tmp_path / "chat") == str(tmp_path / "chat" / "../tap")
+    assert cfg.with_(tap_model="../gone").tap_location(tmp_path / "chat") == "../gone"
+    assert cfg.tap_location(tmp_path) == "tap_tiny"
+
+
+def test_tiny_llm_shapes_and_tokenizer_files_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="rotary"):
+        TinyPhi(hidden_size=256, num_attention_heads=4)  # head 64: a rotary part of 25.6 dims
+    TinyPhi(hidden_size=320, num_attention_heads=4)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_tokenizer(tmp_path / "tokenizer.json")
 
 
 @pytest.mark.parametrize("kind", ["8bit", "4bit"])

@@ -1,0 +1,229 @@
+"""`python -m finetune demo-models` (`make demo-models`): the demo models that run where the public weights are
+absent, rebuilt end to end by this project's own pipelines on the synthetic scene world, with their metrics.
+
+Each step is the code of its own command: `tap-world` -> `world-chat` -> `tap-train` stage 1 (masks + concept
+priors) and stage 2 (+ region captions) -> `train` stage 1 (scene captions) and stage 2 (conversations, region
+lines included) -> evaluation on held-out scenes. The result is a bundle:
+- `tap/`: the TAP checkpoint folder (`TapPredictor.from_pretrained`, `--tap-checkpoint`);
+- `chat/`: the chat checkpoint folder, its own LLM and tokenizer in `llm/`, naming `../tap` as its TAP;
+- `metrics.json` and `README.md`: what was measured on held-out scenes, against the targets, and the CPU time.
+
+The recipe (sizes, steps, learning rates) lives in the configs: TAP's is the learning proof's
+(`tap_world_stage*.yaml`), the chat model's `demo_chat_stage*.yaml`; the world's size and the seed are options
+here. Every step is seeded, so one machine rebuilds the same bundle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+CONFIGS = Path(__file__).parent / "configs"
+MAX_BUNDLE_MB = 25.0
+TARGETS = {"point_miou": 0.7, "concept_top1": 0.8, "caption_named": 0.8, "answers": 0.7}
+TAP_CONFIGS = {"tap_stage1": "tap_world_stage1.yaml", "tap_stage2": "tap_world_stage2.yaml"}  # the learning proof's
+TAP_FILES = ("config.json", "model.safetensors", "text_tokenizer.model", "concepts.safetensors")
+
+
+@dataclass
+class Recipe:
+    """What `demo-models` builds: the world's size and seed, and the step budget of each training stage (None:
+    the config's). `quick` is the smoke-test size: the whole pipeline in about a minute, models that learn nothing."""
+
+    seed: int = 0
+    train_images: int = 2000
+    eval_images: int = 200
+    size: int = 128
+    quick: bool = False
+    steps: dict[str, int] = field(default_factory=dict)  # stage -> max optimizer steps
+
+    @classmethod
+    def smoke(cls, seed: int = 0) -> Recipe:
+        return cls(seed=seed, train_images=8, eval_images=3, quick=True,
+                   steps={"tap_stage1": 2, "tap_stage2": 2, "chat_stage1": 2, "chat_stage2": 2})
+
+
+def caption_named(caption: str, obj: dict) -> bool:
+    """Whether a region caption names the object's concept and, where it has one, its colour."""
+    words = set(caption.lower().replace(",", " ").replace(".", " ").split())
+    return obj["concept"] in words and (obj["colour"] is None or obj["colour"] in words)
+
+
+def evaluate_bundle(bundle: Path, world: Path, eval_images: int) -> dict:
+    """Held-out scores: TAP's regions through `TapPredictor`, and the chat model's short answers (seeing and blind)."""
+    from finetune.evaluate import accuracy
+    from finetune.tap.evaluate import evaluate_regions
+    from finetune.tap.records import open_sa1b
+    from finetune.tap.world import load_labels
+    from tokenizer_tap.predictor import TapPredictor
+
+    predictor = TapPredictor.from_pretrained(str(bundle / "tap"), device="cpu", dtype="float32")
+    regions = evaluate_regions(predictor, open_sa1b(world / "eval"), load_labels(world, "eval"),
+                               max_images=eval_images)
+    objects = {f"{e['image_id']}/{o['id']}": o
+               for e in json.loads((world / "world.json").read_text())["splits"]["eval"] for o in e["objects"]}
+    named = [caption_named(text, objects[key]) for key, text in regions.captions.items()]
+    seeing = accuracy(bundle / "chat", world / "chat_eval.json")
+    blind = accuracy(bundle / "chat", world / "chat_eval.json", blank_images=True)
+    return {**regions.to_dict(), "caption_named": sum(named) / max(len(named), 1),
+            "caption_examples": dict(list(regions.captions.items())[:8]),
+            "answers": seeing["overall"], "answers_by_kind": seeing, "answers_blind": blind}
+
+
+def pack(tap_run: Path, chat_run: Path, bundle: Path) -> float:
+    """Copy the two checkpoints into the bundle (the chat one naming `../tap`); returns the bundle's size in MB."""
+    from assistant.model import ChatModel
+    if bundle.exists():
+        shutil.rmtree(bundle)
+    (bundle / "tap").mkdir(parents=True)
+    for name in TAP_FILES:
+        shutil.copyfile(tap_run / name, bundle / "tap" / name)
+    chat = ChatModel.from_pretrained(chat_run)
+    chat.config = chat.config.with_(tap_model="../tap")
+    chat.save_pretrained(bundle / "chat")
+    for path in bundle.rglob("*.safetensors"):
+        halve(path)
+    return sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file()) / 2**20
+
+
+def halve(path: Path) -> None:
+    """Store a safetensors file's float32 tensors as float16 (metadata kept): half the bytes in the repository.
+    Loading casts them back into the float32 modules, and the bundle is evaluated as stored."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+        names = f.keys()  # a safe_open handle is not iterable
+        tensors = {k: f.get_tensor(k) for k in names}
+    save_file({k: v.half() if v.dtype == torch.float32 else v for k, v in tensors.items()}, str(path), metadata)
+
+
+def build(out: Path, work: Path, recipe: Recipe) -> dict:
+    """Run every step; returns the metrics written to `out/metrics.json`."""
+    from finetune.config import TrainConfig
+    from finetune.tap.config import TapTrainConfig
+    from finetune.tap.trainer import TapTrainer
+    from finetune.tap.world import make_world
+    from finetune.trainer import Trainer
+    from finetune.world_chat import make_chat_data
+
+    world = work / "world"
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        timings[name] = round(time.perf_counter() - clock, 1)
+        clock = time.perf_counter()
+        print(f"demo-models: {name} done in {timings[name]:.0f} s", flush=True)
+
+    if world.exists():
+        shutil.rmtree(world)
+    make_world(world, recipe.train_images, recipe.eval_images, seed=recipe.seed, size=recipe.size, dim=256)
+    make_chat_data(world, seed=recipe.seed)
+    lap("world")
+
+    def limit(stage: str) -> list[str]:
+        return [f"max_steps={recipe.steps[stage]}"] if stage in recipe.steps else []
+
+    tap_data = [f"data.sa1b={world / 'train'}", f"data.priors={world / 'priors'}", f"seed={recipe.seed}",
+                "report_to=[]"]
+    for stage, init in (("tap_stage1", "scratch"), ("tap_stage2", str(work / "tap_stage1"))):
+        extra = ([f"data.captions={world / 'captions_train.json'}", f"data.image_folder={world / 'train'}"]
+                 if stage == "tap_stage2" else [])
+        config = TapTrainConfig.load(CONFIGS / TAP_CONFIGS[stage], [
+            *tap_data, *extra, f"init={init}", f"output_dir={work / stage}", *limit(stage)])
+        TapTrainer(config).train()
+        lap(stage)
+    chat_common = [f"data.image_folder={world}", f"seed={recipe.seed}", f"model.seed={recipe.seed}"]
+    stages = (("chat_stage1", "chat_captions.json",
+               [f"model.tap_checkpoint={work / 'tap_stage2'}", f"model.tokenizer={world / 'tokenizer.json'}"]),
+              ("chat_stage2", "chat_train.json", [f"model.init={work / 'chat_stage1'}"]))
+    for stage, data, extra in stages:
+        config = TrainConfig.load(CONFIGS / f"demo_{stage}.yaml", [
+            f"data.path={world / data}", *chat_common, *extra, f"output_dir={work / stage}", *limit(stage)])
+        Trainer(config).train()
+        lap(stage)
+    size_mb = pack(work / "tap_stage2", work / "chat_stage2", out)
+    metrics = evaluate_bundle(out, world, recipe.eval_images)
+    lap("evaluate")
+    metrics.update(bundle_mb=round(size_mb, 2), seconds=timings, recipe=asdict(recipe), cores=os.cpu_count(),
+                   torch_threads=_threads())
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    (out / "README.md").write_text(readme(metrics))
+    if size_mb > MAX_BUNDLE_MB:
+        raise RuntimeError(f"the bundle is {size_mb:.1f} MB, over the {MAX_BUNDLE_MB:.0f} MB the repository allows")
+    return metrics
+
+
+def _threads() -> int:
+    import torch
+    return torch.get_num_threads()
+
+
+def readme(m: dict) -> str:
+    """The bundle's README: what it is, how it was made, and every measured number beside its target."""
+    r = m["recipe"]
+    rows = [("point-click mIoU", m["point_miou"], TARGETS["point_miou"]),
+            ("box-prompt mIoU", m["box_miou"], None),
+            ("concept top-1", m["concept_top1"], TARGETS["concept_top1"]),
+            ("captions naming object and colour", m["caption_named"], TARGETS["caption_named"]),
+            ("short answers, exact match", m["answers"], TARGETS["answers"])]
+    kinds = {k: v for k, v in m["answers_by_kind"].items() if k != "overall"}
+    lines = [
+        "# Demo models: TAP + a small chat model trained on synthetic scenes",
+        "",
+        "Trained by this project's own pipelines (`make demo-models`, finetune/demo.py) on the synthetic scene world "
+        "(`python -m finetune tap-world`): good on scenes like the examples, **not on photos**. For real images use "
+        "TAP-L + Phi-2 (README, \"Models\").",
+        "",
+        f"World: {r['train_images']} training and {r['eval_images']} held-out scenes at {r['size']} px, seed "
+        f"{r['seed']}{' (smoke size: the models learned nothing)' if r['quick'] else ''}. Bundle: "
+        f"{m['bundle_mb']:.1f} MB.",
+        "",
+        "## Held-out scores",
+        "",
+        "| metric | measured | target |",
+        "|---|---|---|",
+        *[f"| {name} | {value:.3f} | {'' if target is None else f'>= {target}'} |" for name, value, target in rows],
+        "",
+        "Short answers by kind (exact match; blind = the same model shown black images): "
+        + ", ".join(f"{k} {v:.3f} (blind {m['answers_blind'].get(k, 0.0):.3f})" for k, v in kinds.items()) + ".",
+        f"Concepts: {m['labelled']} labelled regions, majority-class top-1 {m['majority']:.3f}.",
+        "",
+        "## Build time",
+        "",
+        f"{sum(m['seconds'].values()) / 60:.1f} min wall on {m['cores']} CPU cores ({m['torch_threads']} torch "
+        "threads): " + ", ".join(f"{k} {v:.0f} s" for k, v in m["seconds"].items()) + ".",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("models/demo"), help="the bundle folder (replaced)")
+    parser.add_argument("--work", type=Path, default=Path("runs/demo"), help="world and training runs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-images", type=int, default=Recipe.train_images)
+    parser.add_argument("--eval-images", type=int, default=Recipe.eval_images)
+    parser.add_argument("--smoke", action="store_true", help="a tiny end-to-end run (checks the pipeline, ~1 min)")
+
+
+def run(args: argparse.Namespace) -> int:
+    recipe = (Recipe.smoke(args.seed) if args.smoke else
+              Recipe(seed=args.seed, train_images=args.train_images, eval_images=args.eval_images))
+    try:
+        metrics = build(args.out, args.work, recipe)
+    except (ValueError, OSError, RuntimeError) as exc:
+        print(f"demo-models: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: metrics[k] for k in ("point_miou", "concept_top1", "caption_named", "answers",
+                                             "bundle_mb")}, indent=1))
+    return 0

@@ -1,0 +1,82 @@
+"""`python -m finetune demo-models`: the whole pipeline (world, chat data, TAP stages 1-2, chat stages 1-2,
+evaluation, bundle) at smoke size, and a bundle that loads from anywhere as the app loads models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from assistant.engine import Assistant
+from assistant.generation import GenerationSettings
+from finetune.cli import main
+from finetune.demo import MAX_BUNDLE_MB, TARGETS, caption_named
+from tokenizer_tap.config import folder_config
+from tokenizer_tap.prompts import Prompt
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("demo")
+    with pytest.raises(SystemExit) as done:
+        main(["demo-models", "--smoke", "--out", str(root / "bundle"), "--work", str(root / "work")])
+    assert done.value.code == 0
+    return root / "bundle", root / "work"
+
+
+def test_bundle_holds_both_checkpoints_in_float16_within_the_size_limit(built) -> None:
+    bundle, _ = built
+    metrics = json.loads((bundle / "metrics.json").read_text())
+    files = [p for p in bundle.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) / 2**20 == pytest.approx(metrics["bundle_mb"], abs=0.01)
+    assert metrics["bundle_mb"] < MAX_BUNDLE_MB
+    assert {"tap/model.safetensors", "tap/text_tokenizer.model", "tap/concepts.safetensors", "chat/config.json",
+            "chat/projector.safetensors", "chat/llm/model.safetensors", "chat/llm/tokenizer.json"} <= {
+        str(p.relative_to(bundle)) for p in files}
+    for path in bundle.rglob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            names = f.keys()  # a safe_open handle is not iterable
+            assert {f.get_tensor(k).dtype for k in names} <= {torch.float16, torch.int64}, path
+    assert json.loads((bundle / "chat" / "config.json").read_text())["tap_model"] == "../tap"
+
+
+def test_metrics_and_readme_report_every_target(built) -> None:
+    bundle, _ = built
+    metrics = json.loads((bundle / "metrics.json").read_text())
+    for key in (*TARGETS, "box_miou", "answers_blind", "seconds", "cores"):
+        assert key in metrics
+    assert set(metrics["seconds"]) == {"world", "tap_stage1", "tap_stage2", "chat_stage1", "chat_stage2", "evaluate"}
+    assert set(metrics["answers_by_kind"]) == {"overall", "colour", "count", "position", "relation", "region"}
+    readme = (bundle / "README.md").read_text()
+    assert "not on photos" in readme and "smoke size" in readme
+    assert f"| point-click mIoU | {metrics['point_miou']:.3f} | >= 0.7 |" in readme
+
+
+def test_bundle_loads_from_another_folder_as_the_app_loads_it(built, tmp_path, monkeypatch) -> None:
+    bundle, work = built
+    monkeypatch.chdir(tmp_path)  # ../tap is read beside the chat folder, not from the working directory
+    bot = Assistant.from_pretrained(bundle / "chat", device="cpu", dtype="float32")
+    assert bot.predictor.model.config == folder_config(bundle / "tap")
+    assert next(bot.predictor.model.parameters()).dtype == torch.float32
+    assert len(bot.chat.tokenizer) == len(json.loads((work / "world" / "tokenizer.json").read_text())
+                                          ["model"]["vocab"])
+    image = np.asarray(Image.open(next((work / "world" / "eval").glob("sa_*.jpg"))).convert("RGB"))
+    conv = bot.start(image=image)
+    bot.add_region(conv, Prompt.point(60, 100))
+    reply = bot.ask(conv, "What colour is <region1>?", GenerationSettings(max_new_tokens=4))
+    assert isinstance(reply.text, str)
+
+
+@pytest.mark.parametrize(("caption", "obj", "named"), [
+    ("a red car left of a house", {"concept": "car", "colour": "red"}, True),
+    ("a blue car", {"concept": "car", "colour": "red"}, False),
+    ("the head of a person in red", {"concept": "head", "colour": None}, True),
+    ("a red carpet", {"concept": "car", "colour": "red"}, False),
+])
+def test_a_caption_names_its_region_by_whole_words(caption, obj, named) -> None:
+    assert caption_named(caption, obj) is named
