@@ -28,12 +28,14 @@ $(VLLM_STAMP): requirements-vllm.txt
 run: $(STAMP)
 	MALLOC_ARENA_MAX=2 $(PY) -m app $(ARGS)
 
-## demo: the command-line tools on the bundled example image (tiny random models, no download)
+## demo: the command-line tools on the bundled example image, no download: the demo models where they are
+## bundled (models/demo), else tiny random ones
+DEMO_MODELS := $(if $(wildcard models/demo/chat/config.json),--demo,--tiny)
 demo: $(STAMP)
 	mkdir -p out
-	$(PY) -m tokenizer_tap describe examples/scene.jpg --tiny --point 510,270 --box 380,330,640,560 \
+	$(PY) -m tokenizer_tap describe examples/scene.jpg $(DEMO_MODELS) --point 510,270 --box 380,330,640,560 \
 		--scribble "175,260 170,330 176,400 172,470 178,540" --out out/overlay.png
-	$(PY) -m assistant chat examples/scene.jpg --tiny --point 510,270 --ask "What is <region1>?" \
+	$(PY) -m assistant chat examples/scene.jpg $(DEMO_MODELS) --point 510,270 --ask "What is <region1>?" \
 		--max-new-tokens 24
 
 ## demo-models: retrain the bundled demo models end to end on the synthetic world (seeded; models/demo/README.md

@@ -10,11 +10,10 @@ from pathlib import Path
 import gradio as gr
 
 from assistant.engine import Assistant
-from assistant.options import add_model_options
+from assistant.options import add_model_options, load_or_fall_back
 from assistant.remote import ServerError
 from assistant.store import ChatStore, StoreError
 from tokenizer_tap.cache import cache_report
-from tokenizer_tap.errors import WeightsNotFoundError
 
 from . import ui
 from .config import AppConfig
@@ -23,20 +22,23 @@ from .service import ChatService
 
 log = logging.getLogger("tapchat.app")
 TINY_BANNER = "Running with **tiny random models** (`--tiny`): the tools work, the answers and captions are gibberish."
+DEMO_BANNER = ("Running the **demo models**: a TAP and a small chat model that this project trained on synthetic "
+               "scenes (models/demo/README.md). They are good on scenes like the examples, **not on photos**. For "
+               "real images download TAP-L and Phi-2 (README, \"Models\") and restart.")
 
 
 def load_assistant(config: AppConfig, store: ChatStore) -> tuple[Assistant, str]:
-    """The configured models, or tiny random ones with a banner saying why (offline, no weights)."""
+    """The configured models, or the demo models (else tiny random ones) with a banner saying why."""
     if config.tiny:
         return Assistant.tiny(store=store), TINY_BANNER
-    try:
-        return Assistant.from_options(config, store=store), ""
-    except WeightsNotFoundError as exc:
-        first = str(exc).splitlines()[0]
-        log.warning("model weights not found, starting with tiny random models:\n%s", exc)
-        return Assistant.tiny(store=store), (
-            f"**Model weights not found** ({first}). Running with tiny random models so you can try the tools; "
-            "answers are gibberish. Download the weights (see README) and restart, or start with `--tiny`.")
+    bot, fallback = load_or_fall_back(config, store=store)
+    if fallback is None:
+        return bot, DEMO_BANNER if config.demo else ""
+    if fallback.kind == "demo":
+        return bot, f"**Model weights not found** ({fallback.reason}). {DEMO_BANNER}"
+    return bot, (f"**Model weights not found** ({fallback.reason}). Running with tiny random models so you can try "
+                 "the tools; answers are gibberish. Download the weights (see README) and restart, or build the "
+                 "demo models with `make demo-models`.")
 
 
 def build_app(config: AppConfig, assistant: Assistant | None = None) -> tuple[gr.Blocks, ChatService, str]:
@@ -88,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
         auth = parse_credentials(args.auth, args.auth_file)
     except AuthFileError as exc:
         p.error(str(exc))
-    config = AppConfig(host=args.host, port=args.port, db=args.db, auth=auth, tiny=args.tiny,
+    config = AppConfig(host=args.host, port=args.port, db=args.db, auth=auth, tiny=args.tiny, demo=args.demo,
                        tap_model=args.tap_model, tap_checkpoint=args.tap_checkpoint, llm=args.llm,
                        chat_checkpoint=args.chat_checkpoint, quantization=args.quantization, device=args.device,
                        dtype=args.dtype, llm_server=args.llm_server, llm_server_model=args.llm_server_model,
@@ -110,8 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     bot = service.bot
     log.info("memory bounds: %s", ", ".join(f"{name} <= {limit:,} {unit}" for name, _, limit, unit in cache_report()))
     models = f"TAP {bot.config.tap_model} + {bot.config.llm} ({bot.mode} mode)"
-    if banner and not config.tiny:
-        models += " [tiny fallback: weights not found]"
+    if "weights not found" in banner:
+        models += " [fallback: weights not found]"
     print(f"TAP-Chat: {models}; history in {config.db_path}; "
           f"{'login required' if config.auth else 'anonymous owners per browser'}; "
           f"open http://{config.host}:{config.port}", flush=True)

@@ -29,6 +29,7 @@ class AppConfig:
     db: Path | None = None  # default: data_dir / "history.db"
     auth: list[tuple[str, str]] = field(default_factory=list)  # empty: anonymous owners (per browser)
     tiny: bool = False
+    demo: bool = False  # the bundled demo models (also what runs where the public weights are absent)
     tap_model: str | None = None
     tap_checkpoint: str | None = None
     llm: str | None = None

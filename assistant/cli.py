@@ -16,7 +16,7 @@ from tokenizer_tap.options import add_region_options, arg_type, positive_int, re
 from tokenizer_tap.prompts import Prompt, parse_box, parse_point, parse_stroke
 
 from .conversation import Conversation, ConversationError
-from .options import add_model_options
+from .options import add_model_options, load_or_fall_back
 
 HELP = """commands:
   /point X,Y [-X,Y ...]   add a region from a point (a leading '-' marks a negative point)
@@ -61,7 +61,13 @@ def load_assistant(args: argparse.Namespace):
         from .store import ChatStore
         Path(args.db).expanduser().parent.mkdir(parents=True, exist_ok=True)
         store = ChatStore(Path(args.db).expanduser())
-    return Assistant.from_options(args, store=store)
+    if args.tiny:
+        return Assistant.from_options(args, store=store)
+    bot, fallback = load_or_fall_back(args, store=store, tiny=False)
+    if fallback is not None:
+        print(f"note: {fallback.reason}\nnote: running the demo models (trained on synthetic scenes: good on "
+              "scenes like examples/, not on photos)", file=sys.stderr)
+    return bot
 
 
 def chat(args: argparse.Namespace) -> int:

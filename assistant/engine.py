@@ -23,6 +23,7 @@ from PIL import Image
 from tokenizer_tap.build import resolve_device, resolve_dtype
 from tokenizer_tap.cache import BoundedCache
 from tokenizer_tap.errors import TapError, WeightsNotFoundError
+from tokenizer_tap.hub import DEMO_MODELS, demo_models
 from tokenizer_tap.image_io import DecodedImage, ImageSource, decode_image
 from tokenizer_tap.predictor import Region, TapPredictor
 from tokenizer_tap.prompts import Prompt
@@ -176,11 +177,21 @@ class Assistant:
                 raise ValueError("--tiny runs random models in this process; --llm-server needs a checkpoint folder "
                                  "(--chat-checkpoint) whose llm/ the server serves")
             return cls.tiny(getattr(options, "mode", "tapchat"), store=store)
+        if getattr(options, "demo", False):
+            return cls.demo(store=store, device=options.device)
         return cls.from_pretrained(options.chat_checkpoint, tap_model=options.tap_model,
                                    tap_checkpoint=options.tap_checkpoint, llm=options.llm, device=options.device,
                                    dtype=getattr(options, "dtype", "auto"), quantization=options.quantization,
                                    store=store, llm_server=server,
                                    llm_server_model=getattr(options, "llm_server_model", None))
+
+    @classmethod
+    def demo(cls, *, store=None, device: str = "auto") -> Assistant:
+        """The bundled demo models (`make demo-models`): TAP and a small chat model trained on synthetic scenes."""
+        bundle = demo_models()
+        if bundle is None:
+            raise WeightsNotFoundError(f"no demo models at {DEMO_MODELS} (`make demo-models` builds them)")
+        return cls.from_pretrained(bundle / "chat", device=device, dtype="float32", store=store)
 
     @classmethod
     def tiny(cls, mode: str = "tapchat", *, store=None, seed: int = 0, lora: bool = True,

@@ -20,6 +20,9 @@ LLAMA_TOKENIZER = REFERENCE / "tap-parity" / "text_tokenizer.model"
 # imports huggingface_hub (it reads these once, and online-but-unreachable costs ~20 s of retries per file).
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="tapchat-hf-home-")
+# Likewise no demo bundle unless a test names one (TAPCHAT_DEMO_MODELS): what runs without weights must not depend
+# on whether models/demo is built; tests of the bundle itself point at it.
+os.environ["TAPCHAT_DEMO_MODELS"] = os.path.join(tempfile.gettempdir(), "tapchat-no-demo-models")
 
 
 def _need(path: Path) -> Path:

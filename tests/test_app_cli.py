@@ -27,10 +27,11 @@ def test_options_become_the_config(tmp_path: Path) -> None:
         cli.parse_args(["--auth", "no-password"])
 
 
-def test_offline_without_weights_starts_on_tiny_models_and_says_so(tmp_path: Path) -> None:
+def test_offline_without_weights_or_demo_models_starts_on_tiny_models_and_says_so(tmp_path: Path) -> None:
+    # conftest hides any demo bundle (with one: tests/test_demo_models.py)
     config = AppConfig(data_dir=tmp_path)  # HF is offline with an empty cache in the tests
     bot, banner = cli.load_assistant(config, ChatStore(config.db_path, config.image_dir))
-    assert banner.startswith("**Model weights not found**") and "--tiny" in banner
+    assert banner.startswith("**Model weights not found**") and "make demo-models" in banner
     assert bot.config.llm == "tiny-phi"
 
 

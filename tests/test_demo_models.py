@@ -12,10 +12,15 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from app import cli as app_cli
+from app.config import AppConfig
+from assistant import cli as assistant_cli
 from assistant.engine import Assistant
 from assistant.generation import GenerationSettings
+from assistant.store import ChatStore
 from finetune.cli import main
 from finetune.demo import MAX_BUNDLE_MB, TARGETS, caption_named
+from tokenizer_tap import cli as tap_cli
 from tokenizer_tap.config import folder_config
 from tokenizer_tap.prompts import Prompt
 
@@ -70,6 +75,27 @@ def test_bundle_loads_from_another_folder_as_the_app_loads_it(built, tmp_path, m
     bot.add_region(conv, Prompt.point(60, 100))
     reply = bot.ask(conv, "What colour is <region1>?", GenerationSettings(max_new_tokens=4))
     assert isinstance(reply.text, str)
+
+
+def test_where_weights_are_absent_every_front_end_runs_the_demo_models_and_says_so(built, tmp_path, monkeypatch,
+                                                                                  capsys) -> None:
+    bundle, work = built
+    monkeypatch.setenv("TAPCHAT_DEMO_MODELS", str(bundle))
+    config = AppConfig(data_dir=tmp_path)  # HF is offline with an empty cache in the tests
+    store = ChatStore(config.db_path, config.image_dir)
+    bot, banner = app_cli.load_assistant(config, store)
+    assert banner.startswith("**Model weights not found**") and "demo models" in banner and "not on photos" in banner
+    assert bot.config.tap_model == "../tap" and bot.config.llm == "tiny-phi"
+    bot, banner = app_cli.load_assistant(AppConfig(data_dir=tmp_path, demo=True), store)
+    assert banner == app_cli.DEMO_BANNER
+    image = str(next((work / "world" / "eval").glob("sa_*.jpg")))
+    capsys.readouterr()
+    assert tap_cli.main(["describe", image, "--point", "60,100", "--device", "cpu"]) == 0
+    out = capsys.readouterr()
+    assert "running the demo TAP" in out.err and out.out.startswith("1. ")
+    assert assistant_cli.main(["chat", image, "--point", "60,100", "--ask", "What colour is <region1>?",
+                               "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    assert "running the demo models" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("caption", "obj", "named"), [

@@ -26,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: the official file from the hub")
     d.add_argument("--concepts", default="merged_2560", help="merged_2560, lvis_1203, coco_80 or a .pkl path")
     d.add_argument("--tokenizer", help="LLaMA tokenizer.model path; default: a verified hub copy")
-    d.add_argument("--tiny", action="store_true", help="tiny random-weight model: needs no download (demo, tests)")
+    d.add_argument("--tiny", action="store_true", help="tiny random-weight model: needs no download (tests)")
+    d.add_argument("--demo", action="store_true", help="the bundled demo TAP, trained on synthetic scenes (the "
+                   "default where the official weights are absent; models/demo/README.md)")
     d.add_argument("--device", default="auto")
     d.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     d.add_argument("--top-k", type=arg_type(positive_int), default=3, help="concepts per region in --json output")
@@ -48,8 +50,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def describe(args: argparse.Namespace) -> int:
+def load_predictor(args: argparse.Namespace):
+    """The TAP the options name; where the official weights are absent, the demo TAP (when bundled), with a note."""
+    from .errors import WeightsNotFoundError
+    from .hub import DEMO_MODELS, demo_models
     from .predictor import TapPredictor
+
+    if args.tiny:
+        return TapPredictor.random(device=args.device, dtype=args.dtype)
+    bundle = demo_models()
+    if args.demo:
+        if bundle is None:
+            raise WeightsNotFoundError(f"no demo models at {DEMO_MODELS} (`make demo-models` builds them)")
+        return TapPredictor.from_pretrained(bundle / "tap", device=args.device, dtype=args.dtype)
+    try:
+        return TapPredictor.from_pretrained(args.model, args.checkpoint, concepts=args.concepts,
+                                            tokenizer=args.tokenizer, device=args.device, dtype=args.dtype)
+    except WeightsNotFoundError as exc:
+        if bundle is None or args.checkpoint:  # weights named explicitly are an error to fix, not to replace
+            raise
+        print(f"note: {str(exc).splitlines()[0]}\nnote: running the demo TAP (trained on synthetic scenes: good on "
+              "scenes like examples/, not on photos)", file=sys.stderr)
+        return TapPredictor.from_pretrained(bundle / "tap", device=args.device, dtype=args.dtype)
+
+
+def describe(args: argparse.Namespace) -> int:
     from .visualize import draw_regions
 
     if args.out:  # fail before any model work, not after it
@@ -58,11 +83,7 @@ def describe(args: argparse.Namespace) -> int:
             raise ValueError(f"--out: folder {out.parent} does not exist")
         if out.suffix.lower() not in {".png", ".jpg", ".jpeg", ".webp"}:
             raise ValueError("--out must end in .png, .jpg, .jpeg or .webp")
-    if args.tiny:
-        predictor = TapPredictor.random(device=args.device, dtype=args.dtype)
-    else:
-        predictor = TapPredictor.from_pretrained(args.model, args.checkpoint, concepts=args.concepts,
-                                                 tokenizer=args.tokenizer, device=args.device, dtype=args.dtype)
+    predictor = load_predictor(args)
     predictor.set_image(args.image)
     prompts = region_prompts(args)
     if not prompts and not args.everything:

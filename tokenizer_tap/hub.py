@@ -20,6 +20,18 @@ TOKENIZER_MD5 = "eeec4125e9c7560836b4873b6f8e3025"
 TOKENIZER_REPOS = ("TinyLlama/TinyLlama-1.1B-Chat-v1.0", "hf-internal-testing/llama-tokenizer")
 
 
+#: The demo models bundled with the project (`make demo-models`, models/demo/README.md): a TAP and a small chat model
+#: trained on synthetic scenes, run where the public weights are absent. TAPCHAT_DEMO_MODELS names another bundle.
+DEMO_MODELS = Path(__file__).resolve().parents[1] / "models" / "demo"
+
+
+def demo_models() -> Path | None:
+    """The demo bundle (`tap/` + `chat/`), or None where there is none (not built, or an install without it)."""
+    folder = Path(os.environ.get("TAPCHAT_DEMO_MODELS") or DEMO_MODELS)
+    complete = all((folder / part / "config.json").is_file() for part in ("tap", "chat"))
+    return folder if complete else None
+
+
 @functools.lru_cache(maxsize=1)
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub answers at all (checked once per process).
