@@ -14,6 +14,7 @@ from assistant.options import add_model_options, load_or_fall_back
 from assistant.remote import ServerError
 from assistant.store import ChatStore, StoreError
 from tokenizer_tap.cache import cache_report
+from tokenizer_tap.hub import demo_models
 
 from . import ui
 from .config import AppConfig
@@ -50,7 +51,9 @@ def build_app(config: AppConfig, assistant: Assistant | None = None) -> tuple[gr
     if config.tiny or banner:
         config.everything_min_iou = 0.0  # random weights predict low IoU everywhere
     service = ChatService(assistant, config)
-    demo = ui.build(service, auth=bool(config.auth), banner=banner)
+    bundle = demo_models() if DEMO_BANNER in banner else None
+    demo = ui.build(service, auth=bool(config.auth), banner=banner,
+                    gallery=bundle / "gallery" if bundle is not None else None)
     demo.queue(default_concurrency_limit=1, max_size=config.queue_size)
     return demo, service, banner
 

@@ -55,16 +55,21 @@ JS = """
 """
 
 
-def load_examples() -> list[dict[str, Any]]:
-    """The example gallery: images shipped in examples/ with pre-set regions and a question."""
-    path = EXAMPLES / "examples.json"
-    items = json.loads(path.read_text()) if path.exists() else []
-    return [{**e, "image": str(EXAMPLES / e["image"])} for e in items]
+def load_examples(*folders: Path) -> list[dict[str, Any]]:
+    """The example gallery: images with pre-set regions and a question, from each folder's examples.json (the
+    demo models' held-out scenes first when they run, then examples/)."""
+    items = []
+    for folder in (*folders, EXAMPLES):
+        path = folder / "examples.json"
+        if path.exists():
+            items += [{**e, "image": str(folder / e["image"])} for e in json.loads(path.read_text())]
+    return items
 
 
-def build(service: ChatService, *, auth: bool, banner: str = "") -> gr.Blocks:
-    """The whole page; `auth` says whether the logged-in user (else an anonymous browser token) owns chats."""
-    handlers = Handlers(service, auth, load_examples())
+def build(service: ChatService, *, auth: bool, banner: str = "", gallery: Path | None = None) -> gr.Blocks:
+    """The whole page; `auth` says whether the logged-in user (else an anonymous browser token) owns chats;
+    `gallery`, a folder of more examples (the demo models' held-out scenes)."""
+    handlers = Handlers(service, auth, load_examples(*([gallery] if gallery is not None else [])))
     with gr.Blocks(title="TAP-Chat") as demo:
         page = layout(service, banner, handlers.examples)
         wire(demo, page, handlers)

@@ -6,6 +6,7 @@ priors) and stage 2 (+ region captions) -> `train` stage 1 (scene captions) and 
 lines included) -> evaluation on held-out scenes. The result is a bundle:
 - `tap/`: the TAP checkpoint folder (`TapPredictor.from_pretrained`, `--tap-checkpoint`);
 - `chat/`: the chat checkpoint folder, its own LLM and tokenizer in `llm/`, naming `../tap` as its TAP;
+- `gallery/`: held-out scenes with a click and a question, the app's examples when it runs these models;
 - `metrics.json` and `README.md`: what was measured on held-out scenes, against the targets, and the CPU time.
 
 The recipe (sizes, steps, learning rates) lives in the configs: TAP's is the learning proof's
@@ -28,20 +29,24 @@ CONFIGS = Path(__file__).parent / "configs"
 MAX_BUNDLE_MB = 25.0
 TARGETS = {"point_miou": 0.7, "concept_top1": 0.8, "caption_named": 0.8, "answers": 0.7}
 TAP_CONFIGS = {"tap_stage1": "tap_world_stage1.yaml", "tap_stage2": "tap_world_stage2.yaml"}  # the learning proof's
+GALLERY_SIZE = 256
+GALLERY_SCAN = 64
+GALLERY_CONCEPTS = ("sun", "house", "car", "boat", "tree", "balloon", "cloud")
 TAP_FILES = ("config.json", "model.safetensors", "text_tokenizer.model", "concepts.safetensors")
 
 
 @dataclass
 class Recipe:
-    """What `demo-models` builds: the world's size and seed, and the step budget of each training stage (None:
-    the config's). `quick` is the smoke-test size: the whole pipeline in about a minute, models that learn nothing."""
+    """What `demo-models` builds: the world's size and seed, and the optimizer steps of the stages named in `steps`
+    (TAP: the schedule's length, 3x / 2x the learning proof's, which stops while still improving; chat: a cap on
+    the configs' epochs). `quick` is the smoke-test size: the whole pipeline in about a minute, learning nothing."""
 
     seed: int = 0
     train_images: int = 2000
     eval_images: int = 200
     size: int = 128
     quick: bool = False
-    steps: dict[str, int] = field(default_factory=dict)  # stage -> max optimizer steps
+    steps: dict[str, int] = field(default_factory=lambda: {"tap_stage1": 4500, "tap_stage2": 1200})
 
     @classmethod
     def smoke(cls, seed: int = 0) -> Recipe:
@@ -76,8 +81,40 @@ def evaluate_bundle(bundle: Path, world: Path, eval_images: int) -> dict:
             "answers": seeing["overall"], "answers_by_kind": seeing, "answers_blind": blind}
 
 
-def pack(tap_run: Path, chat_run: Path, bundle: Path) -> float:
-    """Copy the two checkpoints into the bundle (the chat one naming `../tap`); returns the bundle's size in MB."""
+def gallery(bundle: Path, recipe: Recipe, count: int = 4) -> list[dict]:
+    """Held-out scenes (the eval split's first ones, drawn at `GALLERY_SIZE` px: the same scene, finer) with a click
+    on an object that is the only one of its kind, and a question whose answer is known: the app's example gallery
+    for the demo models (`gallery/examples.json`, the layout of examples/examples.json) and what tests check."""
+    from collections import Counter
+
+    from PIL import Image
+
+    from finetune.tap.world import render
+    folder = bundle / "gallery"
+    folder.mkdir(parents=True, exist_ok=True)
+    items: list[dict] = []
+    for index in range(GALLERY_SCAN):  # any eval-split scene is unseen in training, also past --eval-images
+        scene = render(recipe.seed, "eval", index, GALLERY_SIZE)
+        counts = Counter(r.concept for r in scene.regions)
+        shown = {item["concept"] for item in items}
+        picks = [r for r in scene.regions if r.kind == "object" and r.concept in GALLERY_CONCEPTS and r.colour
+                 and counts[r.concept] == 1 and r.concept not in shown and r.area >= 0.01 * GALLERY_SIZE ** 2]
+        if not picks:
+            continue
+        r = max(picks, key=lambda p: p.area)
+        name = f"scene_{scene.image_id}.jpg"
+        Image.fromarray(scene.image).save(folder / name, "JPEG", quality=92)
+        x, y = r.point()
+        items.append({"image": name, "regions": [{"point": [round(x), round(y)]}],
+                      "question": "What colour is <region1>?", "concept": r.concept, "answer": r.colour})
+        if len(items) == count:
+            break
+    (folder / "examples.json").write_text(json.dumps(items, indent=1))
+    return items
+
+
+def pack(tap_run: Path, chat_run: Path, bundle: Path) -> None:
+    """Copy the two checkpoints into the bundle (the chat one naming `../tap`), stored in float16."""
     from assistant.model import ChatModel
     if bundle.exists():
         shutil.rmtree(bundle)
@@ -89,7 +126,6 @@ def pack(tap_run: Path, chat_run: Path, bundle: Path) -> float:
     chat.save_pretrained(bundle / "chat")
     for path in bundle.rglob("*.safetensors"):
         halve(path)
-    return sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file()) / 2**20
 
 
 def halve(path: Path) -> None:
@@ -131,7 +167,9 @@ def build(out: Path, work: Path, recipe: Recipe) -> dict:
     lap("world")
 
     def limit(stage: str) -> list[str]:
-        return [f"max_steps={recipe.steps[stage]}"] if stage in recipe.steps else []
+        if stage not in recipe.steps:
+            return []
+        return [f"{'steps' if stage.startswith('tap') else 'max_steps'}={recipe.steps[stage]}"]
 
     tap_data = [f"data.sa1b={world / 'train'}", f"data.priors={world / 'priors'}", f"seed={recipe.seed}",
                 "report_to=[]"]
@@ -151,7 +189,9 @@ def build(out: Path, work: Path, recipe: Recipe) -> dict:
             f"data.path={world / data}", *chat_common, *extra, f"output_dir={work / stage}", *limit(stage)])
         Trainer(config).train()
         lap(stage)
-    size_mb = pack(work / "tap_stage2", work / "chat_stage2", out)
+    pack(work / "tap_stage2", work / "chat_stage2", out)
+    gallery(out, recipe)
+    size_mb = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 2**20
     metrics = evaluate_bundle(out, world, recipe.eval_images)
     lap("evaluate")
     metrics.update(bundle_mb=round(size_mb, 2), seconds=timings, recipe=asdict(recipe), cores=os.cpu_count(),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gradio as gr
 import numpy as np
 import pytest
 import torch
@@ -96,6 +97,25 @@ def test_where_weights_are_absent_every_front_end_runs_the_demo_models_and_says_
     assert assistant_cli.main(["chat", image, "--point", "60,100", "--ask", "What colour is <region1>?",
                                "--max-new-tokens", "3", "--device", "cpu"]) == 0
     assert "running the demo models" in capsys.readouterr().err
+
+
+def test_gallery_holds_held_out_scenes_with_a_click_and_a_known_answer(built, tmp_path, monkeypatch) -> None:
+    bundle, _ = built
+    items = json.loads((bundle / "gallery" / "examples.json").read_text())
+    assert len(items) == 4 and len({e["concept"] for e in items}) == 4
+    for e in items:
+        image = np.asarray(Image.open(bundle / "gallery" / e["image"]).convert("RGB"))
+        x, y = e["regions"][0]["point"]
+        assert image.shape == (256, 256, 3) and 0 <= x < 256 and 0 <= y < 256
+        assert int(e["image"].removeprefix("scene_").removesuffix(".jpg")) > 1_000_000  # an eval-split id
+        assert e["question"] == "What colour is <region1>?" and e["answer"]
+    monkeypatch.setenv("TAPCHAT_DEMO_MODELS", str(bundle))
+    seen = {}
+    monkeypatch.setattr(app_cli.ui, "build", lambda service, **kw: seen.update(kw) or gr.Blocks())
+    app_cli.build_app(AppConfig(data_dir=tmp_path, demo=True))
+    assert seen["gallery"] == bundle / "gallery"
+    shown = app_cli.ui.load_examples(seen["gallery"])
+    assert [e["question"] for e in shown[:4]] == [e["question"] for e in items] and len(shown) > 4
 
 
 @pytest.mark.parametrize(("caption", "obj", "named"), [
