@@ -23,7 +23,7 @@ from PIL import Image
 from tokenizer_tap.build import resolve_device, resolve_dtype
 from tokenizer_tap.cache import BoundedCache
 from tokenizer_tap.errors import TapError, WeightsNotFoundError
-from tokenizer_tap.hub import DEMO_MODELS, demo_models
+from tokenizer_tap.hub import require_demo_models
 from tokenizer_tap.image_io import DecodedImage, ImageSource, decode_image
 from tokenizer_tap.predictor import Region, TapPredictor
 from tokenizer_tap.prompts import Prompt
@@ -188,10 +188,7 @@ class Assistant:
     @classmethod
     def demo(cls, *, store=None, device: str = "auto") -> Assistant:
         """The bundled demo models (`make demo-models`): TAP and a small chat model trained on synthetic scenes."""
-        bundle = demo_models()
-        if bundle is None:
-            raise WeightsNotFoundError(f"no demo models at {DEMO_MODELS} (`make demo-models` builds them)")
-        return cls.from_pretrained(bundle / "chat", device=device, dtype="float32", store=store)
+        return cls.from_pretrained(require_demo_models() / "chat", device=device, dtype="float32", store=store)
 
     @classmethod
     def tiny(cls, mode: str = "tapchat", *, store=None, seed: int = 0, lora: bool = True,

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from tokenizer_tap.cli import main
@@ -60,3 +61,13 @@ def test_convert_pkl_to_safetensors(fixture_a, tmp_path):
     assert res.returncode == 0 and "305 tensors" in res.stdout
     res = run("convert", str(fixture_a / "checkpoint.pkl"), str(dst), "--model", "tap_vit_b")
     assert res.returncode == 2 and "wrong shape" in res.stderr
+
+
+def test_demo_without_a_bundle_says_how_to_build_one(capsys):
+    from assistant.engine import Assistant
+    from tokenizer_tap.errors import WeightsNotFoundError
+    assert main(["describe", EXAMPLE, "--demo", "--point", "1,1"]) == 2  # conftest hides any built bundle
+    err = capsys.readouterr().err
+    assert err.startswith("error: no demo models at ") and "`make demo-models` builds them" in err
+    with pytest.raises(WeightsNotFoundError, match="make demo-models"):
+        Assistant.demo()

@@ -53,16 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
 def load_predictor(args: argparse.Namespace):
     """The TAP the options name; where the official weights are absent, the demo TAP (when bundled), with a note."""
     from .errors import WeightsNotFoundError
-    from .hub import DEMO_MODELS, demo_models
+    from .hub import demo_models, require_demo_models
     from .predictor import TapPredictor
 
     if args.tiny:
         return TapPredictor.random(device=args.device, dtype=args.dtype)
-    bundle = demo_models()
     if args.demo:
-        if bundle is None:
-            raise WeightsNotFoundError(f"no demo models at {DEMO_MODELS} (`make demo-models` builds them)")
-        return TapPredictor.from_pretrained(bundle / "tap", device=args.device, dtype=args.dtype)
+        return TapPredictor.from_pretrained(require_demo_models() / "tap", device=args.device, dtype=args.dtype)
+    bundle = demo_models()
     try:
         return TapPredictor.from_pretrained(args.model, args.checkpoint, concepts=args.concepts,
                                             tokenizer=args.tokenizer, device=args.device, dtype=args.dtype)

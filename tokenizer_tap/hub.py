@@ -32,6 +32,15 @@ def demo_models() -> Path | None:
     return folder if complete else None
 
 
+def require_demo_models() -> Path:
+    """The demo bundle, or the error `--demo` gives where there is none."""
+    folder = demo_models()
+    if folder is None:
+        raise WeightsNotFoundError(f"no demo models at {os.environ.get('TAPCHAT_DEMO_MODELS') or DEMO_MODELS} "
+                                   "(`make demo-models` builds them)")
+    return folder
+
+
 @functools.lru_cache(maxsize=1)
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub answers at all (checked once per process).
