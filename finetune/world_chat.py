@@ -158,7 +158,10 @@ def conversation(entry: dict, qs: dict[str, list[tuple[str, str]]], rng: np.rand
     return picked
 
 
-def make_chat_data(world: str | Path, *, seed: int = 0, turns: int = 6, vocab_size: int = 1024) -> dict[str, Path]:
+TURNS = 10  # short-answer turns per training conversation (the shipped demo models were trained with 10)
+
+
+def make_chat_data(world: str | Path, *, seed: int = 0, turns: int = TURNS, vocab_size: int = 1024) -> dict[str, Path]:
     """Write the chat files and the tokenizer into the world folder; returns their paths by name."""
     world = Path(world)
     data = json.loads((world / "world.json").read_text())
@@ -219,7 +222,7 @@ def train_tokenizer(texts: list[str], path: Path, vocab_size: int) -> Path:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("world", type=Path, help="a folder written by `python -m finetune tap-world`")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--turns", type=int, default=6, help="short-answer turns per training conversation")
+    parser.add_argument("--turns", type=int, default=TURNS, help="short-answer turns per training conversation")
     parser.add_argument("--vocab-size", type=int, default=1024, help="entries of the BPE tokenizer")
 
 

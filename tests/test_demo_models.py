@@ -20,7 +20,8 @@ from assistant.engine import Assistant
 from assistant.generation import GenerationSettings
 from assistant.store import ChatStore
 from finetune.cli import main
-from finetune.demo import MAX_BUNDLE_MB, TARGETS, caption_named
+from finetune.demo import MAX_BUNDLE_MB, TARGETS, caption_named, cell, prompt
+from finetune.tap.world import Region
 from tokenizer_tap import cli as tap_cli
 from tokenizer_tap.config import folder_config
 from tokenizer_tap.prompts import Prompt
@@ -61,6 +62,10 @@ def test_metrics_and_readme_report_every_target(built) -> None:
     readme = (bundle / "README.md").read_text()
     assert "not on photos" in readme and "smoke size" in readme
     assert f"| point-click mIoU | {metrics['point_miou']:.3f} | >= 0.7 |" in readme
+    examples = json.loads((bundle / "gallery" / "examples.json").read_text())
+    assert [g["image"] for g in metrics["gallery"]] == [e["image"] for e in examples]
+    for g in metrics["gallery"]:  # what the app said on each gallery scene, in the README's table
+        assert f"| {g['image']} | {g['concept']} ({g['colour']}) | {cell(g['chip'])} |" in readme
 
 
 def test_bundle_loads_from_another_folder_as_the_app_loads_it(built, tmp_path, monkeypatch) -> None:
@@ -105,8 +110,9 @@ def test_gallery_holds_held_out_scenes_with_a_click_and_a_known_answer(built, tm
     assert len(items) == 4 and len({e["concept"] for e in items}) == 4
     for e in items:
         image = np.asarray(Image.open(bundle / "gallery" / e["image"]).convert("RGB"))
-        x, y = e["regions"][0]["point"]
-        assert image.shape == (256, 256, 3) and 0 <= x < 256 and 0 <= y < 256
+        (kind, xy), = e["regions"][0].items()
+        assert image.shape == (256, 256, 3) and kind in ("point", "box")
+        assert all(0 <= v <= 256 for v in xy) and (kind == "point" or (xy[0] < xy[2] and xy[1] < xy[3]))
         assert int(e["image"].removeprefix("scene_").removesuffix(".jpg")) > 1_000_000  # an eval-split id
         assert e["question"] == "What colour is <region1>?" and e["answer"]
     monkeypatch.setenv("TAPCHAT_DEMO_MODELS", str(bundle))
@@ -116,6 +122,29 @@ def test_gallery_holds_held_out_scenes_with_a_click_and_a_known_answer(built, tm
     assert seen["gallery"] == bundle / "gallery"
     shown = app_cli.ui.load_examples(seen["gallery"])
     assert [e["question"] for e in shown[:4]] == [e["question"] for e in items] and len(shown) > 4
+
+
+def test_gallery_clicks_a_one_piece_object_and_boxes_one_made_of_parts() -> None:
+    mask = np.zeros((16, 16), bool)
+    mask[4:8, 2:10] = True
+    sun = Region(1, "sun", "yellow", "object", mask)
+    x, y = prompt(sun)["point"]
+    assert [x, y] == [round(v) for v in sun.point()] and mask[y, x]
+    house = Region(2, "house", "red", "object", mask, parts=[3, 4])
+    assert prompt(house) == {"box": [2, 4, 10, 8]}
+
+
+def test_reuse_keeps_finished_stages_and_their_times(built, capsys) -> None:
+    bundle, work = built
+    first = json.loads((bundle / "metrics.json").read_text())["seconds"]
+    with pytest.raises(SystemExit) as done:
+        main(["demo-models", "--smoke", "--reuse", "--out", str(bundle.parent / "again"), "--work", str(work)])
+    assert done.value.code == 0
+    again = json.loads((bundle.parent / "again" / "metrics.json").read_text())["seconds"]
+    stages = ("tap_stage1", "tap_stage2", "chat_stage1", "chat_stage2")
+    assert {k: again[k] for k in stages} == {k: first[k] for k in stages}
+    out = capsys.readouterr().out
+    assert all(f"demo-models: {stage} reused" in out for stage in stages)
 
 
 @pytest.mark.parametrize(("caption", "obj", "named"), [

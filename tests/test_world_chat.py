@@ -122,7 +122,7 @@ def test_tokenizer_round_trips_the_training_text(world: Path) -> None:
 
 def test_same_seed_same_files_and_cli(world: Path, tmp_path: Path) -> None:
     tw.make_world(tmp_path / "w", train=12, eval=4, seed=5, size=128, dim=64)
-    assert wc.run(argparse.Namespace(world=tmp_path / "w", seed=5, turns=6, vocab_size=1024)) == 0
+    assert wc.run(argparse.Namespace(world=tmp_path / "w", seed=5, turns=wc.TURNS, vocab_size=1024)) == 0
     for name in ("chat_captions.json", "chat_train.json", "chat_eval.json", "tokenizer.json"):
         assert (tmp_path / "w" / name).read_bytes() == (world / name).read_bytes(), name
     assert wc.run(argparse.Namespace(world=tmp_path / "nowhere", seed=0, turns=6, vocab_size=1024)) == 2
