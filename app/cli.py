@@ -24,8 +24,9 @@ from .service import ChatService
 log = logging.getLogger("tapchat.app")
 TINY_BANNER = "Running with **tiny random models** (`--tiny`): the tools work, the answers and captions are gibberish."
 DEMO_BANNER = ("Running the **demo models**: a TAP and a small chat model that this project trained on synthetic "
-               "scenes (models/demo/README.md). They are good on scenes like the examples, **not on photos**. For "
-               "real images download TAP-L and Phi-2 (README, \"Models\") and restart.")
+               "scenes (models/demo/README.md). They are good at naming regions in scenes like the examples (their "
+               "answers are often wrong), **not on photos**. For real images download TAP-L and Phi-2 (README, "
+               "\"Models\") and restart.")
 
 
 def load_assistant(config: AppConfig, store: ChatStore) -> tuple[Assistant, str]:

@@ -207,10 +207,14 @@ def build(out: Path, work: Path, recipe: Recipe, reuse: bool = False) -> dict:
     make_chat_data(world, seed=recipe.seed)
     lap("world")
 
+    trained: list[str] = []  # a stage after one that trained again is trained again too (it learnt from the old)
+
     def done(stage: str) -> bool:
-        """A stage finished by an earlier build: reused with the time it took then."""
+        """A stage finished by an earlier build, with nothing before it retrained: reused with the time it took."""
         marker = work / stage / FINISHED
-        if not (reuse and marker.is_file()):
+        if trained or not (reuse and marker.is_file()):
+            trained.append(stage)
+            marker.unlink(missing_ok=True)  # until it finishes again
             return False
         timings[stage] = json.loads(marker.read_text())["seconds"]
         print(f"demo-models: {stage} reused ({work / stage})", flush=True)
@@ -286,8 +290,9 @@ def readme(m: dict) -> str:
         "# Demo models: TAP + a small chat model trained on synthetic scenes",
         "",
         "Trained by this project's own pipelines (`make demo-models`, finetune/demo.py) on the synthetic scene world "
-        "(`python -m finetune tap-world`): good on scenes like the examples, **not on photos**. For real images use "
-        "TAP-L + Phi-2 (README, \"Models\").",
+        "(`python -m finetune tap-world`): made for scenes like the examples, **not on photos**; on those, the scores "
+        "below (its region names are good, its answers often wrong). For real images use TAP-L + Phi-2 (README, "
+        "\"Models\").",
         "",
         f"World: {r['train_images']} training and {r['eval_images']} held-out scenes at {r['size']} px, seed "
         f"{r['seed']}{' (smoke size: the models learned nothing)' if r['quick'] else ''}. Bundle: "
@@ -307,8 +312,8 @@ def readme(m: dict) -> str:
         "",
         "## The gallery, as the app answers it",
         "",
-        "Held-out scenes (`gallery/`, the app's first examples): a click on the object, then \"What colour is "
-        "<region1>?\", answered greedily by these models.",
+        "Held-out scenes (`gallery/`, the app's first examples): a click on the object (a box where it is made of "
+        "parts), then \"What colour is <region1>?\", answered greedily by these models.",
         "",
         "| scene | object (colour) | chip | TAP's caption | answer | right |",
         "|---|---|---|---|---|---|",

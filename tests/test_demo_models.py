@@ -145,6 +145,13 @@ def test_reuse_keeps_finished_stages_and_their_times(built, capsys) -> None:
     assert {k: again[k] for k in stages} == {k: first[k] for k in stages}
     out = capsys.readouterr().out
     assert all(f"demo-models: {stage} reused" in out for stage in stages)
+    (work / "chat_stage1" / "FINISHED.json").unlink()  # as if deleted: it and what learnt from it train again
+    with pytest.raises(SystemExit) as done:
+        main(["demo-models", "--smoke", "--reuse", "--out", str(bundle.parent / "again"), "--work", str(work)])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "tap_stage2 reused" in out and "chat_stage1 reused" not in out and "chat_stage2 reused" not in out
+    assert (work / "chat_stage2" / "FINISHED.json").is_file()
 
 
 @pytest.mark.parametrize(("caption", "obj", "named"), [
