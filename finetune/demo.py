@@ -28,6 +28,7 @@ from pathlib import Path
 CONFIGS = Path(__file__).parent / "configs"
 MAX_BUNDLE_MB = 25.0
 TARGETS = {"point_miou": 0.7, "concept_top1": 0.8, "caption_named": 0.8, "answers": 0.7}
+ASKED_KINDS = ("colour", "count", "position", "region")  # the answers target's kinds; relations are reported beside
 TAP_CONFIGS = {"tap_stage1": "tap_world_stage1.yaml", "tap_stage2": "tap_world_stage2.yaml"}  # the learning proof's
 GALLERY_SIZE = 256
 GALLERY_SCAN = 64
@@ -62,8 +63,16 @@ def caption_named(caption: str, obj: dict) -> bool:
     return obj["concept"] in words and (obj["colour"] is None or obj["colour"] in words)
 
 
+def region_kind(obj: dict) -> str:
+    """What a click on the region is: a whole object made of parts is as ambiguous as SAM's examples."""
+    return {"object": "object made of parts" if obj["parts"] else "one-piece object"}.get(obj["kind"], obj["kind"])
+
+
 def evaluate_bundle(bundle: Path, world: Path, eval_images: int) -> dict:
-    """Held-out scores: TAP's regions through `TapPredictor`, and the chat model's short answers (seeing and blind)."""
+    """Held-out scores: TAP's regions through `TapPredictor`, and the chat model's short answers (seeing and blind;
+    `answers` is exact match over the target's kinds, `answers_by_kind["overall"]` over all)."""
+    from collections import Counter
+
     from finetune.evaluate import accuracy
     from finetune.tap.evaluate import evaluate_regions
     from finetune.tap.records import open_sa1b
@@ -76,11 +85,18 @@ def evaluate_bundle(bundle: Path, world: Path, eval_images: int) -> dict:
     objects = {f"{e['image_id']}/{o['id']}": o
                for e in json.loads((world / "world.json").read_text())["splits"]["eval"] for o in e["objects"]}
     named = [caption_named(text, objects[key]) for key, text in regions.captions.items()]
+    by_kind: dict[str, list[float]] = {}
+    for key, value in regions.point_ious.items():
+        by_kind.setdefault(region_kind(objects[key]), []).append(value)
     seeing = accuracy(bundle / "chat", world / "chat_eval.json")
     blind = accuracy(bundle / "chat", world / "chat_eval.json", blank_images=True)
-    return {**regions.to_dict(), "caption_named": sum(named) / max(len(named), 1),
+    asked = Counter(q["kind"] for q in json.loads((world / "chat_eval.json").read_text()))
+    target_n = sum(asked[k] for k in ASKED_KINDS)
+    return {**regions.to_dict(), "point_miou_by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
+            "caption_named": sum(named) / max(len(named), 1),
             "caption_examples": dict(list(regions.captions.items())[:8]),
-            "answers": seeing["overall"], "answers_by_kind": seeing, "answers_blind": blind}
+            "answers": sum(seeing.get(k, 0.0) * asked[k] for k in ASKED_KINDS) / max(target_n, 1),
+            "answers_by_kind": seeing, "answers_blind": blind}
 
 
 def gallery(bundle: Path, recipe: Recipe, count: int = 4) -> list[dict]:
@@ -280,10 +296,13 @@ def readme(m: dict) -> str:
     """The bundle's README: what it is, how it was made, and every measured number beside its target."""
     r = m["recipe"]
     rows = [("point-click mIoU", m["point_miou"], TARGETS["point_miou"]),
+            ("point-click mIoU, the best of TAP's point masks (oracle)", m["point_miou_oracle"], None),
+            ("the true masks through the decoder's output grid (ceiling)", m["grid_ceiling"], None),
             ("box-prompt mIoU", m["box_miou"], None),
             ("concept top-1", m["concept_top1"], TARGETS["concept_top1"]),
             ("captions naming object and colour", m["caption_named"], TARGETS["caption_named"]),
-            ("short answers, exact match", m["answers"], TARGETS["answers"])]
+            (f"short answers, exact match ({', '.join(ASKED_KINDS)})", m["answers"], TARGETS["answers"]),
+            ("short answers, exact match (all kinds, relations too)", m["answers_by_kind"]["overall"], None)]
     kinds = {k: v for k, v in m["answers_by_kind"].items() if k != "overall"}
     missed = [name for name, value, target in rows if target is not None and value < target]
     lines = [
@@ -308,6 +327,9 @@ def readme(m: dict) -> str:
            "would reach them.", ""] if missed else []),
         "Short answers by kind (exact match; blind = the same model shown black images): "
         + ", ".join(f"{k} {v:.3f} (blind {m['answers_blind'].get(k, 0.0):.3f})" for k, v in kinds.items()) + ".",
+        "Point-click mIoU by region kind: " + ", ".join(f"{k} {v:.3f}" for k, v in m["point_miou_by_kind"].items())
+        + ". The ceiling is what masks right about every cell of the decoder's low-res output grid (a quarter of a "
+        "patch) would score.",
         f"Concepts: {m['labelled']} labelled regions, majority-class top-1 {m['majority']:.3f}.",
         "",
         "## The gallery, as the app answers it",

@@ -55,13 +55,16 @@ def test_bundle_holds_both_checkpoints_in_float16_within_the_size_limit(built) -
 def test_metrics_and_readme_report_every_target(built) -> None:
     bundle, _ = built
     metrics = json.loads((bundle / "metrics.json").read_text())
-    for key in (*TARGETS, "box_miou", "answers_blind", "seconds", "cores"):
+    for key in (*TARGETS, "box_miou", "point_miou_oracle", "grid_ceiling", "answers_blind", "seconds", "cores"):
         assert key in metrics
+    assert metrics["point_miou"] <= metrics["point_miou_oracle"]
+    assert set(metrics["point_miou_by_kind"]) <= {"one-piece object", "object made of parts", "part", "stuff"}
     assert set(metrics["seconds"]) == {"world", "tap_stage1", "tap_stage2", "chat_stage1", "chat_stage2", "evaluate"}
     assert set(metrics["answers_by_kind"]) == {"overall", "colour", "count", "position", "relation", "region"}
     readme = (bundle / "README.md").read_text()
     assert "not on photos" in readme and "smoke size" in readme
     assert f"| point-click mIoU | {metrics['point_miou']:.3f} | >= 0.7 |" in readme
+    assert f"(ceiling) | {metrics['grid_ceiling']:.3f} |  |" in readme
     examples = json.loads((bundle / "gallery" / "examples.json").read_text())
     assert [g["image"] for g in metrics["gallery"]] == [e["image"] for e in examples]
     for g in metrics["gallery"]:  # what the app said on each gallery scene, in the README's table

@@ -22,6 +22,18 @@ def test_predict_returns_full_size_regions(tiny_predictor, photo):
     assert regions[0].describe().startswith(f"{regions[0].concept} (")
 
 
+def test_candidates_hold_every_mask_and_the_one_predict_routes_to(tiny_predictor, photo):
+    key = tiny_predictor.set_image(photo)
+    prompts = [Prompt.point(200, 150), Prompt.from_box(150, 100, 260, 200), Prompt.point(30, 40)]
+    routed = tiny_predictor.predict(prompts, image=key, caption=False)
+    for c, r in zip(tiny_predictor.candidates(prompts, image=key), routed):
+        m = tiny_predictor.model.config.num_mask_tokens
+        assert c.masks.shape == (m, 300, 400) and c.masks.dtype == bool and c.iou.shape == (m,)
+        assert c.chosen == r.mask_index
+        np.testing.assert_array_equal(c.masks[c.chosen], r.mask)
+        assert c.iou[c.chosen] == pytest.approx(r.iou, abs=1e-6)
+
+
 def test_second_click_and_same_image_never_reencode(photo):
     p = TapPredictor.random(device="cpu", dtype="float32")
     p.set_image(photo)

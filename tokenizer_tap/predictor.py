@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +70,16 @@ class Region:
                 "bbox": self.bbox, "area": round(self.area, 5),
                 "prompt": None if self.prompt is None else {"points": self.prompt.points, "labels": self.prompt.labels,
                                                             "box": self.prompt.box}}
+
+
+@dataclass
+class Candidates:
+    """All masks the decoder proposes for one prompt (original size), their predicted IoUs, and the one `predict`
+    routes to (mask 0 for a box, the best of the others for points)."""
+
+    masks: np.ndarray  # (M, H, W) bool
+    iou: np.ndarray  # (M,) float32
+    chosen: int
 
 
 @dataclass
@@ -272,23 +282,45 @@ class TapPredictor:
 
         Returns iou (N,), index (N,), mask_logits (N, 256, 256), sem_tokens (N, C), sem_embeds (N, D).
         """
-        groups: dict[int, list[int]] = {}
-        for i, r in enumerate(rows):  # prompts of equal length batch without padding tokens
-            groups.setdefault(len(r), []).append(i)
         parts: dict[int, dict[str, torch.Tensor]] = {}
+        for chunk, pts, out in self._decode(image, rows):
+            sel = route(out["iou_pred"], torch.from_numpy(pts[:, 0, 2]))
+            for j, i in enumerate(chunk):
+                parts[i] = {"iou": out["iou_pred"][j, sel[j]], "index": sel[j],
+                            "mask_logits": out["mask_pred"][j, sel[j]],
+                            "sem_tokens": out["sem_tokens"][j, sel[j], 0],
+                            "sem_embeds": out["sem_embeds"][j, sel[j]]}
+        return {k: torch.stack([parts[i][k] for i in range(len(rows))]) for k in parts[0]}
+
+    def candidates(self, prompts: Sequence[Prompt], *, image: str | None = None) -> list[Candidates]:
+        """Every mask the decoder proposes for each prompt, before routing picks one (SAM's multimask output): for
+        ambiguity-aware scores (a click on a window may mean the window or the house) and for alternatives in a UI."""
+        with self._lock:
+            current = self._current(image)
+            h, w = current.info.original_hw
+            rows = [p.rows(w, h) for p in prompts]
+            found: dict[int, Candidates] = {}
+            with torch.inference_mode():
+                for chunk, pts, out in self._decode(current, rows):
+                    sel = route(out["iou_pred"], torch.from_numpy(pts[:, 0, 2]))
+                    for j, i in enumerate(chunk):
+                        found[i] = Candidates(upscale_masks(out["mask_pred"][j], current.info).cpu().numpy(),
+                                              out["iou_pred"][j].float().cpu().numpy(), int(sel[j]))
+        return [found[i] for i in range(len(rows))]
+
+    def _decode(self, image: _Image, rows: list[np.ndarray]
+                ) -> Iterator[tuple[list[int], np.ndarray, dict[str, torch.Tensor]]]:
+        """Decoder outputs for all masks, in batches of prompts of equal length (no padding tokens): yields (row
+        indices, their model-input rows, outputs)."""
+        groups: dict[int, list[int]] = {}
+        for i, r in enumerate(rows):
+            groups.setdefault(len(r), []).append(i)
         for idx in groups.values():
             for s in range(0, len(idx), self.decoder_batch):
                 chunk = idx[s:s + self.decoder_batch]
                 pts = np.stack([rows[i] for i in chunk])
                 pts[..., :2] *= image.info.scale32
-                out = self.model.get_outputs(image.features, torch.from_numpy(pts))
-                sel = route(out["iou_pred"], torch.from_numpy(pts[:, 0, 2]))
-                for j, i in enumerate(chunk):
-                    parts[i] = {"iou": out["iou_pred"][j, sel[j]], "index": sel[j],
-                                "mask_logits": out["mask_pred"][j, sel[j]],
-                                "sem_tokens": out["sem_tokens"][j, sel[j], 0],
-                                "sem_embeds": out["sem_embeds"][j, sel[j]]}
-        return {k: torch.stack([parts[i][k] for i in range(len(rows))]) for k in parts[0]}
+                yield chunk, pts, self.model.get_outputs(image.features, torch.from_numpy(pts))
 
     def caption(self, sem_tokens: torch.Tensor, max_new_tokens: int | None = None,
                 temperature: float = 0.0, batch: int = 64) -> list[str]:
