@@ -8,7 +8,8 @@ scorer), which gets predictions and references keyed by region.
 
 Two figures put point mIoU in context: the oracle (the best of the decoder's point masks, SAM's ambiguity-aware
 score: a click inside a window is as much the house's click) and the grid ceiling (each true mask passed through
-the decoder's low-res output grid, upscaled as predictions are: what a perfect decoder of this size could score).
+the decoder's low-res output grid, upscaled as predictions are: what a decoder right about every cell of its
+output could score).
 """
 
 from __future__ import annotations
