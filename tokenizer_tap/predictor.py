@@ -283,8 +283,7 @@ class TapPredictor:
         Returns iou (N,), index (N,), mask_logits (N, 256, 256), sem_tokens (N, C), sem_embeds (N, D).
         """
         parts: dict[int, dict[str, torch.Tensor]] = {}
-        for chunk, pts, out in self._decode(image, rows):
-            sel = route(out["iou_pred"], torch.from_numpy(pts[:, 0, 2]))
+        for chunk, sel, out in self._decode(image, rows):
             for j, i in enumerate(chunk):
                 parts[i] = {"iou": out["iou_pred"][j, sel[j]], "index": sel[j],
                             "mask_logits": out["mask_pred"][j, sel[j]],
@@ -301,17 +300,16 @@ class TapPredictor:
             rows = [p.rows(w, h) for p in prompts]
             found: dict[int, Candidates] = {}
             with torch.inference_mode():
-                for chunk, pts, out in self._decode(current, rows):
-                    sel = route(out["iou_pred"], torch.from_numpy(pts[:, 0, 2]))
+                for chunk, sel, out in self._decode(current, rows):
                     for j, i in enumerate(chunk):
                         found[i] = Candidates(upscale_masks(out["mask_pred"][j], current.info).cpu().numpy(),
                                               out["iou_pred"][j].float().cpu().numpy(), int(sel[j]))
         return [found[i] for i in range(len(rows))]
 
     def _decode(self, image: _Image, rows: list[np.ndarray]
-                ) -> Iterator[tuple[list[int], np.ndarray, dict[str, torch.Tensor]]]:
+                ) -> Iterator[tuple[list[int], torch.Tensor, dict[str, torch.Tensor]]]:
         """Decoder outputs for all masks, in batches of prompts of equal length (no padding tokens): yields (row
-        indices, their model-input rows, outputs)."""
+        indices, the mask each routes to, outputs)."""
         groups: dict[int, list[int]] = {}
         for i, r in enumerate(rows):
             groups.setdefault(len(r), []).append(i)
@@ -320,7 +318,8 @@ class TapPredictor:
                 chunk = idx[s:s + self.decoder_batch]
                 pts = np.stack([rows[i] for i in chunk])
                 pts[..., :2] *= image.info.scale32
-                yield chunk, pts, self.model.get_outputs(image.features, torch.from_numpy(pts))
+                out = self.model.get_outputs(image.features, torch.from_numpy(pts))
+                yield chunk, route(out["iou_pred"], torch.from_numpy(pts[:, 0, 2])), out
 
     def caption(self, sem_tokens: torch.Tensor, max_new_tokens: int | None = None,
                 temperature: float = 0.0, batch: int = 64) -> list[str]:
