@@ -70,7 +70,7 @@ def load_or_fall_back(options: Any, store=None, *, tiny: bool = True) -> tuple[A
     except WeightsNotFoundError as exc:
         if not tiny and (demo_models() is None or getattr(options, "demo", False)):
             raise
-        reason = str(exc).splitlines()[0]
+        reason = str(exc).splitlines()[0].rstrip(":")  # the list of files goes to the log
         log.warning("model weights not found:\n%s", exc)
     if demo_models() is not None and not getattr(options, "demo", False):
         return Assistant.demo(store=store, device=options.device), Fallback("demo", reason)

@@ -2,8 +2,9 @@
 absent, rebuilt end to end by this project's own pipelines on the synthetic scene world, with their metrics.
 
 Each step is the code of its own command: `tap-world` -> `world-chat` -> `tap-train` stage 1 (masks + concept
-priors) and stage 2 (+ region captions) -> `train` stage 1 (scene captions) and stage 2 (conversations, region
-lines included) -> evaluation on held-out scenes. The result is a bundle:
+priors), stage 2 (+ region captions) and a refit of the IoU head alone (`tap_iou`: which point mask a click routes
+to) -> `train` stage 1 (scene captions) and stage 2 (conversations, region lines included) -> evaluation on
+held-out scenes. The result is a bundle:
 - `tap/`: the TAP checkpoint folder (`TapPredictor.from_pretrained`, `--tap-checkpoint`);
 - `chat/`: the chat checkpoint folder, its own LLM and tokenizer in `llm/`, naming `../tap` as its TAP;
 - `gallery/`: held-out scenes with a click and a question, the app's examples when it runs these models;
@@ -29,7 +30,12 @@ CONFIGS = Path(__file__).parent / "configs"
 MAX_BUNDLE_MB = 25.0
 TARGETS = {"point_miou": 0.7, "concept_top1": 0.8, "caption_named": 0.8, "answers": 0.7}
 ASKED_KINDS = ("colour", "count", "position", "region")  # the answers target's kinds; relations are reported beside
-TAP_CONFIGS = {"tap_stage1": "tap_world_stage1.yaml", "tap_stage2": "tap_world_stage2.yaml"}  # the learning proof's
+TAP_CONFIGS = {"tap_stage1": "tap_world_stage1.yaml", "tap_stage2": "tap_world_stage2.yaml",  # the learning proof's
+               "tap_iou": "tap_world_iou.yaml"}
+#: What each training stage learns from: a stage is retrained when one of these was (`--reuse`). The chat model
+#: reads TAP's image encoder, which the IoU-head refit leaves as stage 2 trained it.
+NEEDS = {"tap_stage1": (), "tap_stage2": ("tap_stage1",), "tap_iou": ("tap_stage2",),
+         "chat_stage1": ("tap_stage2",), "chat_stage2": ("chat_stage1",)}
 GALLERY_SIZE = 256
 GALLERY_SCAN = 64
 GALLERY_CONCEPTS = ("sun", "house", "car", "boat", "tree", "balloon", "cloud")
@@ -54,7 +60,7 @@ class Recipe:
     @classmethod
     def smoke(cls, seed: int = 0) -> Recipe:
         return cls(seed=seed, train_images=8, eval_images=3, quick=True,
-                   steps={"tap_stage1": 2, "tap_stage2": 2, "chat_stage1": 2, "chat_stage2": 2})
+                   steps={"tap_stage1": 2, "tap_stage2": 2, "tap_iou": 2, "chat_stage1": 2, "chat_stage2": 2})
 
 
 def caption_named(caption: str, obj: dict) -> bool:
@@ -223,12 +229,12 @@ def build(out: Path, work: Path, recipe: Recipe, reuse: bool = False) -> dict:
     make_chat_data(world, seed=recipe.seed)
     lap("world")
 
-    trained: list[str] = []  # a stage after one that trained again is trained again too (it learnt from the old)
+    trained: list[str] = []  # a stage whose input trained again is trained again too (it learnt from the old)
 
     def done(stage: str) -> bool:
-        """A stage finished by an earlier build, with nothing before it retrained: reused with the time it took."""
+        """A stage finished by an earlier build, with nothing it learns from retrained: reused with its time."""
         marker = work / stage / FINISHED
-        if trained or not (reuse and marker.is_file()):
+        if any(n in trained for n in NEEDS[stage]) or not (reuse and marker.is_file()):
             trained.append(stage)
             marker.unlink(missing_ok=True)  # until it finishes again
             return False
@@ -247,7 +253,8 @@ def build(out: Path, work: Path, recipe: Recipe, reuse: bool = False) -> dict:
 
     tap_data = [f"data.sa1b={world / 'train'}", f"data.priors={world / 'priors'}", f"seed={recipe.seed}",
                 "report_to=[]"]
-    for stage, init in (("tap_stage1", "scratch"), ("tap_stage2", str(work / "tap_stage1"))):
+    for stage, init in (("tap_stage1", "scratch"), ("tap_stage2", str(work / "tap_stage1")),
+                        ("tap_iou", str(work / "tap_stage2"))):
         if done(stage):
             continue
         extra = ([f"data.captions={world / 'captions_train.json'}", f"data.image_folder={world / 'train'}"]
@@ -267,7 +274,7 @@ def build(out: Path, work: Path, recipe: Recipe, reuse: bool = False) -> dict:
             f"data.path={world / data}", *chat_common, *extra, f"output_dir={work / stage}", *limit(stage)])
         Trainer(config).train()
         finish(stage)
-    pack(work / "tap_stage2", work / "chat_stage2", out)
+    pack(work / "tap_iou", work / "chat_stage2", out)
     gallery(out, recipe)
     size_mb = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 2**20
     metrics = evaluate_bundle(out, world, recipe.eval_images)

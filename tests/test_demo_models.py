@@ -59,7 +59,8 @@ def test_metrics_and_readme_report_every_target(built) -> None:
         assert key in metrics
     assert metrics["point_miou"] <= metrics["point_miou_oracle"]
     assert set(metrics["point_miou_by_kind"]) <= {"one-piece object", "object made of parts", "part", "stuff"}
-    assert set(metrics["seconds"]) == {"world", "tap_stage1", "tap_stage2", "chat_stage1", "chat_stage2", "evaluate"}
+    assert set(metrics["seconds"]) == {"world", "tap_stage1", "tap_stage2", "tap_iou", "chat_stage1", "chat_stage2",
+                                       "evaluate"}
     assert set(metrics["answers_by_kind"]) == {"overall", "colour", "count", "position", "relation", "region"}
     readme = (bundle / "README.md").read_text()
     assert "not on photos" in readme and "smoke size" in readme
@@ -94,6 +95,7 @@ def test_where_weights_are_absent_every_front_end_runs_the_demo_models_and_says_
     store = ChatStore(config.db_path, config.image_dir)
     bot, banner = app_cli.load_assistant(config, store)
     assert banner.startswith("**Model weights not found**") and "demo models" in banner and "not on photos" in banner
+    assert "are missing)." in banner  # the reason reads as a sentence; the list of files goes to the log
     assert bot.config.tap_model == "../tap" and bot.config.llm == "tiny-phi"
     bot, banner = app_cli.load_assistant(AppConfig(data_dir=tmp_path, demo=True), store)
     assert banner == app_cli.DEMO_BANNER
@@ -144,7 +146,7 @@ def test_reuse_keeps_finished_stages_and_their_times(built, capsys) -> None:
         main(["demo-models", "--smoke", "--reuse", "--out", str(bundle.parent / "again"), "--work", str(work)])
     assert done.value.code == 0
     again = json.loads((bundle.parent / "again" / "metrics.json").read_text())["seconds"]
-    stages = ("tap_stage1", "tap_stage2", "chat_stage1", "chat_stage2")
+    stages = ("tap_stage1", "tap_stage2", "tap_iou", "chat_stage1", "chat_stage2")
     assert {k: again[k] for k in stages} == {k: first[k] for k in stages}
     out = capsys.readouterr().out
     assert all(f"demo-models: {stage} reused" in out for stage in stages)
@@ -154,7 +156,14 @@ def test_reuse_keeps_finished_stages_and_their_times(built, capsys) -> None:
     assert done.value.code == 0
     out = capsys.readouterr().out
     assert "tap_stage2 reused" in out and "chat_stage1 reused" not in out and "chat_stage2 reused" not in out
+    assert "tap_iou reused" in out  # it learns from TAP stage 2 alone
     assert (work / "chat_stage2" / "FINISHED.json").is_file()
+    (work / "tap_stage2" / "FINISHED.json").unlink()  # everything downstream of TAP stage 2 trains again
+    with pytest.raises(SystemExit) as done:
+        main(["demo-models", "--smoke", "--reuse", "--out", str(bundle.parent / "again"), "--work", str(work)])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "tap_stage1 reused" in out and not any(f"{s} reused" in out for s in stages[1:])
 
 
 @pytest.mark.parametrize(("caption", "obj", "named"), [

@@ -18,6 +18,7 @@ from finetune.tap.trainer import TapTrainer
 ROOT = Path(__file__).resolve().parents[1]
 STAGE1 = ROOT / "finetune" / "configs" / "tap_world_stage1.yaml"
 STAGE2 = ROOT / "finetune" / "configs" / "tap_world_stage2.yaml"
+IOU = ROOT / "finetune" / "configs" / "tap_world_iou.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +90,29 @@ def test_stage2_from_stage1_trains_the_caption_decoder(world: Path, tmp_path: Pa
     assert not torch.equal(before, trainer.tap.text_decoder.encoder.weight)
     rows = [json.loads(line) for line in (tmp_path / "s2" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["loss_caption"] > 0 for r in rows)
+
+
+def test_the_iou_refit_changes_the_iou_head_and_nothing_else(world: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from tokenizer_tap.predictor import TapPredictor
+    from tokenizer_tap.prompts import Prompt
+    TapTrainer(stage1(world, tmp_path / "s1", "max_steps=1")).train()
+    config = TapTrainConfig.load(IOU, [f"init={tmp_path / 's1'}", f"data.sa1b={world / 'train'}",
+                                       f"data.priors={world / 'priors'}", f"output_dir={tmp_path / 'iou'}",
+                                       "max_steps=3", "global_batch=2", "micro_batch=2", "save_every=0"])
+    trainer = TapTrainer(config)
+    before = {k: v.clone() for k, v in trainer.tap.state_dict().items()}
+    trainer.train()
+    changed = {k for k, v in trainer.tap.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed and all(k.startswith("image_decoder.iou_pred.") for k in changed), changed
+    image = np.asarray(Image.open(next((world / "eval").glob("*.jpg"))).convert("RGB"))
+    clicks = [Prompt.point(40, 50), Prompt.point(90, 30), Prompt.from_box(10, 10, 60, 70)]
+    old, new = (TapPredictor.from_pretrained(str(tmp_path / run), device="cpu", dtype="float32")
+                for run in ("s1", "iou"))
+    for a, b in zip(old.candidates(clicks, image=old.set_image(image)),
+                    new.candidates(clicks, image=new.set_image(image))):
+        assert np.array_equal(a.masks, b.masks) and not np.allclose(a.iou, b.iou)
 
 
 def test_a_killed_run_resumes_on_the_same_loss_curve(world: Path, tmp_path: Path, monkeypatch) -> None:

@@ -56,6 +56,9 @@ class TapTrainableConfig:
     prompt_encoder: bool = True
     image_decoder: bool = True
     text_decoder: bool = True
+    # the decoder's IoU head (image_decoder.iou_pred), also with image_decoder off: refitting it alone on a frozen
+    # TAP changes which point mask is routed and the scores shown, nothing else (masks, concepts, captions)
+    iou_head: bool = True
 
 
 @dataclass

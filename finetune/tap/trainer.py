@@ -215,6 +215,7 @@ class TapTrainer(TrainLoop):
             module = getattr(tap, name)
             module.requires_grad_(on)
             module.train(on)  # a frozen part keeps its BatchNorm statistics and drops no units
+        tap.image_decoder.iou_pred.requires_grad_(t.iou_head)
         if not any(p.requires_grad for p in tap.parameters()):
             raise ValueError("nothing to train: every component is frozen (trainable.*)")
 
