@@ -2,9 +2,9 @@
 absent, rebuilt end to end by this project's own pipelines on the synthetic scene world, with their metrics.
 
 Each step is the code of its own command: `tap-world` -> `world-chat` -> `tap-train` stage 1 (masks + concept
-priors), stage 2 (+ region captions) and a refit of the IoU head alone (`tap_iou`: which point mask a click routes
-to) -> `train` stage 1 (scene captions) and stage 2 (conversations, region lines included) -> evaluation on
-held-out scenes. The result is a bundle:
+priors), stage 2 (+ region captions), stage 2 continued with the image encoder frozen (`tap_decoder`) and a refit
+of the IoU head alone (`tap_iou`: which point mask a click routes to) -> `train` stage 1 (scene captions) and
+stage 2 (conversations, region lines included) -> evaluation on held-out scenes. The result is a bundle:
 - `tap/`: the TAP checkpoint folder (`TapPredictor.from_pretrained`, `--tap-checkpoint`);
 - `chat/`: the chat checkpoint folder, its own LLM and tokenizer in `llm/`, naming `../tap` as its TAP;
 - `gallery/`: held-out scenes with a click and a question, the app's examples when it runs these models;
@@ -31,10 +31,10 @@ MAX_BUNDLE_MB = 25.0
 TARGETS = {"point_miou": 0.7, "concept_top1": 0.8, "caption_named": 0.8, "answers": 0.7}
 ASKED_KINDS = ("colour", "count", "position", "region")  # the answers target's kinds; relations are reported beside
 TAP_CONFIGS = {"tap_stage1": "tap_world_stage1.yaml", "tap_stage2": "tap_world_stage2.yaml",  # the learning proof's
-               "tap_iou": "tap_world_iou.yaml"}
+               "tap_decoder": "tap_world_decoder.yaml", "tap_iou": "tap_world_iou.yaml"}
 #: What each training stage learns from: a stage is retrained when one of these was (`--reuse`). The chat model
-#: reads TAP's image encoder, which the IoU-head refit leaves as stage 2 trained it.
-NEEDS = {"tap_stage1": (), "tap_stage2": ("tap_stage1",), "tap_iou": ("tap_stage2",),
+#: reads TAP's image encoder, which the TAP stages after stage 2 leave as stage 2 trained it.
+NEEDS = {"tap_stage1": (), "tap_stage2": ("tap_stage1",), "tap_decoder": ("tap_stage2",), "tap_iou": ("tap_decoder",),
          "chat_stage1": ("tap_stage2",), "chat_stage2": ("chat_stage1",)}
 GALLERY_SIZE = 256
 GALLERY_SCAN = 64
@@ -60,7 +60,8 @@ class Recipe:
     @classmethod
     def smoke(cls, seed: int = 0) -> Recipe:
         return cls(seed=seed, train_images=8, eval_images=3, quick=True,
-                   steps={"tap_stage1": 2, "tap_stage2": 2, "tap_iou": 2, "chat_stage1": 2, "chat_stage2": 2})
+                   steps={"tap_stage1": 2, "tap_stage2": 2, "tap_decoder": 2, "tap_iou": 2, "chat_stage1": 2,
+                          "chat_stage2": 2})
 
 
 def caption_named(caption: str, obj: dict) -> bool:
@@ -254,11 +255,11 @@ def build(out: Path, work: Path, recipe: Recipe, reuse: bool = False) -> dict:
     tap_data = [f"data.sa1b={world / 'train'}", f"data.priors={world / 'priors'}", f"seed={recipe.seed}",
                 "report_to=[]"]
     for stage, init in (("tap_stage1", "scratch"), ("tap_stage2", str(work / "tap_stage1")),
-                        ("tap_iou", str(work / "tap_stage2"))):
+                        ("tap_decoder", str(work / "tap_stage2")), ("tap_iou", str(work / "tap_decoder"))):
         if done(stage):
             continue
         extra = ([f"data.captions={world / 'captions_train.json'}", f"data.image_folder={world / 'train'}"]
-                 if stage == "tap_stage2" else [])
+                 if stage in ("tap_stage2", "tap_decoder") else [])
         config = TapTrainConfig.load(CONFIGS / TAP_CONFIGS[stage], [
             *tap_data, *extra, f"init={init}", f"output_dir={work / stage}", *limit(stage)])
         TapTrainer(config).train()

@@ -59,8 +59,8 @@ def test_metrics_and_readme_report_every_target(built) -> None:
         assert key in metrics
     assert metrics["point_miou"] <= metrics["point_miou_oracle"]
     assert set(metrics["point_miou_by_kind"]) <= {"one-piece object", "object made of parts", "part", "stuff"}
-    assert set(metrics["seconds"]) == {"world", "tap_stage1", "tap_stage2", "tap_iou", "chat_stage1", "chat_stage2",
-                                       "evaluate"}
+    assert set(metrics["seconds"]) == {"world", "tap_stage1", "tap_stage2", "tap_decoder", "tap_iou", "chat_stage1",
+                                       "chat_stage2", "evaluate"}
     assert set(metrics["answers_by_kind"]) == {"overall", "colour", "count", "position", "relation", "region"}
     readme = (bundle / "README.md").read_text()
     assert "not on photos" in readme and "smoke size" in readme
@@ -146,7 +146,7 @@ def test_reuse_keeps_finished_stages_and_their_times(built, capsys) -> None:
         main(["demo-models", "--smoke", "--reuse", "--out", str(bundle.parent / "again"), "--work", str(work)])
     assert done.value.code == 0
     again = json.loads((bundle.parent / "again" / "metrics.json").read_text())["seconds"]
-    stages = ("tap_stage1", "tap_stage2", "tap_iou", "chat_stage1", "chat_stage2")
+    stages = ("tap_stage1", "tap_stage2", "tap_decoder", "tap_iou", "chat_stage1", "chat_stage2")
     assert {k: again[k] for k in stages} == {k: first[k] for k in stages}
     out = capsys.readouterr().out
     assert all(f"demo-models: {stage} reused" in out for stage in stages)
@@ -156,7 +156,7 @@ def test_reuse_keeps_finished_stages_and_their_times(built, capsys) -> None:
     assert done.value.code == 0
     out = capsys.readouterr().out
     assert "tap_stage2 reused" in out and "chat_stage1 reused" not in out and "chat_stage2 reused" not in out
-    assert "tap_iou reused" in out  # it learns from TAP stage 2 alone
+    assert "tap_decoder reused" in out and "tap_iou reused" in out  # they learn from TAP stage 2 alone
     assert (work / "chat_stage2" / "FINISHED.json").is_file()
     (work / "tap_stage2" / "FINISHED.json").unlink()  # everything downstream of TAP stage 2 trains again
     with pytest.raises(SystemExit) as done:

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGE1 = ROOT / "finetune" / "configs" / "tap_world_stage1.yaml"
 STAGE2 = ROOT / "finetune" / "configs" / "tap_world_stage2.yaml"
 IOU = ROOT / "finetune" / "configs" / "tap_world_iou.yaml"
+DECODER = ROOT / "finetune" / "configs" / "tap_world_decoder.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +91,20 @@ def test_stage2_from_stage1_trains_the_caption_decoder(world: Path, tmp_path: Pa
     assert not torch.equal(before, trainer.tap.text_decoder.encoder.weight)
     rows = [json.loads(line) for line in (tmp_path / "s2" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["loss_caption"] > 0 for r in rows)
+
+
+def test_stage_2b_trains_on_with_the_image_encoder_as_it_was(world: Path, tmp_path: Path) -> None:
+    TapTrainer(stage1(world, tmp_path / "s1", "max_steps=1")).train()
+    config = TapTrainConfig.load(DECODER, [f"init={tmp_path / 's1'}", f"data.sa1b={world / 'train'}",
+                                           f"data.priors={world / 'priors'}",
+                                           f"data.captions={world / 'captions_train.json'}",
+                                           f"data.image_folder={world / 'train'}", f"output_dir={tmp_path / 'b'}",
+                                           "max_steps=2", "global_batch=4", "micro_batch=2", "save_every=0"])
+    trainer = TapTrainer(config)
+    before = {k: v.clone() for k, v in trainer.tap.state_dict().items()}
+    trainer.train()
+    changed = {k.split(".")[0] for k, v in trainer.tap.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed == {"prompt_encoder", "image_decoder", "text_decoder"}
 
 
 def test_the_iou_refit_changes_the_iou_head_and_nothing_else(world: Path, tmp_path: Path) -> None:
