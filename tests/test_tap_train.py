@@ -36,6 +36,18 @@ def stage1(world: Path, out: Path, *extra: str) -> TapTrainConfig:
                                         "sampler.prompts_per_image=6", "save_every=0", *extra])
 
 
+def from_stage1(world: Path, tmp_path: Path, config: Path, *extra: str) -> TapTrainConfig:
+    """`config` on the test world, initialised from a one-step stage-1 run, writing to `tmp_path / "run"`."""
+    TapTrainer(stage1(world, tmp_path / "s1", "max_steps=1")).train()
+    return TapTrainConfig.load(config, [f"init={tmp_path / 's1'}", f"data.sa1b={world / 'train'}",
+                                        f"data.priors={world / 'priors'}", f"output_dir={tmp_path / 'run'}",
+                                        "global_batch=4", "micro_batch=2", "save_every=0", *extra])
+
+
+def captions(world: Path) -> list[str]:
+    return [f"data.captions={world / 'captions_train.json'}", f"data.image_folder={world / 'train'}"]
+
+
 def test_config_names_and_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown key"):
         TapTrainConfig.load(STAGE1, ["data.sa1bb=x"])
@@ -77,30 +89,18 @@ def test_without_priors_the_concept_loss_is_off_and_said(world: Path, tmp_path: 
 
 
 def test_stage2_from_stage1_trains_the_caption_decoder(world: Path, tmp_path: Path) -> None:
-    TapTrainer(stage1(world, tmp_path / "s1", "max_steps=1")).train()
-    config = TapTrainConfig.load(STAGE2, [f"init={tmp_path / 's1'}", f"data.sa1b={world / 'train'}",
-                                          f"data.priors={world / 'priors'}",
-                                          f"data.captions={world / 'captions_train.json'}",
-                                          f"data.image_folder={world / 'train'}", f"output_dir={tmp_path / 's2'}",
-                                          "max_steps=2", "global_batch=4", "micro_batch=2",
-                                          "sampler.prompts_per_image=6", "save_every=0"])
-    trainer = TapTrainer(config)
+    trainer = TapTrainer(from_stage1(world, tmp_path, STAGE2, *captions(world), "max_steps=2",
+                                     "sampler.prompts_per_image=6"))
     assert any(s == 1 for s, _ in trainer.items) and any(s == 0 for s, _ in trainer.items)
     before = trainer.tap.text_decoder.encoder.weight.clone()
     trainer.train()
     assert not torch.equal(before, trainer.tap.text_decoder.encoder.weight)
-    rows = [json.loads(line) for line in (tmp_path / "s2" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["loss_caption"] > 0 for r in rows)
 
 
 def test_stage_2b_trains_on_with_the_image_encoder_as_it_was(world: Path, tmp_path: Path) -> None:
-    TapTrainer(stage1(world, tmp_path / "s1", "max_steps=1")).train()
-    config = TapTrainConfig.load(DECODER, [f"init={tmp_path / 's1'}", f"data.sa1b={world / 'train'}",
-                                           f"data.priors={world / 'priors'}",
-                                           f"data.captions={world / 'captions_train.json'}",
-                                           f"data.image_folder={world / 'train'}", f"output_dir={tmp_path / 'b'}",
-                                           "max_steps=2", "global_batch=4", "micro_batch=2", "save_every=0"])
-    trainer = TapTrainer(config)
+    trainer = TapTrainer(from_stage1(world, tmp_path, DECODER, *captions(world), "max_steps=2"))
     before = {k: v.clone() for k, v in trainer.tap.state_dict().items()}
     trainer.train()
     changed = {k.split(".")[0] for k, v in trainer.tap.state_dict().items() if not torch.equal(before[k], v)}
@@ -112,11 +112,7 @@ def test_the_iou_refit_changes_the_iou_head_and_nothing_else(world: Path, tmp_pa
 
     from tokenizer_tap.predictor import TapPredictor
     from tokenizer_tap.prompts import Prompt
-    TapTrainer(stage1(world, tmp_path / "s1", "max_steps=1")).train()
-    config = TapTrainConfig.load(IOU, [f"init={tmp_path / 's1'}", f"data.sa1b={world / 'train'}",
-                                       f"data.priors={world / 'priors'}", f"output_dir={tmp_path / 'iou'}",
-                                       "max_steps=3", "global_batch=2", "micro_batch=2", "save_every=0"])
-    trainer = TapTrainer(config)
+    trainer = TapTrainer(from_stage1(world, tmp_path, IOU, "max_steps=3", "global_batch=2"))
     before = {k: v.clone() for k, v in trainer.tap.state_dict().items()}
     trainer.train()
     changed = {k for k, v in trainer.tap.state_dict().items() if not torch.equal(before[k], v)}
@@ -124,7 +120,7 @@ def test_the_iou_refit_changes_the_iou_head_and_nothing_else(world: Path, tmp_pa
     image = np.asarray(Image.open(next((world / "eval").glob("*.jpg"))).convert("RGB"))
     clicks = [Prompt.point(40, 50), Prompt.point(90, 30), Prompt.from_box(10, 10, 60, 70)]
     old, new = (TapPredictor.from_pretrained(str(tmp_path / run), device="cpu", dtype="float32")
-                for run in ("s1", "iou"))
+                for run in ("s1", "run"))
     for a, b in zip(old.candidates(clicks, image=old.set_image(image)),
                     new.candidates(clicks, image=new.set_image(image))):
         assert np.array_equal(a.masks, b.masks) and not np.allclose(a.iou, b.iou)
