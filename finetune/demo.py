@@ -254,10 +254,10 @@ def build(out: Path, work: Path, recipe: Recipe, reuse: bool = False) -> dict:
 
     tap_data = [f"data.sa1b={world / 'train'}", f"data.priors={world / 'priors'}", f"seed={recipe.seed}",
                 "report_to=[]"]
-    for stage, init in (("tap_stage1", "scratch"), ("tap_stage2", str(work / "tap_stage1")),
-                        ("tap_decoder", str(work / "tap_stage2")), ("tap_iou", str(work / "tap_decoder"))):
+    for stage in TAP_CONFIGS:  # each starts from the one stage it learns from
         if done(stage):
             continue
+        init = str(work / NEEDS[stage][0]) if NEEDS[stage] else "scratch"
         extra = ([f"data.captions={world / 'captions_train.json'}", f"data.image_folder={world / 'train'}"]
                  if stage in ("tap_stage2", "tap_decoder") else [])
         config = TapTrainConfig.load(CONFIGS / TAP_CONFIGS[stage], [
