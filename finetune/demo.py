@@ -37,6 +37,7 @@ TAP_CONFIGS = {"tap_stage1": "tap_world_stage1.yaml", "tap_stage2": "tap_world_s
 NEEDS = {"tap_stage1": (), "tap_stage2": ("tap_stage1",), "tap_decoder": ("tap_stage2",), "tap_iou": ("tap_decoder",),
          "chat_stage1": ("tap_stage2",), "chat_stage2": ("chat_stage1",)}
 GALLERY_SIZE = 256
+BASE_SIZE = 128  # the configs' image size (TAP's and the chat projector's)
 GALLERY_SCAN = 64
 GALLERY_CONCEPTS = ("sun", "house", "car", "boat", "tree", "balloon", "cloud")
 FINISHED = "FINISHED.json"  # written into a stage's run folder when it completes (`--reuse`)
@@ -57,9 +58,18 @@ class Recipe:
     quick: bool = False
     steps: dict[str, int] = field(default_factory=lambda: {"tap_stage1": 4500, "tap_stage2": 4800})
 
+    def tap_overrides(self) -> list[str]:
+        """TAP stage 1's input size follows the world's (the later stages read it from the checkpoint)."""
+        return [] if self.size == BASE_SIZE else [f"model.overrides.image_size={self.size}"]
+
+    def chat_overrides(self) -> list[str]:
+        """The projector merges `size / 128` patches a side, so the chat model reads an 8 x 8 token grid at any
+        size (the same sequence length and cost; a larger size puts finer features into each token)."""
+        return [] if self.size == BASE_SIZE else [f"model.projector.merge={self.size // BASE_SIZE}"]
+
     @classmethod
-    def smoke(cls, seed: int = 0) -> Recipe:
-        return cls(seed=seed, train_images=8, eval_images=3, quick=True,
+    def smoke(cls, seed: int = 0, size: int = 128) -> Recipe:
+        return cls(seed=seed, train_images=8, eval_images=3, size=size, quick=True,
                    steps={"tap_stage1": 2, "tap_stage2": 2, "tap_decoder": 2, "tap_iou": 2, "chat_stage1": 2,
                           "chat_stage2": 2})
 
@@ -231,11 +241,12 @@ def build(out: Path, work: Path, recipe: Recipe, reuse: bool = False) -> dict:
     lap("world")
 
     trained: list[str] = []  # a stage whose input trained again is trained again too (it learnt from the old)
+    trains = {k: v for k, v in asdict(recipe).items() if k != "eval_images"}  # what a stage's result depends on
 
     def done(stage: str) -> bool:
         """A stage finished by an earlier build, with nothing it learns from retrained: reused with its time."""
         marker = work / stage / FINISHED
-        if any(n in trained for n in NEEDS[stage]) or not (reuse and marker.is_file()):
+        if any(n in trained for n in NEEDS[stage]) or not (reuse and finished(marker) == trains):
             trained.append(stage)
             marker.unlink(missing_ok=True)  # until it finishes again
             return False
@@ -245,7 +256,7 @@ def build(out: Path, work: Path, recipe: Recipe, reuse: bool = False) -> dict:
 
     def finish(stage: str) -> None:
         lap(stage)
-        (work / stage / FINISHED).write_text(json.dumps({"seconds": timings[stage]}))
+        (work / stage / FINISHED).write_text(json.dumps({"seconds": timings[stage], "recipe": trains}))
 
     def limit(stage: str) -> list[str]:
         if stage not in recipe.steps:
@@ -261,12 +272,14 @@ def build(out: Path, work: Path, recipe: Recipe, reuse: bool = False) -> dict:
         extra = ([f"data.captions={world / 'captions_train.json'}", f"data.image_folder={world / 'train'}"]
                  if stage in ("tap_stage2", "tap_decoder") else [])
         config = TapTrainConfig.load(CONFIGS / TAP_CONFIGS[stage], [
-            *tap_data, *extra, f"init={init}", f"output_dir={work / stage}", *limit(stage)])
+            *tap_data, *extra, *(recipe.tap_overrides() if init == "scratch" else []), f"init={init}",
+            f"output_dir={work / stage}", *limit(stage)])
         TapTrainer(config).train()
         finish(stage)
     chat_common = [f"data.image_folder={world}", f"seed={recipe.seed}", f"model.seed={recipe.seed}"]
     stages = (("chat_stage1", "chat_captions.json",
-               [f"model.tap_checkpoint={work / 'tap_stage2'}", f"model.tokenizer={world / 'tokenizer.json'}"]),
+               [f"model.tap_checkpoint={work / 'tap_stage2'}", f"model.tokenizer={world / 'tokenizer.json'}",
+                *recipe.chat_overrides()]),
               ("chat_stage2", "chat_train.json", [f"model.init={work / 'chat_stage1'}"]))
     for stage, data, extra in stages:
         if done(stage):
@@ -288,6 +301,14 @@ def build(out: Path, work: Path, recipe: Recipe, reuse: bool = False) -> dict:
     if size_mb > MAX_BUNDLE_MB:
         raise RuntimeError(f"the bundle is {size_mb:.1f} MB, over the {MAX_BUNDLE_MB:.0f} MB the repository allows")
     return metrics
+
+
+def finished(marker: Path) -> dict | None:
+    """The recipe a stage was finished with (`FINISHED`), or None: not finished, or by an older build."""
+    try:
+        return json.loads(marker.read_text()).get("recipe")
+    except (OSError, ValueError):
+        return None
 
 
 def _threads() -> int:
@@ -365,15 +386,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-images", type=int, default=Recipe.train_images)
     parser.add_argument("--eval-images", type=int, default=Recipe.eval_images)
+    parser.add_argument("--size", type=int, default=Recipe.size, choices=(128, 256),
+                        help="the scenes' side in px, TAP's input size (256: finer masks and colours, ~2x the time)")
     parser.add_argument("--smoke", action="store_true", help="a tiny end-to-end run (checks the pipeline, ~1 min)")
     parser.add_argument("--reuse", action="store_true",
-                        help="keep training stages an earlier build finished in --work (retrain only what follows; "
+                        help="keep training stages an earlier build with the same seed, size and training scenes "
+                             "finished in --work (retrain only what follows; "
                              "delete a stage's folder to retrain it)")
 
 
 def run(args: argparse.Namespace) -> int:
-    recipe = (Recipe.smoke(args.seed) if args.smoke else
-              Recipe(seed=args.seed, train_images=args.train_images, eval_images=args.eval_images))
+    recipe = (Recipe.smoke(args.seed, args.size) if args.smoke else
+              Recipe(seed=args.seed, train_images=args.train_images, eval_images=args.eval_images, size=args.size))
     try:
         metrics = build(args.out, args.work, recipe, reuse=args.reuse)
     except (ValueError, OSError, RuntimeError) as exc:

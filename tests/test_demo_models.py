@@ -166,6 +166,20 @@ def test_reuse_keeps_finished_stages_and_their_times(built, capsys) -> None:
     assert "tap_stage1 reused" in out and not any(f"{s} reused" in out for s in stages[1:])
 
 
+def test_size_256_builds_tap_at_256_px_and_keeps_the_chat_models_8_by_8_tokens(built, capsys) -> None:
+    _, work = built  # stages finished at 128 px: a 256 px build reuses none of them
+    out = work.parent / "bundle256"
+    with pytest.raises(SystemExit) as done:
+        main(["demo-models", "--smoke", "--size", "256", "--reuse", "--out", str(out), "--work", str(work)])
+    assert done.value.code == 0
+    assert " reused" not in capsys.readouterr().out
+    assert folder_config(out / "tap").image_size == 256
+    chat = json.loads((out / "chat" / "config.json").read_text())
+    assert chat["projector"]["merge"] == 2
+    assert Image.open(next((work / "world" / "train").glob("*.jpg"))).size == (256, 256)
+    assert json.loads((out / "metrics.json").read_text())["recipe"]["size"] == 256
+
+
 @pytest.mark.parametrize(("caption", "obj", "named"), [
     ("a red car left of a house", {"concept": "car", "colour": "red"}, True),
     ("a blue car", {"concept": "car", "colour": "red"}, False),
