@@ -58,15 +58,6 @@ class Recipe:
     quick: bool = False
     steps: dict[str, int] = field(default_factory=lambda: {"tap_stage1": 4500, "tap_stage2": 4800})
 
-    def tap_overrides(self) -> list[str]:
-        """TAP stage 1's input size follows the world's (the later stages read it from the checkpoint)."""
-        return [] if self.size == BASE_SIZE else [f"model.overrides.image_size={self.size}"]
-
-    def chat_overrides(self) -> list[str]:
-        """The projector merges `size / 128` patches a side, so the chat model reads an 8 x 8 token grid at any
-        size (the same sequence length and cost; a larger size puts finer features into each token)."""
-        return [] if self.size == BASE_SIZE else [f"model.projector.merge={self.size // BASE_SIZE}"]
-
     @classmethod
     def smoke(cls, seed: int = 0, size: int = 128) -> Recipe:
         return cls(seed=seed, train_images=8, eval_images=3, size=size, quick=True,
@@ -263,6 +254,10 @@ def build(out: Path, work: Path, recipe: Recipe, reuse: bool = False) -> dict:
             return []
         return [f"{'steps' if stage.startswith('tap') else 'max_steps'}={recipe.steps[stage]}"]
 
+    def scratch(stage: str) -> list[str]:
+        """TAP's input size is the world's; the stages after the first read it from their checkpoint."""
+        return [] if NEEDS[stage] else [f"model.overrides.image_size={recipe.size}"]
+
     tap_data = [f"data.sa1b={world / 'train'}", f"data.priors={world / 'priors'}", f"seed={recipe.seed}",
                 "report_to=[]"]
     for stage in TAP_CONFIGS:  # each starts from the one stage it learns from
@@ -272,14 +267,14 @@ def build(out: Path, work: Path, recipe: Recipe, reuse: bool = False) -> dict:
         extra = ([f"data.captions={world / 'captions_train.json'}", f"data.image_folder={world / 'train'}"]
                  if stage in ("tap_stage2", "tap_decoder") else [])
         config = TapTrainConfig.load(CONFIGS / TAP_CONFIGS[stage], [
-            *tap_data, *extra, *(recipe.tap_overrides() if init == "scratch" else []), f"init={init}",
-            f"output_dir={work / stage}", *limit(stage)])
+            *tap_data, *extra, *scratch(stage), f"init={init}", f"output_dir={work / stage}", *limit(stage)])
         TapTrainer(config).train()
         finish(stage)
     chat_common = [f"data.image_folder={world}", f"seed={recipe.seed}", f"model.seed={recipe.seed}"]
     stages = (("chat_stage1", "chat_captions.json",
                [f"model.tap_checkpoint={work / 'tap_stage2'}", f"model.tokenizer={world / 'tokenizer.json'}",
-                *recipe.chat_overrides()]),
+                # the projector merges size/128 patches a side: 8 x 8 tokens at any size, finer features in each
+                f"model.projector.merge={recipe.size // BASE_SIZE}"]),
               ("chat_stage2", "chat_train.json", [f"model.init={work / 'chat_stage1'}"]))
     for stage, data, extra in stages:
         if done(stage):
