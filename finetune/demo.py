@@ -18,6 +18,7 @@ here. Every step is seeded, so one machine rebuilds the same bundle.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -54,12 +55,12 @@ class Recipe:
     seed: int = 0
     train_images: int = 2000
     eval_images: int = 200
-    size: int = 128
+    size: int = 256
     quick: bool = False
     steps: dict[str, int] = field(default_factory=lambda: {"tap_stage1": 4500, "tap_stage2": 4800})
 
     @classmethod
-    def smoke(cls, seed: int = 0, size: int = 128) -> Recipe:
+    def smoke(cls, seed: int = 0, size: int = 256) -> Recipe:
         return cls(seed=seed, train_images=8, eval_images=3, size=size, quick=True,
                    steps={"tap_stage1": 2, "tap_stage2": 2, "tap_decoder": 2, "tap_iou": 2, "chat_stage1": 2,
                           "chat_stage2": 2})
@@ -234,10 +235,14 @@ def build(out: Path, work: Path, recipe: Recipe, reuse: bool = False) -> dict:
     trained: list[str] = []  # a stage whose input trained again is trained again too (it learnt from the old)
     trains = {k: v for k, v in asdict(recipe).items() if k != "eval_images"}  # what a stage's result depends on
 
+    def recipe_of(stage: str) -> dict:
+        """What the stage's result depends on: the recipe, and its config file as it reads now."""
+        return {**trains, "config": hashlib.sha256(stage_config(stage).read_bytes()).hexdigest()[:16]}
+
     def done(stage: str) -> bool:
         """A stage finished by an earlier build, with nothing it learns from retrained: reused with its time."""
         marker = work / stage / FINISHED
-        if any(n in trained for n in NEEDS[stage]) or not (reuse and finished(marker) == trains):
+        if any(n in trained for n in NEEDS[stage]) or not (reuse and finished(marker) == recipe_of(stage)):
             trained.append(stage)
             marker.unlink(missing_ok=True)  # until it finishes again
             return False
@@ -247,7 +252,7 @@ def build(out: Path, work: Path, recipe: Recipe, reuse: bool = False) -> dict:
 
     def finish(stage: str) -> None:
         lap(stage)
-        (work / stage / FINISHED).write_text(json.dumps({"seconds": timings[stage], "recipe": trains}))
+        (work / stage / FINISHED).write_text(json.dumps({"seconds": timings[stage], "recipe": recipe_of(stage)}))
 
     def limit(stage: str) -> list[str]:
         if stage not in recipe.steps:
@@ -266,7 +271,7 @@ def build(out: Path, work: Path, recipe: Recipe, reuse: bool = False) -> dict:
         init = str(work / NEEDS[stage][0]) if NEEDS[stage] else "scratch"
         extra = ([f"data.captions={world / 'captions_train.json'}", f"data.image_folder={world / 'train'}"]
                  if stage in ("tap_stage2", "tap_decoder") else [])
-        config = TapTrainConfig.load(CONFIGS / TAP_CONFIGS[stage], [
+        config = TapTrainConfig.load(stage_config(stage), [
             *tap_data, *extra, *scratch(stage), f"init={init}", f"output_dir={work / stage}", *limit(stage)])
         TapTrainer(config).train()
         finish(stage)
@@ -279,7 +284,7 @@ def build(out: Path, work: Path, recipe: Recipe, reuse: bool = False) -> dict:
     for stage, data, extra in stages:
         if done(stage):
             continue
-        config = TrainConfig.load(CONFIGS / f"demo_{stage}.yaml", [
+        config = TrainConfig.load(stage_config(stage), [
             f"data.path={world / data}", *chat_common, *extra, f"output_dir={work / stage}", *limit(stage)])
         Trainer(config).train()
         finish(stage)
@@ -296,6 +301,10 @@ def build(out: Path, work: Path, recipe: Recipe, reuse: bool = False) -> dict:
     if size_mb > MAX_BUNDLE_MB:
         raise RuntimeError(f"the bundle is {size_mb:.1f} MB, over the {MAX_BUNDLE_MB:.0f} MB the repository allows")
     return metrics
+
+
+def stage_config(stage: str) -> Path:
+    return CONFIGS / TAP_CONFIGS.get(stage, f"demo_{stage}.yaml")
 
 
 def finished(marker: Path) -> dict | None:
@@ -382,11 +391,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-images", type=int, default=Recipe.train_images)
     parser.add_argument("--eval-images", type=int, default=Recipe.eval_images)
     parser.add_argument("--size", type=int, default=Recipe.size, choices=(128, 256),
-                        help="the scenes' side in px, TAP's input size (256: finer masks and colours, ~2x the time)")
+                        help="the scenes' side in px, TAP's input size (128: coarser masks, ~0.6x the time)")
     parser.add_argument("--smoke", action="store_true", help="a tiny end-to-end run (checks the pipeline, ~1 min)")
     parser.add_argument("--reuse", action="store_true",
-                        help="keep training stages an earlier build with the same seed, size and training scenes "
-                             "finished in --work (retrain only what follows; "
+                        help="keep training stages an earlier build with the same seed, size, training scenes and "
+                             "stage configs finished in --work (retrain only what follows; "
                              "delete a stage's folder to retrain it)")
 
 

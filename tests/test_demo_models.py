@@ -4,6 +4,7 @@ evaluation, bundle) at smoke size, and a bundle that loads from anywhere as the 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import gradio as gr
@@ -19,6 +20,7 @@ from assistant import cli as assistant_cli
 from assistant.engine import Assistant
 from assistant.generation import GenerationSettings
 from assistant.store import ChatStore
+from finetune import demo
 from finetune.cli import main
 from finetune.demo import MAX_BUNDLE_MB, TARGETS, caption_named, cell, prompt
 from finetune.tap.world import Region
@@ -139,7 +141,7 @@ def test_gallery_clicks_a_one_piece_object_and_boxes_one_made_of_parts() -> None
     assert prompt(house) == {"box": [2, 4, 10, 8]}
 
 
-def test_reuse_keeps_finished_stages_and_their_times(built, capsys) -> None:
+def test_reuse_keeps_finished_stages_and_their_times(built, capsys, monkeypatch, tmp_path) -> None:
     bundle, work = built
     first = json.loads((bundle / "metrics.json").read_text())["seconds"]
     with pytest.raises(SystemExit) as done:
@@ -150,7 +152,11 @@ def test_reuse_keeps_finished_stages_and_their_times(built, capsys) -> None:
     assert {k: again[k] for k in stages} == {k: first[k] for k in stages}
     out = capsys.readouterr().out
     assert all(f"demo-models: {stage} reused" in out for stage in stages)
-    (work / "chat_stage1" / "FINISHED.json").unlink()  # as if deleted: it and what learnt from it train again
+    configs = tmp_path / "configs"  # chat stage 1's config edited: it and what learnt from it train again
+    shutil.copytree(demo.CONFIGS, configs)
+    with (configs / "demo_chat_stage1.yaml").open("a") as f:
+        f.write("# edited\n")
+    monkeypatch.setattr(demo, "CONFIGS", configs)
     with pytest.raises(SystemExit) as done:
         main(["demo-models", "--smoke", "--reuse", "--out", str(bundle.parent / "again"), "--work", str(work)])
     assert done.value.code == 0
@@ -166,18 +172,18 @@ def test_reuse_keeps_finished_stages_and_their_times(built, capsys) -> None:
     assert "tap_stage1 reused" in out and not any(f"{s} reused" in out for s in stages[1:])
 
 
-def test_size_256_builds_tap_at_256_px_and_keeps_the_chat_models_8_by_8_tokens(built, capsys) -> None:
-    _, work = built  # stages finished at 128 px: a 256 px build reuses none of them
-    out = work.parent / "bundle256"
+def test_size_128_builds_tap_at_128_px_and_keeps_the_chat_models_8_by_8_tokens(built, capsys) -> None:
+    _, work = built  # stages finished at the default 256 px: a 128 px build reuses none of them
+    out = work.parent / "bundle128"
     with pytest.raises(SystemExit) as done:
-        main(["demo-models", "--smoke", "--size", "256", "--reuse", "--out", str(out), "--work", str(work)])
+        main(["demo-models", "--smoke", "--size", "128", "--reuse", "--out", str(out), "--work", str(work)])
     assert done.value.code == 0
     assert " reused" not in capsys.readouterr().out
-    assert folder_config(out / "tap").image_size == 256
+    assert folder_config(out / "tap").image_size == 128
     chat = json.loads((out / "chat" / "config.json").read_text())
-    assert chat["projector"]["merge"] == 2
-    assert Image.open(next((work / "world" / "train").glob("*.jpg"))).size == (256, 256)
-    assert json.loads((out / "metrics.json").read_text())["recipe"]["size"] == 256
+    assert chat["projector"]["merge"] == 1
+    assert Image.open(next((work / "world" / "train").glob("*.jpg"))).size == (128, 128)
+    assert json.loads((out / "metrics.json").read_text())["recipe"]["size"] == 128
 
 
 @pytest.mark.parametrize(("caption", "obj", "named"), [
