@@ -5,11 +5,6 @@ As described for TAP-v2-Chat: merge each `merge` x `merge` neighbourhood of patc
 16x16 attention windows (whose only other contact is TAP's four bottlenecks), then a 2-layer MLP to the LLM width.
 The last conv of every residual block starts at zero, so at initialisation the projector is exactly
 `MLP(merge(x))`: training starts from a plain token projection and learns the spatial mixing.
-
-`positions` adds a learned table, one vector per output token, to the merged grid. The LLM's rotary positions only
-rotate queries and keys, so an answer built from attended visual tokens knows *what* they show but not *where*,
-unless their content says so; features from a large pretrained encoder carry that, a small one trained on a
-translation-equivariant task (masks) largely does not. Zero at init, so it too starts as the identity.
 """
 
 from __future__ import annotations
@@ -29,7 +24,6 @@ class ProjectorConfig:
     merge: int = 2  # side of the neighbourhood merged into one token
     num_blocks: int = 3
     grid: int = 64  # side of TAP's feature grid (image_size / patch_size)
-    positions: bool = False  # a learned position vector per output token (the demo models'; not Bunny's layout)
 
     def __post_init__(self) -> None:
         if self.grid % self.merge:
@@ -61,8 +55,6 @@ class ConvProjector(nn.Module):
         super().__init__()
         self.config = config
         self.merge = nn.Conv2d(config.in_dim * config.merge ** 2, config.hidden_dim, 1)
-        side = config.grid // config.merge
-        self.positions = nn.Parameter(torch.zeros(1, config.hidden_dim, side, side)) if config.positions else None
         self.blocks = nn.Sequential(*(ResidualBlock(config.hidden_dim) for _ in range(config.num_blocks)))
         self.mlp = nn.Sequential(nn.Linear(config.hidden_dim, config.out_dim), nn.GELU(),
                                  nn.Linear(config.out_dim, config.out_dim))
@@ -72,8 +64,5 @@ class ConvProjector(nn.Module):
         if tuple(features.shape[-2:]) != (g, g):
             raise ValueError(f"expected a {g}x{g} feature grid, got {tuple(features.shape[-2:])}")
         x = F.pixel_unshuffle(features, m) if m > 1 else features  # 2x2 neighbours -> channels
-        x = self.merge(x)
-        if self.positions is not None:
-            x = x + self.positions
-        x = self.blocks(x)
+        x = self.blocks(self.merge(x))
         return self.mlp(x.flatten(2).transpose(1, 2))

@@ -68,23 +68,6 @@ def test_projector_shapes_and_identity_init():
         proj(torch.randn(1, 32, 63, 64))
 
 
-def test_projector_positions_tell_tokens_of_equal_content_apart():
-    """Without positions, a uniform feature grid gives 64 equal tokens: nothing says where a token lies. The learned
-    table starts at zero (the same output as without it) and, once trained, makes every token's content unique."""
-    torch.manual_seed(0)
-    cfg = ProjectorConfig(in_dim=4, hidden_dim=8, out_dim=8, merge=2, grid=16, positions=True)
-    proj = ConvProjector(cfg).eval()
-    plain = ConvProjector(ProjectorConfig(in_dim=4, hidden_dim=8, out_dim=8, merge=2, grid=16))
-    plain.load_state_dict({k: v for k, v in proj.state_dict().items() if k != "positions"})
-    x = torch.ones(1, 4, 16, 16)
-    assert proj.positions.shape == (1, 8, 8, 8) and torch.equal(proj(x), plain.eval()(x))
-    assert torch.unique(proj(x)[0], dim=0).shape[0] == 1
-    torch.nn.init.normal_(proj.positions, std=0.1)
-    assert torch.unique(proj(x)[0], dim=0).shape[0] == 64
-    with pytest.raises(RuntimeError):  # a checkpoint without the table does not load into a model that has one
-        proj.load_state_dict(plain.state_dict())
-
-
 def test_projector_mixes_across_windows_once_trained():
     """After the zero-init convs move, a token sees neighbours beyond its own 16x16 encoder window."""
     torch.manual_seed(0)
