@@ -304,6 +304,7 @@ def build(out: Path, work: Path, recipe: Recipe, reuse: bool = False) -> dict:
 
 
 def stage_config(stage: str) -> Path:
+    """The config file a training stage runs (its digest is part of what `--reuse` compares)."""
     return CONFIGS / TAP_CONFIGS.get(stage, f"demo_{stage}.yaml")
 
 
