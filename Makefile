@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: run demo demo-models test lint bench screenshots parity clean
+.PHONY: run demo demo-models verify-demo test lint bench screenshots parity clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -39,9 +39,13 @@ demo: $(STAMP)
 		--max-new-tokens 24
 
 ## demo-models: retrain the bundled demo models end to end on the synthetic world (seeded; models/demo/README.md
-## says how long it took and what they score)
+## says how long it took, how each stage ran and what they score). ARGS=--reuse keeps finished stages and resumes a
+## stopped one from its last checkpoint; verify-demo re-measures the shipped bundle against its metrics.json
 demo-models: $(STAMP)
-	$(PY) -m finetune demo-models --out models/demo --work runs/demo
+	$(PY) -m finetune demo-models --out models/demo --work runs/demo $(ARGS)
+
+verify-demo: $(STAMP)
+	$(PY) -m finetune demo-models --verify models/demo
 
 ## test: the whole test suite, a real vLLM server included (parity tests need ../shared/reference; CI requires it)
 test: $(STAMP) $(VLLM_STAMP)

@@ -22,15 +22,18 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from finetune.demo_eval import compare, digest, evaluate_bundle, file_digests, gallery_answers, remeasure
+from finetune.demo_readme import readme
+
+ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = Path(__file__).parent / "configs"
 MAX_BUNDLE_MB = 25.0
-TARGETS = {"point_miou": 0.7, "concept_top1": 0.8, "caption_named": 0.8, "answers": 0.7}
-ASKED_KINDS = ("colour", "count", "position", "region")  # the answers target's kinds; relations are reported beside
 TAP_CONFIGS = {"tap_stage1": "tap_world_stage1.yaml", "tap_stage2": "tap_world_stage2.yaml",  # the learning proof's
                "tap_decoder": "tap_world_decoder.yaml", "tap_iou": "tap_world_iou.yaml"}
 #: What each training stage learns from: a stage is retrained when one of these was (`--reuse`). The chat model
@@ -42,6 +45,8 @@ BASE_SIZE = 128  # the configs' image size (TAP's and the chat projector's)
 GALLERY_SCAN = 64
 GALLERY_CONCEPTS = ("sun", "house", "car", "boat", "tree", "balloon", "cloud")
 FINISHED = "FINISHED.json"  # written into a stage's run folder when it completes (`--reuse`)
+RUNS = "RUNS.jsonl"  # a line per run of a stage: when it started, from which checkpoint step, at which commit
+CHAT_CHECKPOINT_EVERY = 200  # steps (~6 min on 2 cores): a stopped chat stage loses at most that much
 TAP_FILES = ("config.json", "model.safetensors", "text_tokenizer.model", "concepts.safetensors")
 
 
@@ -64,48 +69,6 @@ class Recipe:
         return cls(seed=seed, train_images=8, eval_images=3, size=size, quick=True,
                    steps={"tap_stage1": 2, "tap_stage2": 2, "tap_decoder": 2, "tap_iou": 2, "chat_stage1": 2,
                           "chat_stage2": 2})
-
-
-def caption_named(caption: str, obj: dict) -> bool:
-    """Whether a region caption names the object's concept and, where it has one, its colour."""
-    words = set(caption.lower().replace(",", " ").replace(".", " ").split())
-    return obj["concept"] in words and (obj["colour"] is None or obj["colour"] in words)
-
-
-def region_kind(obj: dict) -> str:
-    """What a click on the region is: a whole object made of parts is as ambiguous as SAM's examples."""
-    return {"object": "object made of parts" if obj["parts"] else "one-piece object"}.get(obj["kind"], obj["kind"])
-
-
-def evaluate_bundle(bundle: Path, world: Path, eval_images: int) -> dict:
-    """Held-out scores: TAP's regions through `TapPredictor`, and the chat model's short answers (seeing and blind;
-    `answers` is exact match over the target's kinds, `answers_by_kind["overall"]` over all)."""
-    from collections import Counter
-
-    from finetune.evaluate import accuracy
-    from finetune.tap.evaluate import evaluate_regions
-    from finetune.tap.records import open_sa1b
-    from finetune.tap.world import load_labels
-    from tokenizer_tap.predictor import TapPredictor
-
-    predictor = TapPredictor.from_pretrained(str(bundle / "tap"), device="cpu", dtype="float32")
-    regions = evaluate_regions(predictor, open_sa1b(world / "eval"), load_labels(world, "eval"),
-                               max_images=eval_images)
-    objects = {f"{e['image_id']}/{o['id']}": o
-               for e in json.loads((world / "world.json").read_text())["splits"]["eval"] for o in e["objects"]}
-    named = [caption_named(text, objects[key]) for key, text in regions.captions.items()]
-    by_kind: dict[str, list[float]] = {}
-    for key, value in regions.point_ious.items():
-        by_kind.setdefault(region_kind(objects[key]), []).append(value)
-    seeing = accuracy(bundle / "chat", world / "chat_eval.json")
-    blind = accuracy(bundle / "chat", world / "chat_eval.json", blank_images=True)
-    asked = Counter(q["kind"] for q in json.loads((world / "chat_eval.json").read_text()))
-    target_n = sum(asked[k] for k in ASKED_KINDS)
-    return {**regions.to_dict(), "point_miou_by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
-            "caption_named": sum(named) / max(len(named), 1),
-            "caption_examples": dict(list(regions.captions.items())[:8]),
-            "answers": sum(seeing.get(k, 0.0) * asked[k] for k in ASKED_KINDS) / max(target_n, 1),
-            "answers_by_kind": seeing, "answers_blind": blind}
 
 
 def gallery(bundle: Path, recipe: Recipe, count: int = 4) -> list[dict]:
@@ -150,34 +113,6 @@ def prompt(region) -> dict:
     return {"point": [round(x), round(y)]}
 
 
-def gallery_answers(bundle: Path) -> list[dict]:
-    """Each gallery example run as the app runs it (the bundle's `Assistant`, the click, the question, greedy): the
-    chip's concept and caption and the answer, beside the known ones, for the README and the browser test."""
-    import numpy as np
-    from PIL import Image
-
-    from assistant.conversation import ConversationError
-    from assistant.engine import Assistant
-    from assistant.generation import GenerationSettings
-    from tokenizer_tap.prompts import Prompt
-    bot = Assistant.from_pretrained(bundle / "chat", device="cpu", dtype="float32")
-    rows = []
-    for example in json.loads((bundle / "gallery" / "examples.json").read_text()):
-        image = np.asarray(Image.open(bundle / "gallery" / example["image"]).convert("RGB"))
-        conv = bot.start(image=image)
-        try:
-            region = bot.add_region(conv, Prompt.from_dict(example["regions"][0])).grounded
-        except ConversationError as exc:  # no mask there: what the app would say, and nothing to ask about
-            chip, caption, answer = "", "", str(exc)
-        else:
-            chip, caption = region.concept, region.caption
-            answer = bot.ask(conv, example["question"], GenerationSettings(max_new_tokens=16)).text
-        rows.append({"image": example["image"], "concept": example["concept"], "colour": example["answer"],
-                     "chip": chip, "caption": caption, "answer": answer, "named": chip == example["concept"],
-                     "right": bool(chip) and example["answer"] in answer.lower()})
-    return rows
-
-
 def pack(tap_run: Path, chat_run: Path, bundle: Path) -> None:
     """Copy the two checkpoints into the bundle (the chat one naming `../tap`), stored in float16."""
     from assistant.model import ChatModel
@@ -206,9 +141,11 @@ def halve(path: Path) -> None:
     save_file({k: v.half() if v.dtype == torch.float32 else v for k, v in tensors.items()}, str(path), metadata)
 
 
-def build(out: Path, work: Path, recipe: Recipe, reuse: bool = False) -> dict:
+def build(out: Path, work: Path, recipe: Recipe, reuse: bool = False, command: str = "") -> dict:
     """Run every step; returns the metrics written to `out/metrics.json`. `reuse`: keep the training stages that a
-    previous build with the same recipe finished in `work` (their `FINISHED` file), to retrain only what follows."""
+    previous build with the same recipe finished in `work` (their `FINISHED` file), and resume an unfinished one
+    from its last checkpoint, to train only what is missing. Every run of every stage is recorded (`RUNS`), and the
+    bundle's metrics carry them, its file digests and the held-out questions' digest (`--verify`)."""
     from finetune.config import TrainConfig
     from finetune.tap.config import TapTrainConfig
     from finetune.tap.trainer import TapTrainer
@@ -217,7 +154,9 @@ def build(out: Path, work: Path, recipe: Recipe, reuse: bool = False) -> dict:
     from finetune.world_chat import make_chat_data
 
     world = work / "world"
+    built = {"commit": commit(), "command": command}
     timings: dict[str, float] = {}
+    markers: dict[str, dict] = {}
     clock = time.perf_counter()
 
     def lap(name: str) -> None:
@@ -233,26 +172,24 @@ def build(out: Path, work: Path, recipe: Recipe, reuse: bool = False) -> dict:
     lap("world")
 
     trained: list[str] = []  # a stage whose input trained again is trained again too (it learnt from the old)
-    trains = {k: v for k, v in asdict(recipe).items() if k != "eval_images"}  # what a stage's result depends on
 
-    def recipe_of(stage: str) -> dict:
-        """What the stage's result depends on: the recipe, and its config file as it reads now."""
-        return {**trains, "config": hashlib.sha256(stage_config(stage).read_bytes()).hexdigest()[:16]}
-
-    def done(stage: str) -> bool:
-        """A stage finished by an earlier build, with nothing it learns from retrained: reused with its time."""
-        marker = work / stage / FINISHED
-        if any(n in trained for n in NEEDS[stage]) or not (reuse and finished(marker) == recipe_of(stage)):
+    def train(stage: str, fit) -> None:
+        """Reuse the stage where an earlier build finished it with this recipe, else run `fit(resume)`."""
+        folder, wanted = work / stage, stage_recipe(stage, asdict(recipe))
+        fresh_input = any(n in trained for n in NEEDS[stage])
+        marker = finished(folder / FINISHED)
+        if reuse and not fresh_input and marker is not None and marker["recipe"] == wanted:
+            print(f"demo-models: {stage} reused ({folder})", flush=True)
+        else:
             trained.append(stage)
-            marker.unlink(missing_ok=True)  # until it finishes again
-            return False
-        timings[stage] = json.loads(marker.read_text())["seconds"]
-        print(f"demo-models: {stage} reused ({work / stage})", flush=True)
-        return True
-
-    def finish(stage: str) -> None:
-        lap(stage)
-        (work / stage / FINISHED).write_text(json.dumps({"seconds": timings[stage], "recipe": recipe_of(stage)}))
+            resume = begin(folder, wanted, resume=reuse and not fresh_input)
+            print(f"demo-models: {stage} {'resumed' if resume else 'started'} ({folder})", flush=True)
+            fit(resume)
+            marker = {"recipe": wanted, "runs": ended(folder)}
+            marker["seconds"] = round(sum(r["seconds"] for r in marker["runs"]), 1)
+            (folder / FINISHED).write_text(json.dumps(marker, indent=1))
+            print(f"demo-models: {stage} done in {marker['runs'][-1]['seconds']:.0f} s", flush=True)
+        timings[stage], markers[stage] = marker["seconds"], marker
 
     def limit(stage: str) -> list[str]:
         if stage not in recipe.steps:
@@ -266,38 +203,37 @@ def build(out: Path, work: Path, recipe: Recipe, reuse: bool = False) -> dict:
     tap_data = [f"data.sa1b={world / 'train'}", f"data.priors={world / 'priors'}", f"seed={recipe.seed}",
                 "report_to=[]"]
     for stage in TAP_CONFIGS:  # each starts from the one stage it learns from
-        if done(stage):
-            continue
         init = str(work / NEEDS[stage][0]) if NEEDS[stage] else "scratch"
         extra = ([f"data.captions={world / 'captions_train.json'}", f"data.image_folder={world / 'train'}"]
                  if stage in ("tap_stage2", "tap_decoder") else [])
         config = TapTrainConfig.load(stage_config(stage), [
             *tap_data, *extra, *scratch(stage), f"init={init}", f"output_dir={work / stage}", *limit(stage)])
-        TapTrainer(config).train()
-        finish(stage)
-    chat_common = [f"data.image_folder={world}", f"seed={recipe.seed}", f"model.seed={recipe.seed}"]
+        train(stage, lambda resume, c=config: TapTrainer(c).train(resume=resume))
+    chat_common = [f"data.image_folder={world}", f"seed={recipe.seed}", f"model.seed={recipe.seed}",
+                   f"save_every={CHAT_CHECKPOINT_EVERY}"]
     stages = (("chat_stage1", "chat_captions.json",
                [f"model.tap_checkpoint={work / 'tap_stage2'}", f"model.tokenizer={world / 'tokenizer.json'}",
                 # the projector merges size/128 patches a side: 8 x 8 tokens at any size, finer features in each
                 f"model.projector.merge={recipe.size // BASE_SIZE}"]),
               ("chat_stage2", "chat_train.json", [f"model.init={work / 'chat_stage1'}"]))
     for stage, data, extra in stages:
-        if done(stage):
-            continue
         config = TrainConfig.load(stage_config(stage), [
             f"data.path={world / data}", *chat_common, *extra, f"output_dir={work / stage}", *limit(stage)])
-        Trainer(config).train()
-        finish(stage)
+        train(stage, lambda resume, c=config: Trainer(c).train(resume=resume))
+    clock = time.perf_counter()
     pack(work / "tap_iou", work / "chat_stage2", out)
     gallery(out, recipe)
-    size_mb = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 2**20
+    files = file_digests(out)
+    size_mb = sum((out / name).stat().st_size for name in files) / 2**20
     metrics = evaluate_bundle(out, world, recipe.eval_images)
     metrics["gallery"] = gallery_answers(out)
     lap("evaluate")
     metrics.update(bundle_mb=round(size_mb, 2), seconds=timings, recipe=asdict(recipe), cores=os.cpu_count(),
-                   torch_threads=_threads())
+                   torch_threads=_threads(), built=built, stages=markers, files=files,
+                   inputs={"chat_eval": digest(world / "chat_eval.json")})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     (out / "README.md").write_text(readme(metrics))
+    size_mb = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 2**20
     if size_mb > MAX_BUNDLE_MB:
         raise RuntimeError(f"the bundle is {size_mb:.1f} MB, over the {MAX_BUNDLE_MB:.0f} MB the repository allows")
     return metrics
@@ -308,81 +244,113 @@ def stage_config(stage: str) -> Path:
     return CONFIGS / TAP_CONFIGS.get(stage, f"demo_{stage}.yaml")
 
 
+def stage_recipe(stage: str, recipe: dict) -> dict:
+    """What a stage's result depends on: the recipe (less the held-out size) and its config file as it reads now."""
+    trains = {k: v for k, v in recipe.items() if k != "eval_images"}
+    return {**trains, "config": hashlib.sha256(stage_config(stage).read_bytes()).hexdigest()[:16]}
+
+
 def finished(marker: Path) -> dict | None:
-    """The recipe a stage was finished with (`FINISHED`), or None: not finished, or by an older build."""
+    """A stage's `FINISHED` marker (recipe, seconds, runs), or None: not finished, or by an older build."""
     try:
-        return json.loads(marker.read_text()).get("recipe")
+        data = json.loads(marker.read_text())
     except (OSError, ValueError):
         return None
+    return data if "runs" in data else None
+
+
+def commit() -> str:
+    """The checkout's commit, `+changes` where tracked code differs from it (the bundle folder aside), or
+    `unknown` outside a git checkout (an installed package)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        head = git("rev-parse", "--short=12", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)models")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+changes" if changed else "")
+
+
+def read_runs(folder: Path) -> list[dict]:
+    path = folder / RUNS
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+
+def newest_checkpoint(folder: Path) -> tuple[int, float] | None:
+    """(step, when it was saved) of the stage's newest whole checkpoint (`finetune/loop.py` writes progress.json
+    last)."""
+    found = sorted((folder / "checkpoints").glob("step-*/progress.json"))
+    if not found:
+        return None
+    return json.loads(found[-1].read_text())["step"], found[-1].stat().st_mtime
+
+
+def begin(folder: Path, recipe: dict, resume: bool) -> bool:
+    """Record a new run of the stage in `folder`; returns whether it resumes. It resumes (when allowed) from the
+    newest checkpoint that an earlier run of the same recipe left; otherwise the folder is emptied first."""
+    runs, newest = read_runs(folder), newest_checkpoint(folder)
+    resume = resume and newest is not None and bool(runs) and runs[-1]["recipe"] == recipe
+    if not resume:
+        shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    run = {"started": time.time(), "recipe": recipe, "commit": commit(), "from_step": newest[0] if resume else 0,
+           "checkpoint_saved": newest[1] if resume else None}
+    with (folder / RUNS).open("a") as f:
+        f.write(json.dumps(run) + "\n")
+    return resume
+
+
+def ended(folder: Path) -> list[dict]:
+    """The stage's runs as its marker keeps them. A stopped run counts until the checkpoint that the next run
+    resumed from (its work after that was lost and done again); one that saved none before it stopped counts 0."""
+    runs, rows = read_runs(folder), []
+    for run, after in zip(runs, [*runs[1:], None]):
+        if after is None:
+            seconds, to_step = time.time() - run["started"], None
+        elif after["checkpoint_saved"] > run["started"]:
+            seconds, to_step = after["checkpoint_saved"] - run["started"], after["from_step"]
+        else:
+            seconds, to_step = 0.0, run["from_step"]
+        rows.append({"started": time.strftime("%Y-%m-%d %H:%M", time.gmtime(run["started"])), "commit": run["commit"],
+                     "from_step": run["from_step"], "to_step": to_step, "seconds": round(seconds, 1),
+                     "stopped": after is not None})
+    return rows
+
+
+def verify(bundle: Path) -> list[str]:
+    """Everything in which the bundle is not what its metrics.json says, empty when it is: the stage configs and
+    recipe it was built with against the configs now, its files against their
+    digests, its README against the one its metrics write, and its held-out figures re-measured on the world that
+    the recipe's seed redraws."""
+    try:
+        m = json.loads((bundle / "metrics.json").read_text())
+    except (OSError, ValueError) as exc:
+        return [f"{bundle / 'metrics.json'}: cannot be read ({exc})"]
+    if "stages" not in m or "files" not in m:
+        return [f"{bundle}: its metrics.json records no stage provenance or file digests (packed before "
+                "`--verify` existed): rebuild it with `make demo-models`"]
+    now = {stage: stage_recipe(stage, m["recipe"]) for stage in m["stages"]}
+    problems = [f"{stage}: built with {marker['recipe']}, the recipe and config now give {now[stage]}"
+                for stage, marker in m["stages"].items() if marker["recipe"] != now[stage]]
+    files = file_digests(bundle)
+    problems += [f"{name}: {'missing' if name not in files else 'changed since packing'}"
+                 for name, sha in m["files"].items() if files.get(name) != sha]
+    problems += [f"{name}: not in the bundle when it was packed" for name in files if name not in m["files"]]
+    if not (bundle / "README.md").is_file() or (bundle / "README.md").read_text() != readme(m):
+        problems.append(f"{bundle / 'README.md'}: differs from the README its metrics.json writes")
+    try:
+        measured = remeasure(bundle, m)
+    except (ValueError, OSError, RuntimeError, KeyError) as exc:  # a bundle edited into one that does not load
+        return [*problems, f"{bundle}: cannot be re-measured ({exc})"]
+    if measured.pop("inputs") != m["inputs"]:
+        problems.append("the held-out questions this code draws differ from those the bundle was scored on")
+    return problems + compare({k: m.get(k) for k in measured}, measured)
 
 
 def _threads() -> int:
     import torch
     return torch.get_num_threads()
-
-
-def cell(text: str) -> str:
-    """Model output as one Markdown table cell (an untrained model writes anything, pipes and newlines included)."""
-    return " ".join(text.replace("|", "\\|").split())
-
-
-def readme(m: dict) -> str:
-    """The bundle's README: what it is, how it was made, and every measured number beside its target."""
-    r = m["recipe"]
-    rows = [("point-click mIoU", m["point_miou"], TARGETS["point_miou"]),
-            ("point-click mIoU, the best of TAP's point masks (oracle)", m["point_miou_oracle"], None),
-            ("the true masks through the decoder's output grid (ceiling)", m["grid_ceiling"], None),
-            ("box-prompt mIoU", m["box_miou"], None),
-            ("concept top-1", m["concept_top1"], TARGETS["concept_top1"]),
-            ("captions naming object and colour", m["caption_named"], TARGETS["caption_named"]),
-            (f"short answers, exact match ({', '.join(ASKED_KINDS)})", m["answers"], TARGETS["answers"]),
-            ("short answers, exact match (all kinds, relations too)", m["answers_by_kind"]["overall"], None)]
-    kinds = {k: v for k, v in m["answers_by_kind"].items() if k != "overall"}
-    missed = [name for name, value, target in rows if target is not None and value < target]
-    lines = [
-        "# Demo models: TAP + a small chat model trained on synthetic scenes",
-        "",
-        "Trained by this project's own pipelines (`make demo-models`, finetune/demo.py) on the synthetic scene world "
-        "(`python -m finetune tap-world`): made for scenes like the examples, **not on photos**; on those, the scores "
-        "below (its region names are good, its answers often wrong). For real images use TAP-L + Phi-2 (README, "
-        "\"Models\").",
-        "",
-        f"World: {r['train_images']} training and {r['eval_images']} held-out scenes at {r['size']} px, seed "
-        f"{r['seed']}{' (smoke size: the models learned nothing)' if r['quick'] else ''}. Bundle: "
-        f"{m['bundle_mb']:.1f} MB.",
-        "",
-        "## Held-out scores",
-        "",
-        "| metric | measured | target |",
-        "|---|---|---|",
-        *[f"| {name} | {value:.3f} | {'' if target is None else f'>= {target}'} |" for name, value, target in rows],
-        "",
-        *([f"Below target: {', '.join(missed)}; BENCHMARKS.md (\"demo models\") says what was tried and what "
-           "would reach them.", ""] if missed else []),
-        "Short answers by kind (exact match; blind = the same model shown black images): "
-        + ", ".join(f"{k} {v:.3f} (blind {m['answers_blind'].get(k, 0.0):.3f})" for k, v in kinds.items()) + ".",
-        "Point-click mIoU by region kind: " + ", ".join(f"{k} {v:.3f}" for k, v in m["point_miou_by_kind"].items())
-        + ". The ceiling is what masks right about every cell of the decoder's low-res output grid (a quarter of a "
-        "patch) would score.",
-        f"Concepts: {m['labelled']} labelled regions, majority-class top-1 {m['majority']:.3f}.",
-        "",
-        "## The gallery, as the app answers it",
-        "",
-        "Held-out scenes (`gallery/`, the app's first examples): a click on the object (a box where it is made of "
-        "parts), then \"What colour is <region1>?\", answered greedily by these models.",
-        "",
-        "| scene | object (colour) | chip | TAP's caption | answer | right |",
-        "|---|---|---|---|---|---|",
-        *[f"| {g['image']} | {g['concept']} ({g['colour']}) | {cell(g['chip'])} | {cell(g['caption'])} | "
-          f"{cell(g['answer'])} | {'yes' if g['named'] and g['right'] else 'no'} |" for g in m.get("gallery", [])],
-        "",
-        "## Build time",
-        "",
-        f"{sum(m['seconds'].values()) / 60:.1f} min wall on {m['cores']} CPU cores ({m['torch_threads']} torch "
-        "threads): " + ", ".join(f"{k} {v:.0f} s" for k, v in m["seconds"].items()) + ".",
-        "",
-    ]
-    return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -396,18 +364,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smoke", action="store_true", help="a tiny end-to-end run (checks the pipeline, ~1 min)")
     parser.add_argument("--reuse", action="store_true",
                         help="keep training stages an earlier build with the same seed, size, training scenes and "
-                             "stage configs finished in --work (retrain only what follows; "
-                             "delete a stage's folder to retrain it)")
+                             "stage configs finished in --work, and resume an unfinished one from its last "
+                             "checkpoint (train only what is missing; delete a stage's folder to retrain it)")
+    parser.add_argument("--verify", type=Path, metavar="BUNDLE",
+                        help="build nothing: re-measure BUNDLE (e.g. models/demo) from its own files and check it "
+                             "against its metrics.json, its files' digests and the stage configs now (~1-2 min)")
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The build as one command, for the bundle's README."""
+    parts = ["python -m finetune demo-models", f"--out {args.out}", f"--work {args.work}"]
+    parts += [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("seed", "train_images", "eval_images", "size")
+              if getattr(args, k) != getattr(Recipe, k, 0)]
+    return " ".join(parts + [f"--{flag}" for flag in ("smoke", "reuse") if getattr(args, flag)])
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.verify is not None:
+        problems = verify(args.verify)
+        for problem in problems:
+            print(f"demo-models --verify: {problem}", file=sys.stderr)
+        print(f"{args.verify}: {'does not match its metrics.json' if problems else 'verified'}")
+        return 1 if problems else 0
     recipe = (Recipe.smoke(args.seed, args.size) if args.smoke else
               Recipe(seed=args.seed, train_images=args.train_images, eval_images=args.eval_images, size=args.size))
     try:
-        metrics = build(args.out, args.work, recipe, reuse=args.reuse)
+        metrics = build(args.out, args.work, recipe, reuse=args.reuse, command=command_line(args))
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"demo-models: {exc}", file=sys.stderr)
         return 2
     print(json.dumps({k: metrics[k] for k in ("point_miou", "concept_top1", "caption_named", "answers",
-                                             "bundle_mb")}, indent=1))
+                                             "answers_blind", "bundle_mb")}, indent=1))
     return 0

@@ -22,7 +22,9 @@ from assistant.generation import GenerationSettings
 from assistant.store import ChatStore
 from finetune import demo
 from finetune.cli import main
-from finetune.demo import MAX_BUNDLE_MB, TARGETS, caption_named, cell, prompt
+from finetune.demo import MAX_BUNDLE_MB, prompt
+from finetune.demo_eval import TARGETS, caption_named
+from finetune.demo_readme import cell
 from finetune.tap.world import Region
 from tokenizer_tap import cli as tap_cli
 from tokenizer_tap.config import folder_config
@@ -42,7 +44,8 @@ def test_bundle_holds_both_checkpoints_in_float16_within_the_size_limit(built) -
     bundle, _ = built
     metrics = json.loads((bundle / "metrics.json").read_text())
     files = [p for p in bundle.rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in files) / 2**20 == pytest.approx(metrics["bundle_mb"], abs=0.01)
+    packed = [p for p in files if p.name not in ("README.md", "metrics.json")]  # the size metrics.json reports
+    assert sum(p.stat().st_size for p in packed) / 2**20 == pytest.approx(metrics["bundle_mb"], abs=0.01)
     assert metrics["bundle_mb"] < MAX_BUNDLE_MB
     assert {"tap/model.safetensors", "tap/text_tokenizer.model", "tap/concepts.safetensors", "chat/config.json",
             "chat/projector.safetensors", "chat/llm/model.safetensors", "chat/llm/tokenizer.json"} <= {
@@ -57,7 +60,8 @@ def test_bundle_holds_both_checkpoints_in_float16_within_the_size_limit(built) -
 def test_metrics_and_readme_report_every_target(built) -> None:
     bundle, _ = built
     metrics = json.loads((bundle / "metrics.json").read_text())
-    for key in (*TARGETS, "box_miou", "point_miou_oracle", "grid_ceiling", "answers_blind", "seconds", "cores"):
+    for key in (*TARGETS, "box_miou", "point_miou_oracle", "grid_ceiling", "answers_blind", "answers_blind_by_kind",
+                "seconds", "cores", "stages", "files", "built"):
         assert key in metrics
     assert metrics["point_miou"] <= metrics["point_miou_oracle"]
     assert set(metrics["point_miou_by_kind"]) <= {"one-piece object", "object made of parts", "part", "stuff"}
@@ -66,8 +70,13 @@ def test_metrics_and_readme_report_every_target(built) -> None:
     assert set(metrics["answers_by_kind"]) == {"overall", "colour", "count", "position", "relation", "region"}
     readme = (bundle / "README.md").read_text()
     assert "not on photos" in readme and "smoke size" in readme
-    assert f"| point-click mIoU | {metrics['point_miou']:.3f} | >= 0.7 |" in readme
-    assert f"(ceiling) | {metrics['grid_ceiling']:.3f} |  |" in readme
+    assert f"| point-click mIoU | {metrics['point_miou']:.3f} |  | >= 0.7 |" in readme
+    assert (f"| short answers, exact match (colour, count, position) | {metrics['answers']:.3f} | "
+            f"{metrics['answers_blind']:.3f} | >= 0.7 |") in readme
+    assert "region questions (the answer is written in the prompt's region line)" in readme
+    assert "label-supervised priors" in readme and "not CLIP" in readme
+    assert all(f"- `{stage}` (config sha256 " in readme for stage in metrics["stages"])
+    assert f"(ceiling) | {metrics['grid_ceiling']:.3f} |  |  |" in readme
     examples = json.loads((bundle / "gallery" / "examples.json").read_text())
     assert [g["image"] for g in metrics["gallery"]] == [e["image"] for e in examples]
     for g in metrics["gallery"]:  # what the app said on each gallery scene, in the README's table
@@ -194,3 +203,83 @@ def test_size_128_builds_tap_at_128_px_and_keeps_the_chat_models_8_by_8_tokens(b
 ])
 def test_a_caption_names_its_region_by_whole_words(caption, obj, named) -> None:
     assert caption_named(caption, obj) is named
+
+
+def test_verify_passes_on_a_fresh_bundle_and_names_each_thing_changed_after_packing(built, tmp_path, monkeypatch,
+                                                                                   capsys) -> None:
+    bundle, _ = built
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    assert main_code(["demo-models", "--verify", str(copy)]) == 0
+    assert capsys.readouterr().out.strip() == f"{copy}: verified"
+    metrics = json.loads((copy / "metrics.json").read_text())
+    metrics["box_miou"] += 0.05  # a figure claimed beyond what the files score
+    (copy / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    config = json.loads((copy / "chat" / "config.json").read_text())
+    config["max_context"] -= 1  # a packed file edited by hand
+    (copy / "chat" / "config.json").write_text(json.dumps(config))
+    with (copy / "README.md").open("a") as f:
+        f.write("hand-written\n")
+    configs = tmp_path / "configs"  # a stage config changed since the build
+    shutil.copytree(demo.CONFIGS, configs)
+    with (configs / "tap_world_iou.yaml").open("a") as f:
+        f.write("# edited\n")
+    monkeypatch.setattr(demo, "CONFIGS", configs)
+    assert main_code(["demo-models", "--verify", str(copy)]) == 1
+    err = capsys.readouterr().err
+    assert "box_miou: metrics.json says" in err
+    assert "chat/config.json: changed since packing" in err
+    assert "README.md: differs from the README its metrics.json writes" in err
+    assert "tap_iou: built with" in err and "tap_stage1: built with" not in err
+
+
+def test_verify_refuses_a_bundle_packed_without_provenance(built, tmp_path, capsys) -> None:
+    bundle, _ = built
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    metrics = json.loads((copy / "metrics.json").read_text())
+    del metrics["stages"]
+    (copy / "metrics.json").write_text(json.dumps(metrics))
+    assert main_code(["demo-models", "--verify", str(copy)]) == 1
+    assert "records no stage provenance" in capsys.readouterr().err
+
+
+class Stopped(Exception):
+    """Stands for a build stopped from outside (a session's end, Ctrl-C) right after a checkpoint."""
+
+
+def test_a_stopped_stage_resumes_from_its_checkpoint_and_the_readme_says_so(built, tmp_path, monkeypatch) -> None:
+    from finetune.loop import TrainLoop
+    _, work = built
+    configs = tmp_path / "configs"  # the IoU refit saves a checkpoint after its first step
+    shutil.copytree(demo.CONFIGS, configs)
+    text = (configs / "tap_world_iou.yaml").read_text()
+    (configs / "tap_world_iou.yaml").write_text(text.replace("save_every: 500", "save_every: 1"))
+    monkeypatch.setattr(demo, "CONFIGS", configs)
+    save = TrainLoop.save_checkpoint
+
+    def save_then_stop(self, epoch: int, micro: int):
+        save(self, epoch, micro)
+        raise Stopped
+
+    monkeypatch.setattr(TrainLoop, "save_checkpoint", save_then_stop)
+    recipe = demo.Recipe.smoke()
+    with pytest.raises(Stopped):
+        demo.build(tmp_path / "bundle", work, recipe, reuse=True)
+    assert not (work / "tap_iou" / demo.FINISHED).exists()
+    monkeypatch.setattr(TrainLoop, "save_checkpoint", save)
+    metrics = demo.build(tmp_path / "bundle", work, recipe, reuse=True, command="demo-models --smoke --reuse")
+    first, second = metrics["stages"]["tap_iou"]["runs"]
+    assert (first["from_step"], first["to_step"], first["stopped"]) == (0, 1, True)
+    assert (second["from_step"], second["to_step"], second["stopped"]) == (1, None, False)
+    assert metrics["stages"]["tap_stage1"]["runs"] == json.loads(
+        (work / "tap_stage1" / demo.FINISHED).read_text())["runs"]  # reused: the runs of the build that trained it
+    readme = (tmp_path / "bundle" / "README.md").read_text()
+    assert "resumed from its step-1 checkpoint to the end" in readme and "(stopped)" in readme
+    assert "`demo-models --smoke --reuse`, packed at commit " in readme
+
+
+def main_code(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    return done.value.code
