@@ -67,10 +67,15 @@ class ServerLLM:
         `add_lora_embedding`), so such a checkpoint is served merged. Naming the adapter with `--llm-server-model`
         overrides this (for a vLLM build where it works).
         """
-        data = self._call("GET", "/v1/models").json()["data"]
+        data = self._json(self._call("GET", "/v1/models"), "/v1/models").get("data")
+        if not isinstance(data, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str) for m in data):
+            raise ServerError(f"the server at {self.url} lists its models without a `data` list of {{id}}: is it an "
+                              "OpenAI-compatible server?")
         adapters = [m["id"] for m in data if m.get("parent")]
         bases = [m["id"] for m in data if not m.get("parent")]
         if self.chat.config.lora is None:
+            if not bases:
+                raise ServerError(f"the server at {self.url} serves no base model")
             return bases[0]
         if self.chat.config.mode == "tapchat":
             raise ServerError("a tapchat checkpoint with a LoRA adapter is served merged (vLLM cannot batch prompt "
@@ -149,20 +154,55 @@ class ServerLLM:
         if data == "[DONE]":
             request.ended = True
             return
-        event = json.loads(data)
-        if "error" in event:
+        try:
+            choice = self._choice(data)
+        except ServerError:
             self.leave(request)
-            raise ServerError(f"the language model server failed: {event['error'].get('message', event['error'])}")
-        choice = event["choices"][0]
+            raise
         if request.expected_prompt is not None and choice.get("prompt_token_ids") is not None:
             if choice["prompt_token_ids"] != request.expected_prompt:
                 self.leave(request)
                 raise ServerError(f"the server at {self.url} tokenizes the prompt differently from this tokenizer: "
                                   "serve the checkpoint's own llm/ folder (or the same --llm)")
             request.expected_prompt = None
-        request.ready.extend(int(t) for t in choice.get("token_ids") or [])
+        request.ready.extend(choice.get("token_ids") or [])
         if choice.get("finish_reason") is not None:
             request.ended = True
+
+    def _choice(self, data: str) -> dict:
+        """The first choice of one streamed event, checked: a reply we cannot read is the server's fault, said as a
+        ServerError with what it sent, never a JSON or key error from deep in the engine."""
+        try:
+            event = json.loads(data)
+        except json.JSONDecodeError:
+            raise ServerError(f"the language model server at {self.url} sent a stream event that is not JSON: "
+                              f"{data[:200]!r}") from None
+        if isinstance(event, dict) and "error" in event:
+            error = event["error"]
+            raise ServerError(f"the language model server failed: "
+                              f"{error.get('message', error) if isinstance(error, dict) else error}")
+        choices = event.get("choices") if isinstance(event, dict) else None
+        choice = choices[0] if isinstance(choices, list) and choices else None
+        if not isinstance(choice, dict):
+            raise ServerError(f"the language model server at {self.url} sent a stream event without choices: "
+                              f"{data[:200]!r}")
+        ids = choice.get("token_ids") or []
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ServerError(f"the language model server at {self.url} sent token_ids that are not integers: "
+                              f"{data[:200]!r}")
+        return choice
+
+    def _json(self, response: httpx.Response, path: str) -> dict:
+        """A non-streamed reply's JSON object; anything else (an HTML error page from a proxy, say) is a
+        ServerError quoting its start."""
+        try:
+            body = response.json()
+        except ValueError:  # JSONDecodeError, or bytes that are not text
+            body = None
+        if not isinstance(body, dict):
+            raise ServerError(f"the language model server at {self.url} answered {path} with something that is not "
+                              f"a JSON object: {response.text[:200]!r}")
+        return body
 
     def _call(self, method: str, path: str, *, json: dict | None = None, stream: bool = False) -> httpx.Response:
         """One HTTP call; connection problems and refusals become `ServerError`s that say what happened."""

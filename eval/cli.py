@@ -6,14 +6,24 @@ import argparse
 import json
 import os
 import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from assistant.options import add_model_options
 
 from .benchmarks import BENCHMARKS, get
+from .launch import DEFAULT_TIMEOUT_S, Launch, RankStatus
+from .questions import reading
 from .spec import RunInputs
+
+if TYPE_CHECKING:
+    from .questions import Question
+    from .runner import RunStats
+
+
+CHOICES_HELP = ("gqa: the official {split}_choices.json (valid and plausible answers per question), for validity and "
+                "plausibility")
 
 
 def torch_cuda() -> bool:
@@ -28,11 +38,13 @@ def load_data(args: argparse.Namespace) -> tuple[list, Any, dict[str, str]]:
         sys.exit(f"{args.benchmark}: pass --images DIR, where the images inside the data are written")
     if args.hf:
         from .lmms import load
-        loaded = load(args.benchmark, args.hf, args.images, split=args.split, ocr=args.ocr)
+        with reading(args.hf, f"{args.benchmark} lmms-lab parquet"):
+            loaded = load(args.benchmark, args.hf, args.images, split=args.split, ocr=args.ocr)
         return loaded.questions, loaded.annotations, loaded.bad
-    return module.load_run(RunInputs(questions=args.questions, images=args.images, annotations=args.annotations,
-                                     split=args.split, video_frames=args.video_frames, ocr=args.ocr,
-                                     detections=args.detections))
+    with reading(args.questions, f"{args.benchmark} questions file"):
+        return module.load_run(RunInputs(questions=args.questions, images=args.images,
+                                         annotations=args.annotations, split=args.split,
+                                         video_frames=args.video_frames, ocr=args.ocr, detections=args.detections))
 
 
 def answerer(args: argparse.Namespace, device: str, annotations: Any = None):
@@ -66,36 +78,6 @@ def multiple_choice() -> list[str]:
     return [name for name in BENCHMARKS if get(name).CHOICES]
 
 
-def launched_shard(args: argparse.Namespace) -> tuple[int, int, Path]:
-    """Under `accelerate launch` / `torchrun` (RANK, WORLD_SIZE set) each process answers one contiguous shard into
-    its own file; returns (rank, world, final answers path) and points `args` at the shard."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    final = args.answers
-    if world == 1 or args.num_shards > 1:
-        return 0, 1, final
-    rank = int(os.environ["RANK"])
-    args.num_shards, args.shard = world, rank
-    args.answers = shard_path(final, rank, world)
-    args.answers.with_suffix(".done").unlink(missing_ok=True)
-    return rank, world, final
-
-
-def shard_path(final: Path, rank: int, world: int) -> Path:
-    return final.with_name(f"{final.stem}.shard-{rank}-of-{world}.jsonl")
-
-
-def wait_and_merge(final: Path, world: int, timeout_s: float = 7 * 24 * 3600) -> None:
-    """Rank 0: wait for every shard's done-marker, then merge the shards in order into `final`."""
-    from .runner import merge
-    parts = [shard_path(final, r, world) for r in range(world)]
-    deadline = time.monotonic() + timeout_s
-    while not all(p.with_suffix(".done").exists() for p in parts):
-        if time.monotonic() > deadline:
-            sys.exit(f"gave up waiting for shards: {[str(p) for p in parts if not p.with_suffix('.done').exists()]}")
-        time.sleep(2)
-    print(f"{merge(parts, final)} answers merged in order -> {final}")
-
-
 def report_and_print(report: dict[str, Any], prefix: Path | None) -> None:
     from . import report as reports
     print(reports.markdown(report))
@@ -123,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--answers", type=Path, required=True, help="answers JSONL, appended to (resume)")
     add_model_options(r, checkpoint_alias=True)  # vg/refcocog: --checkpoint may name the TAP weights
     r.add_argument("--annotations", type=Path, help="score after the run (gqa, vqav2 val, textvqa)")
+    r.add_argument("--choices", type=Path, help=CHOICES_HELP)
     r.add_argument("--likelihood", action="store_true",
                    help="seed/mmbench: answer with the most likely option letter instead of generating text")
     r.add_argument("--limit", type=int, default=0)
@@ -130,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--max-new-tokens", type=int, default=None, help="default 128 (chat), the decoder's own (TAP)")
     r.add_argument("--num-shards", type=int, default=1)
     r.add_argument("--shard", type=int, default=0)
+    r.add_argument("--rank-timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                   help="accelerate launch / torchrun: seconds a rank waits for the others before the run fails")
     r.add_argument("--report", type=Path, help="report prefix (default: next to the answers)")
     s = sub.add_parser("score", help="score an answers file with the benchmark's official rules (no model)")
     s.add_argument("benchmark", choices=BENCHMARKS)
@@ -150,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
                    "EvalAI/m4c answer processor first, as LLaVA/Bunny do before upload)")
     s.add_argument("--submission", type=Path, help="vqav2 test-dev: EvalAI JSON; mmbench: OpenCompass .xlsx/.tsv")
     s.add_argument("--all-questions", type=Path, help="vqav2: every test question (unanswered ones get \"\")")
+    s.add_argument("--choices", type=Path, help=CHOICES_HELP)
     s.add_argument("--report", type=Path, help="write PREFIX.json, PREFIX.md and PREFIX.png")
     m = sub.add_parser("merge", help="join shard answer files in order")
     m.add_argument("output", type=Path)
@@ -161,16 +147,41 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "run" and not (args.tiny or args.chat_checkpoint or args.tap_checkpoint or args.llm):
         r.error("name the model under test: --checkpoint (vg/refcocog: or --tap-checkpoint), --llm, or --tiny")
 
-    if args.command == "merge":
-        from .runner import merge
-        print(f"{merge(args.parts, args.output)} answers -> {args.output}")
-    elif args.command == "compare":
-        from .report import compare
-        print(compare(json.loads(args.a.read_text()), json.loads(args.b.read_text())), end="")
-    elif args.command == "score":
-        score_command(args)
-    else:
-        run_command(args)
+    try:
+        if args.command == "merge":
+            from .runner import merge
+            print(f"{merge(args.parts, args.output)} answers -> {args.output}")
+        elif args.command == "compare":
+            from .report import compare
+            print(compare(*(read_report(path) for path in (args.a, args.b))), end="")
+        elif args.command == "score":
+            score_command(args)
+        else:
+            run_command(args)
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):
+            raise
+        refuse(exc.code)
+    except (ValueError, OSError) as exc:  # a bad file, record or option, said by the code that read it
+        refuse(str(exc))
+
+
+def read_report(path: Path) -> dict[str, Any]:
+    """A report JSON written by `run` or `score --report`; anything else is refused, naming the file."""
+    with reading(path, "report JSON"):
+        report = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(report, dict) or "benchmark" not in report or not {"accuracy", "metrics"} & set(report):
+        raise ValueError(f"{path}: not a report JSON (written by `python -m eval run`, or `score --report`)")
+    return report
+
+
+def refuse(message: str) -> NoReturn:
+    """`error: MESSAGE` on stderr and exit code 2, as the project's other CLIs (and argparse) do, never a
+    traceback. The SystemExit's text stays the message, for callers in the same process."""
+    print(f"error: {message}", file=sys.stderr)
+    done = SystemExit(message)
+    done.code = 2
+    raise done from None
 
 
 def score_command(args: argparse.Namespace) -> None:
@@ -187,67 +198,116 @@ def score_command(args: argparse.Namespace) -> None:
         return
     if args.hf:
         from .lmms import load
-        annotations = load(args.benchmark, args.hf, args.images or Path("images"), split=args.split).annotations
+        with reading(args.hf, f"{args.benchmark} lmms-lab parquet"):
+            annotations = load(args.benchmark, args.hf, args.images or Path("images"), split=args.split).annotations
     elif args.annotations:
         annotations = load_annotations(args.benchmark, args.annotations)
     else:
         sys.exit(f"{args.benchmark} needs --annotations FILE or --hf SOURCE (see --help); vqav2 test-dev has no "
                  "local answers: pass --submission OUT.json")
-    rows = getattr(get(args.benchmark), "read_results", read_answers)(args.answers)
-    try:
+    bad: dict[str, str] = {}
+    rows = getattr(get(args.benchmark), "read_results", read_answers)(args.answers, bad)
+    if not rows:
+        first = next(iter(bad.items()), None)
+        sys.exit(f"{args.answers}: no answers to score" + (f" ({len(bad)} malformed records, first {first[0]}: "
+                                                            f"{first[1]})" if first else ""))
+    with reading(args.annotations or args.hf, f"{args.benchmark} annotations file"):  # fields the scorer reads late
         report = score(args.benchmark, rows, annotations, lenient=args.lenient, strict=args.strict,
-                       partial=args.partial, spice=args.spice, raw=args.raw)
-    except ValueError as exc:
-        sys.exit(str(exc))
-    report.update(model=(rows[0].get("model_id") if rows else None) or args.answers.stem, answers=str(args.answers))
+                       partial=args.partial, spice=args.spice, raw=args.raw, choices=args.choices)
+    note_skipped(report, args.answers, bad)
+    report.update(model=rows[0].get("model_id") or args.answers.stem, answers=str(args.answers))
     report_and_print(report, args.report)
 
 
-def run_command(args: argparse.Namespace) -> None:
+def note_skipped(report: dict[str, Any], answers: Path, bad: dict[str, str]) -> None:
+    """Answer records that could not be scored (`bad` from reading, the scorer's `skipped`): listed on the
+    console, counted in the report with the first few in its notes."""
+    bad = {**bad, **report.pop("skipped", {})}
+    if not bad:
+        return
+    print(f"{len(bad)} records of {answers} skipped:")
+    for where, why in list(bad.items())[:10]:
+        print(f"  {where}: {why}")
+    first = "; ".join(f"{where}: {why}" for where, why in list(bad.items())[:3])
+    report["notes"] = [*report.get("notes", []), f"{len(bad)} records of {answers} skipped ({first})"]
+    report["skipped_records"] = len(bad)
+
+
+@dataclass
+class Answered:
+    """What one process answered, and what scoring the run needs."""
+
+    model_id: str
+    questions: list[Question]  # every question of the run, not just this process's piece
+    annotations: Any
+    bad: dict[str, str]  # question id -> why it has no answer
+    stats: RunStats
+
+
+def answer_questions(args: argparse.Namespace, launch: Launch | None) -> Answered:
+    """Answer this process's questions: all of them, `--shard` of `--num-shards`, or a launched rank's piece."""
     from .lmms import DataMissing
-    from .runner import load_answers, run, shard
-    from .scoring import read_answers, score
-    rank, world, final = launched_shard(args)
+    from .runner import run, shard
     try:
         questions, annotations, bad = load_data(args)
     except (DataMissing, FileNotFoundError, ValueError) as exc:
         sys.exit(str(exc))
     if args.limit:
         questions = questions[:args.limit]
-    every = questions
-    questions = shard(questions, args.num_shards, args.shard)
+    mine = shard(questions, args.num_shards, args.shard) if launch is None else launch.piece(questions)
     if args.max_new_tokens is None and not get(args.benchmark).TAP_ONLY:
         args.max_new_tokens = 128
-    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if world > 1 and torch_cuda() else "auto"
+    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if launch and torch_cuda() else "auto"
     try:
         who = answerer(args, device, annotations)
     except (ValueError, OSError) as exc:  # TapError's are ValueError/OSError too: a wrong file, name or vocabulary
         sys.exit(f"{args.benchmark}: {exc}")
     try:
-        stats = run(who, questions, args.images, args.answers, batch_size=args.batch_size, progress=rank == 0)
+        stats = run(who, mine, args.images, launch.part if launch else args.answers, batch_size=args.batch_size,
+                    progress=not launch or launch.rank == 0)
     except ConnectionError as exc:  # the LLM server went away: what was answered is saved
         sys.exit(f"{exc}\nthe answers so far are in {args.answers}; run the same command again to resume")
     bad.update(stats.bad)
-    print(f"{stats.answered} answered, {stats.already_done} already in {args.answers}, {len(bad)} bad records")
+    if launch:
+        stats.already_done = launch.already
+    return Answered(who.model_id, questions, annotations, bad, stats)
+
+
+def run_command(args: argparse.Namespace) -> None:
+    from .runner import load_answers
+    from .scoring import read_answers, score
+    launch = Launch.from_env(args.answers, args.rank_timeout) if args.num_shards == 1 else None
+    if launch is None:
+        done = answer_questions(args, None)
+    else:
+        with launch:
+            try:
+                done = answer_questions(args, launch)
+                status = RankStatus(launch.rank, done.stats.answered, done.bad)
+            except (Exception, SystemExit) as exc:  # every rank hears of it and exits naming this one
+                status = RankStatus.failed(launch, exc)
+            statuses = launch.settle(status)
+        if launch.rank:
+            return
+        done.stats.answered = sum(s.answered for s in statuses)
+        for s in statuses:
+            done.bad.update(s.bad)
+    bad, questions = done.bad, done.questions
+    print(f"{done.stats.answered} answered, {done.stats.already_done} already in {args.answers}, {len(bad)} bad "
+          "records")
     for qid, why in list(bad.items())[:10]:
         print(f"  {qid}: {why}")
-    if world > 1:
-        args.answers.with_suffix(".done").touch()
-        if rank:
-            return
-        wait_and_merge(final, world)
-        args.answers, questions = final, every
-    elif args.num_shards > 1:
+    if args.num_shards > 1:
         print("score the merged file: python -m eval merge OUT PARTS...; python -m eval score ...")
         return
-    if annotations is None:
+    if done.annotations is None:
         return
     ids = {q.id for q in questions}
     rows = [row for row in read_answers(args.answers) if str(row["question_id"]) in ids]
     partial = len(load_answers(args.answers)) < len(questions) or bool(args.limit)
-    try:
-        report = score(args.benchmark, rows, annotations, partial=partial, asked=frozenset(ids))
-    except ValueError as exc:
-        sys.exit(str(exc))
-    report.update(model=who.model_id, answers=str(args.answers), bad_records=len(bad))
+    with reading(args.annotations or args.questions or args.hf, f"{args.benchmark} annotations file"):
+        report = score(args.benchmark, rows, done.annotations, partial=partial, asked=frozenset(ids),
+                       choices=args.choices)
+    note_skipped(report, args.answers, {})
+    report.update(model=done.model_id, answers=str(args.answers), bad_records=len(bad))
     report_and_print(report, args.report or args.answers.with_name(args.answers.stem + ".report"))

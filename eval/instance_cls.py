@@ -30,7 +30,7 @@ def load_run(inputs: RunInputs) -> tuple[list[Question], Any, dict[str, str]]:
     data = instances.read(inputs.questions)
     boxes: dict[int, list[tuple[float, ...]]] = defaultdict(list)
     bad = {}
-    for ann in data.get("annotations", []):
+    for ann in data.get("annotations", []):  # `read` checked every field used here
         x0, y0, x1, y1 = instances.xyxy(ann["bbox"])
         if ann.get("iscrowd", 0) or x1 - x0 < 1 or y1 - y0 < 1:
             bad[f"annotation {ann['id']}"] = "crowd region" if ann.get("iscrowd", 0) else "empty box"
@@ -49,9 +49,10 @@ def tap_answerer(predictor: TapPredictor, annotations: Any, model_id: str, **_: 
 
 
 def report(rows: list[dict[str, Any]], annotations: Any, options: ScoreOptions) -> dict[str, Any]:
-    results, ids = instances.results_of(rows)
-    metrics = instances.evaluate(annotations, results, "bbox", ids if options.partial else None)
-    return {"metrics": metrics, "scored": len(ids), "regions": len(annotations.get("annotations", [])),
+    results = instances.results_of(rows, annotations, "bbox")
+    metrics = instances.evaluate(annotations, results.detections, "bbox", results.images if options.partial else None)
+    return {"metrics": metrics, "scored": len(results.images), "regions": len(annotations.get("annotations", [])),
+            **results.summary(),
             "rule": f"box AP ({instances.flavour(annotations).upper()} evaluator) of TAP's concepts on GT boxes, "
                     "score sqrt(prob x IoU), per-class NMS 0.5, top 300 per image"}
 

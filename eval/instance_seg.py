@@ -14,46 +14,47 @@ from typing import Any
 from tokenizer_tap.predictor import TapPredictor
 
 from . import instances
-from .questions import Question
+from .questions import Question, reading
 from .spec import RunInputs, ScoreOptions
 
 LMMS = None
 TAP_ONLY, CHOICES, IMAGES_REQUIRED = True, "", True
 submission = None
-load_annotations = instances.read
 read_results = instances.read_results  # `score` also takes any system's COCO results JSON
+
+
+def load_annotations(path: str | Path) -> dict[str, Any]:
+    """The instances file, every annotation with its mask (mask AP is scored)."""
+    return instances.read(path, segments=True)
 
 
 def load_run(inputs: RunInputs) -> tuple[list[Question], Any, dict[str, str]]:
     if inputs.questions is None or inputs.detections is None:
         raise FileNotFoundError("pass --questions (the COCO/LVIS instances file, for images and scoring) and "
                                 "--detections (a COCO-results JSON of boxes, e.g. ViTDet-H's)")
-    data = instances.read(inputs.questions)
+    data = load_annotations(inputs.questions)
     if not Path(inputs.detections).is_file():
         raise FileNotFoundError(f"{inputs.detections}: no such file. The paper's ViTDet-H boxes "
                                 "(coco_instances_val2017_vitdet_h_cascade.json, lvis_val_v1_vitdet_h_cascade.json) "
                                 "were made with detectron2 and are not shipped; any detector's COCO results JSON works")
-    detections = json.loads(Path(inputs.detections).read_text())
+    with reading(inputs.detections, "detections file (COCO results JSON)"):
+        detections = json.loads(Path(inputs.detections).read_text(encoding="utf-8"))
     if not isinstance(detections, list):
         raise ValueError(f"{inputs.detections}: expected a COCO results list of {{image_id, category_id, bbox, score}}")
     kind = instances.flavour(data)
     boxes: dict[int, list[tuple[float, ...]]] = defaultdict(list)
     bad = {}
-    known = {image["id"] for image in data["images"]}
+    known = instances.Known.of(data)
     for n, det in enumerate(detections):
-        try:
-            x0, y0, x1, y1 = instances.xyxy(det["bbox"])
-            row = (x0, y0, x1, y1, int(det["category_id"]), float(det["score"]))
-            image_id = det["image_id"]
-        except (KeyError, TypeError, ValueError) as exc:
-            bad[f"detection {n}"] = f"not a detection ({type(exc).__name__}: {exc})"
+        image_id = instances.as_id(det.get("image_id")) if isinstance(det, dict) else None
+        why = known.problem(det, image_id, "bbox")
+        if why is None and min(det["bbox"][2:]) < 1:
+            why = "empty box"
+        if why:
+            bad[f"detection {n}"] = why
             continue
-        if image_id not in known:
-            bad[f"detection {n}"] = f"image {image_id} is not in {inputs.questions}"
-        elif x1 - x0 < 1 or y1 - y0 < 1:
-            bad[f"detection {n}"] = "empty box"
-        else:
-            boxes[image_id].append(row)
+        x0, y0, x1, y1 = instances.xyxy(det["bbox"])
+        boxes[image_id].append((x0, y0, x1, y1, int(det["category_id"]), float(det["score"])))
     for rows in boxes.values():  # the evaluator reads only the best maxDets per image
         rows.sort(key=lambda r: -r[5])
         del rows[instances.MAX_PER_IMAGE[kind]:]
@@ -66,8 +67,9 @@ def tap_answerer(predictor: TapPredictor, annotations: Any, model_id: str, **_: 
 
 
 def report(rows: list[dict[str, Any]], annotations: Any, options: ScoreOptions) -> dict[str, Any]:
-    results, ids = instances.results_of(rows)
-    metrics = instances.evaluate(annotations, results, "segm", ids if options.partial else None)
-    return {"metrics": metrics, "scored": len(ids), "regions": len(results),
+    results = instances.results_of(rows, annotations, "segmentation")
+    metrics = instances.evaluate(annotations, results.detections, "segm", results.images if options.partial else None)
+    return {"metrics": metrics, "scored": len(results.images), "regions": len(results.detections),
+            **results.summary(),
             "rule": f"mask AP ({instances.flavour(annotations).upper()} evaluator) of TAP's mask 0 on the detector's "
                     "boxes, with the detector's scores and categories"}

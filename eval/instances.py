@@ -26,7 +26,8 @@ import torch
 from tokenizer_tap.predictor import TapPredictor
 from tokenizer_tap.prompts import Prompt
 
-from .questions import Question
+from .questions import Question, reading
+from .spec import read_answers
 
 MAX_PER_IMAGE = {"coco": 100, "lvis": 300}  # the evaluators' maxDets; eval_cls keeps 300 per image for both
 DECODER_BATCH = 256  # prompts per decoder call, as the official scripts
@@ -34,14 +35,53 @@ WHERE = ("LVIS v1 val: lvis_v1_val.json from https://www.lvisdataset.org/dataset
          "COCO: annotations_trainval2017.zip and val2017.zip from https://cocodataset.org/#download")
 
 
-def read(path: str | Path) -> dict[str, Any]:
-    """A COCO or LVIS instances file; a missing one is reported with where to get it."""
+def read(path: str | Path, segments: bool = False) -> dict[str, Any]:
+    """A COCO or LVIS instances file; a missing one is reported with where to get it. A ground-truth annotation
+    the evaluators cannot read refuses the file (skipping it would change what AP measures); `segments`: the
+    masks are scored too, so every annotation needs its segmentation."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such file. {WHERE}")
-    data = json.loads(Path(path).read_text())
+    with reading(path, "COCO/LVIS instances file"):
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     if not isinstance(data, dict) or not {"images", "categories"} <= set(data):
         raise ValueError(f"{path}: not a COCO/LVIS instances file (needs images and categories)")
+    problems = ground_truth_problems(data, segments)
+    if problems:
+        raise ValueError(f"{path}: {len(problems)} malformed records, which the evaluator cannot score against: "
+                         + "; ".join(problems[:3]))
     return data
+
+
+def ground_truth_problems(data: dict[str, Any], segments: bool) -> list[str]:
+    """What the evaluators would trip over: images without id or size, categories without id or name, annotations
+    missing a field they read or naming an unknown image or category."""
+    problems: list[str] = []
+    lvis = flavour(data) == "lvis"
+    for n, image in enumerate(data["images"]):
+        if not isinstance(image, dict) or any(as_id(image.get(k)) is None for k in ("id", "width", "height")):
+            problems.append(f"image {n}: needs integer id, width and height")
+    for n, category in enumerate(data["categories"]):
+        if not isinstance(category, dict) or as_id(category.get("id")) is None or "name" not in category:
+            problems.append(f"category {n}: needs an integer id and a name")
+    if problems:
+        return problems
+    images = {image["id"] for image in data["images"]}
+    categories = {category["id"] for category in data["categories"]}
+    needed = ("id", "image_id", "category_id", "bbox", *(() if lvis else ("area", "iscrowd")),
+              *(("segmentation",) if segments else ()))
+    for n, ann in enumerate(data.get("annotations", [])):
+        where = f"annotation {ann.get('id', n) if isinstance(ann, dict) else n}"
+        if not isinstance(ann, dict):
+            problems.append(f"{where}: not an object")
+        elif missing := [k for k in needed if k not in ann]:
+            problems.append(f"{where}: no {' or '.join(missing)}")
+        elif ann["image_id"] not in images:
+            problems.append(f"{where}: image {ann['image_id']!r} is not in images")
+        elif ann["category_id"] not in categories:
+            problems.append(f"{where}: category {ann['category_id']!r} is not in categories")
+        elif _box(ann["bbox"]) is None:
+            problems.append(f"{where}: bbox {ann['bbox']!r} is not [x, y, width, height]")
+    return problems
 
 
 def flavour(data: dict[str, Any]) -> str:
@@ -120,27 +160,144 @@ def evaluate(data: dict[str, Any], results: list[dict[str, Any]], iou_type: str,
             "APc": 100 * float(stats["APc"]), "APf": 100 * float(stats["APf"])}
 
 
-def read_results(path: str | Path) -> list[dict[str, Any]]:
+def read_results(path: str | Path, bad: dict[str, str]) -> list[dict[str, Any]]:
     """Answer rows from our answers JSONL (one row per image), or from any system's COCO results JSON (a list of
-    {image_id, category_id, bbox or segmentation, score}), grouped per image the same way."""
-    text = Path(path).read_text()
-    if not text.lstrip().startswith("["):
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    {image_id, category_id, bbox or segmentation, score}), grouped per image the same way. Records without a usable
+    image id go to `bad`; the detections themselves are checked by `results_of`."""
+    with reading(path, "results file"):
+        text = Path(path).read_text(encoding="utf-8")
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:  # JSON lines, or not JSON at all
+        whole = None
+    if isinstance(whole, dict) and "question_id" not in whole:
+        raise ValueError(f"{path}: a JSON object, not a COCO results list [{{image_id, category_id, bbox or "
+                         "segmentation, score}, ...] nor answers JSONL")
+    if not isinstance(whole, list):
+        return read_answers(path, bad)
     per_image: dict[int, list[dict[str, Any]]] = {}
-    for det in json.loads(text):
-        per_image.setdefault(int(det["image_id"]), []).append({k: v for k, v in det.items() if k != "image_id"})
+    for n, det in enumerate(whole):
+        image_id = as_id(det.get("image_id")) if isinstance(det, dict) else None
+        if image_id is None:
+            bad[f"detection {n}"] = "no integer image_id" if isinstance(det, dict) else "not a detection object"
+            continue
+        per_image.setdefault(image_id, []).append({k: v for k, v in det.items() if k != "image_id"})
     return [{"question_id": i, "text": json.dumps(dets)} for i, dets in per_image.items()]
 
 
-def results_of(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:
-    """The answers file's per-image JSON lists, as one COCO results list, and the answered image ids."""
-    results, ids = [], []
+@dataclass
+class Results:
+    """Detections the evaluator can read (COCO results format), the images answered, and what was set aside on the
+    way, for the report: unreadable or unknown records, and (LVIS) detections beyond an image's best 300."""
+
+    detections: list[dict[str, Any]]
+    images: list[int]
+    skipped: dict[str, str]
+    dropped: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        notes = [f"{self.dropped} detections beyond the best {MAX_PER_IMAGE['lvis']} of their image dropped, as the "
+                 "official LVIS evaluator does"] if self.dropped else []
+        return {"skipped": self.skipped, "dropped": self.dropped, "notes": notes}
+
+
+@dataclass(frozen=True)
+class Known:
+    """An instances file's images, (height, width) by id, and category ids: what each detection is checked against."""
+
+    sizes: dict[int, tuple[int, int]]
+    categories: frozenset[int]
+
+    @classmethod
+    def of(cls, data: dict[str, Any]) -> Known:
+        return cls({image["id"]: (int(image["height"]), int(image["width"])) for image in data["images"]},
+                   frozenset(c["id"] for c in data["categories"]))
+
+    def problem(self, det: Any, image_id: Any, key: str) -> str | None:
+        """Why a detection on `image_id` cannot be scored (`key`: "bbox" or "segmentation", what is scored); None
+        when it can."""
+        if not isinstance(det, dict):
+            return "not a detection object"
+        if as_id(image_id) is None:
+            return "no integer image_id"
+        size = self.sizes.get(as_id(image_id))
+        if size is None:
+            return f"image {image_id!r} is not in the annotations file"
+        if as_id(det.get("category_id")) not in self.categories:
+            return f"category {det.get('category_id')!r} is not in the annotations file"
+        if not isinstance(det.get("score"), int | float) or not np.isfinite(det["score"]):
+            return "no numeric score"
+        if key == "bbox":
+            return None if _box(det.get("bbox")) is not None else "no bbox [x, y, width, height]"
+        segmentation = det.get("segmentation")
+        if isinstance(segmentation, dict) and "counts" in segmentation:
+            if [as_id(v) for v in segmentation.get("size") or []] != list(size):
+                return f"mask size {segmentation.get('size')!r} is not the image's [height, width] {list(size)}"
+            return None
+        if isinstance(segmentation, list) and segmentation and all(
+                isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in segmentation):
+            return None
+        return "no segmentation (an RLE {size, counts} or polygons)"
+
+
+def results_of(rows: list[dict[str, Any]], data: dict[str, Any], key: str) -> Results:
+    """The answer rows' per-image JSON lists as one COCO results list, each detection checked against `data`
+    (`key`: "bbox" or "segmentation", what is scored). LVIS keeps the best 300 per image by score, as its evaluator
+    (max_dets=300); the COCO evaluator applies its own per-class maxDets."""
+    known = Known.of(data)
+    out = Results([], [], {})
     for row in rows:
-        image_id = int(row["question_id"])
-        ids.append(image_id)
-        for det in json.loads(row["text"]):
-            results.append({**det, "image_id": image_id})
-    return results, ids
+        image_id = as_id(row["question_id"])
+        if image_id not in known.sizes:
+            out.skipped[f"image {row['question_id']}"] = "not in the annotations file"
+            continue
+        try:
+            detections = json.loads(row["text"])
+        except json.JSONDecodeError:
+            detections = None
+        if not isinstance(detections, list):
+            out.skipped[f"image {image_id}"] = "the answer is not a JSON list of detections"
+            continue
+        kept = []
+        for j, det in enumerate(detections):
+            why = known.problem(det, image_id, key)
+            if why:
+                out.skipped[f"image {image_id} detection {j}"] = why
+            else:
+                kept.append({**det, "image_id": image_id})
+        if flavour(data) == "lvis" and len(kept) > MAX_PER_IMAGE["lvis"]:
+            kept.sort(key=lambda d: d["score"], reverse=True)  # stable, as lvis-api's sorted(..., reverse=True)
+            out.dropped += len(kept) - MAX_PER_IMAGE["lvis"]
+            del kept[MAX_PER_IMAGE["lvis"]:]
+        out.images.append(image_id)
+        out.detections += kept
+    if not out.detections:
+        first = next(iter(out.skipped.items()), None)
+        raise ValueError("no detections left to score" + (f": {len(out.skipped)} records skipped, first "
+                                                          f"{first[0]}: {first[1]}" if first else ""))
+    return out
+
+
+def as_id(value: Any) -> int | None:
+    """An id as an int: ints, integral floats and digit strings (JSON writers differ); None otherwise."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return None
+
+
+def _box(value: Any) -> tuple[float, float, float, float] | None:
+    """[x, y, w, h] as four finite floats with w, h >= 0; None when it is not one."""
+    if not isinstance(value, list | tuple) or len(value) != 4:
+        return None
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v) for v in value):
+        return None
+    return None if value[2] < 0 or value[3] < 0 else tuple(float(v) for v in value)
 
 
 @dataclass
@@ -209,19 +366,20 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou: float) -> list[int]:
 
 
 def vocabulary_categories(names: list[str], data: dict[str, Any]) -> list[int]:
-    """The dataset category id of each vocabulary entry: by name (case and "_" ignored), else by position when the
-    vocabulary has exactly the dataset's categories in id order (as lvis_1203 / coco_80 do)."""
+    """The dataset category id of each vocabulary entry, by name (case, "_" and "-" ignored, as the released
+    vocabularies spell LVIS names). A name that is not one of the dataset's categories refuses the vocabulary, with
+    the first mismatches: mapping by position instead would score one concept as another whenever the orders
+    differ."""
     def key(name: str) -> str:
-        return name.replace("_", " ").strip().lower()
-    categories = sorted(data["categories"], key=lambda c: c["id"])
-    by_name = {key(c["name"]): c["id"] for c in categories}
-    if all(key(n) in by_name for n in names):
-        return [by_name[key(n)] for n in names]
-    if len(names) == len(categories):
-        return [c["id"] for c in categories]
-    missing = [n for n in names if key(n) not in by_name][:5]
-    raise ValueError(f"the concept vocabulary ({len(names)} names) does not match the dataset's {len(categories)} "
-                     f"categories (e.g. {missing}): pass --concepts with the dataset's vocabulary")
+        return " ".join(name.replace("_", " ").replace("-", " ").lower().split())
+    by_name = {key(c["name"]): c["id"] for c in data["categories"]}
+    mismatches = [f"{i}: {n!r}" for i, n in enumerate(names) if key(n) not in by_name]
+    if mismatches:
+        known = ", ".join(repr(c["name"]) for c in sorted(data["categories"], key=lambda c: c["id"])[:3])
+        raise ValueError(f"the concept vocabulary does not match the dataset's categories: {len(mismatches)} of "
+                         f"{len(names)} names are not category names (entries {'; '.join(mismatches[:5])}; the "
+                         f"categories are e.g. {known}): pass --concepts with the dataset's vocabulary")
+    return [by_name[key(n)] for n in names]
 
 
 def _xywh(r: tuple[float, ...]) -> list[float]:

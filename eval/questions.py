@@ -3,9 +3,16 @@ answer-format suffix already in `text`), plain or inside a .tar.gz, and an image
 
 from __future__ import annotations
 
+import binascii
+import csv
+import gzip
 import io
 import json
+import pickle
 import tarfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +29,34 @@ class Question:
     regions: tuple[tuple[float, ...], ...] = ()
 
 
+@contextmanager
+def reading(path: str | Path | None, what: str) -> Iterator[None]:
+    """Read a user's `what` file inside this: what its parsing raises (unreadable, not UTF-8, not JSON, a broken
+    archive, a field missing or of the wrong type) becomes one message naming the file and the problem, which the
+    CLI prints instead of a traceback. Our own messages (other ValueErrors, OSErrors without a file) pass through."""
+    name = path if path is not None else what
+    try:
+        yield
+    except gzip.BadGzipFile as exc:  # an OSError without a file name
+        raise ValueError(f"{name}: not a readable archive ({what}): {exc}") from None
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        raise type(exc)(f"{exc.filename}: {(exc.strerror or str(exc)).lower()} ({what})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{name}: not a valid {what}: not JSON ({exc.msg}, line {exc.lineno} column {exc.colno})") \
+            from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{name}: not a valid {what}: not UTF-8 text") from None
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
+        why = (str(exc).splitlines() or [type(exc).__name__])[0].rstrip(":")  # tarfile lists every method it tried
+        raise ValueError(f"{name}: not a readable archive ({what}): {why}") from None
+    except KeyError as exc:
+        raise ValueError(f"{name}: not a valid {what}: a record has no {exc.args[0]!r} field") from None
+    except (TypeError, IndexError, AttributeError, csv.Error, binascii.Error, pickle.UnpicklingError) as exc:
+        raise ValueError(f"{name}: not a valid {what}: {type(exc).__name__}: {exc}") from None
+
+
 def read_json_or_tar(path: str | Path, member_suffix: str) -> bytes:
     """A file's bytes, or those of the first tar member ending with `member_suffix` when `path` is a .tar.gz."""
     path = Path(path)
@@ -35,8 +70,10 @@ def read_json_or_tar(path: str | Path, member_suffix: str) -> bytes:
 
 
 def load_questions(path: str | Path) -> tuple[list[Question], dict[str, str]]:
-    """The questions, and the bad records (line number or id -> reason) that were skipped."""
-    text = read_json_or_tar(path, ".jsonl").decode("utf-8")
+    """The questions, and the bad records (line number or id -> reason) that were skipped; a file without a single
+    question is refused."""
+    with reading(path, "question JSONL"):
+        text = read_json_or_tar(path, ".jsonl").decode("utf-8")
     questions, bad = [], {}
     for n, line in enumerate(io.StringIO(text), 1):
         if not line.strip():
@@ -52,6 +89,10 @@ def load_questions(path: str | Path) -> tuple[list[Question], dict[str, str]]:
             continue
         questions.append(Question(qid, row.get("image"), prompt, str(row.get("category", "default")),
                                   row["question_id"]))
+    if not questions:
+        first = next(iter(bad.items()), None)
+        raise ValueError(f"{path}: no question records" + (f" ({len(bad)} bad, first: {first[0]}: {first[1]})"
+                                                          if first else ""))
     return questions, bad
 
 
@@ -60,4 +101,7 @@ def load_bunny(inputs, load_annotations) -> tuple[list[Question], object, dict[s
     if inputs.questions is None:
         raise FileNotFoundError("pass --questions FILE (Bunny/official layout) or --hf SOURCE (lmms-lab parquet)")
     questions, bad = load_questions(inputs.questions)
-    return questions, (load_annotations(inputs.annotations) if inputs.annotations else None), bad
+    if inputs.annotations is None:
+        return questions, None, bad
+    with reading(inputs.annotations, "annotations file"):
+        return questions, load_annotations(inputs.annotations), bad

@@ -62,6 +62,10 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["| | accuracy | n |", "|---|---:|---:|",
                   f"| **ours, overall** | **{100 * report['accuracy']:.2f}** | {report['scored']} |"]
         lines += [f"| {who} (published) | {value:.1f} | |" for who, value in PUBLISHED.get(name, {}).items()]
+        if report.get("measures"):  # rates in percent like accuracy; a lower-is-better score as it is
+            lines += ["", "| measure | value | n |", "|---|---:|---:|"]
+            lines += [f"| {k} (lower is better) | {m['value']:.4f} | {m['n']} |" if m.get("lower_is_better") else
+                      f"| {k} | {100 * m['value']:.2f} | {m['n']} |" for k, m in report["measures"].items()]
         for group, rows in report.get("breakdowns", {}).items():
             lines += ["", f"| {group} | accuracy | n |", "|---|---:|---:|"]
             lines += [f"| {k} | {100 * r['accuracy']:.2f} | {r['n']} |" for k, r in rows.items()]

@@ -3,29 +3,34 @@ dict of one shape (accuracy, scored, breakdowns by group and category; caption m
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from .benchmarks import BENCHMARKS, get
-from .spec import ScoreOptions
+from .questions import reading
+from .spec import ScoreOptions, read_answers
 
 __all__ = ["BENCHMARKS", "load_annotations", "read_answers", "score"]
 
 
-def read_answers(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 def load_annotations(benchmark: str, path: str | Path) -> Any:
     """The scorer's annotations from the Bunny/official files (lmms-lab loaders return them directly)."""
-    return get(benchmark).load_annotations(path)
+    with reading(path, f"{benchmark} annotations file"):
+        return get(benchmark).load_annotations(path)
 
 
 def score(benchmark: str, rows: list[dict[str, Any]], annotations: Any, *, lenient: bool = False,
           strict: bool = False, partial: bool = False, spice: bool = False, raw: bool = False,
-          asked: frozenset[str] | None = None) -> dict[str, Any]:
+          asked: frozenset[str] | None = None, choices: str | Path | None = None) -> dict[str, Any]:
     """Score answer rows; `lenient` is SEED's first-letter rule or GQA's lmms-eval exact_match, `strict` MMBench's
-    exact letter, `partial` lets a --limit run be scored on the questions asked (`asked`) or answered."""
-    options = ScoreOptions(lenient=lenient, strict=strict, partial=partial, spice=spice, raw=raw, asked=asked)
-    return {"benchmark": benchmark, **get(benchmark).report(rows, annotations, options)}
+    exact letter, `partial` lets a --limit run be scored on the questions asked (`asked`) or answered, `choices`
+    is a file of per-question answer sets for the benchmarks with `load_choices`."""
+    module, loaded = get(benchmark), None
+    if choices is not None:
+        if not hasattr(module, "load_choices"):
+            raise ValueError(f"--choices is for {', '.join(n for n in BENCHMARKS if hasattr(get(n), 'load_choices'))}")
+        with reading(choices, f"{benchmark} choices file"):
+            loaded = module.load_choices(choices)
+    options = ScoreOptions(lenient=lenient, strict=strict, partial=partial, spice=spice, raw=raw, asked=asked,
+                           choices=loaded)
+    return {"benchmark": benchmark, **module.report(rows, annotations, options)}

@@ -22,9 +22,9 @@ submission = None
 
 
 def load_annotations(path: str | Path) -> dict[str, dict[str, str]]:
-    """Question id -> {"answer", "kind"}."""
+    """Question id -> {"answer", "kind"}; a record without id or answer has none (`load_run` lists it as bad)."""
     return {str(q["id"]): {"answer": str(q["answer"]), "kind": str(q.get("kind", "default"))}
-            for q in _records(path)}
+            for q in _records(path) if isinstance(q, dict) and {"id", "answer"} <= set(q)}
 
 
 def load_run(inputs: RunInputs) -> tuple[list[Question], dict[str, dict[str, str]], dict[str, str]]:
@@ -32,11 +32,11 @@ def load_run(inputs: RunInputs) -> tuple[list[Question], dict[str, dict[str, str
         raise FileNotFoundError("pass --questions FILE (a JSON list of id, image, kind, question, answer)")
     questions, bad = [], {}
     for n, q in enumerate(_records(inputs.questions)):
-        try:
-            questions.append(Question(str(q["id"]), q.get("image"), str(q["question"]), str(q.get("kind", "default")),
-                                      q["id"]))
-        except (KeyError, TypeError) as exc:
-            bad[f"record {n}"] = f"not a question record ({type(exc).__name__})"
+        if not isinstance(q, dict) or not {"id", "question", "answer"} <= set(q):
+            bad[f"record {n}"] = "not a question record (needs id, question and answer)"
+            continue
+        questions.append(Question(str(q["id"]), q.get("image"), str(q["question"]), str(q.get("kind", "default")),
+                                  q["id"]))
     return questions, load_annotations(inputs.questions), bad
 
 

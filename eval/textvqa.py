@@ -24,11 +24,10 @@ def question_of(prompt: str) -> str:
 
 def score(answers: list[dict[str, Any]], annotations: str | Path) -> dict[str, Any]:
     """`answers`: rows with `question_id` (the image id), `prompt` and `text`."""
-    data = json.loads(Path(annotations).read_text())["data"]
-    index = {(a["image_id"], a["question"].strip().lower()): a["answers"] for a in data}
+    references = index(annotations)
     scores, unmatched = [], 0
     for row in answers:
-        refs = index.get((str(row["question_id"]), question_of(row["prompt"])))
+        refs = references.get((str(row["question_id"]), question_of(row.get("prompt", ""))))  # no prompt: unmatched
         if refs is None:
             unmatched += 1
             continue
@@ -37,8 +36,16 @@ def score(answers: list[dict[str, Any]], annotations: str | Path) -> dict[str, A
 
 
 def load_annotations(path: str | Path) -> Path:
-    """The official val JSON stays a path: prompts are matched to it by (image id, question), see `score`."""
+    """The official val JSON stays a path: prompts are matched to it by (image id, question), see `score`. Read
+    once here all the same, so that a file `score` could not use is refused before any question is answered."""
+    index(path)
     return Path(path)
+
+
+def index(path: str | Path) -> dict[tuple[str, str], list[str]]:
+    """(image id, lowercased question) -> the reference answers."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))["data"]
+    return {(a["image_id"], a["question"].strip().lower()): a["answers"] for a in data}
 
 
 def load_run(inputs: RunInputs) -> tuple[list[Question], Any, dict[str, str]]:

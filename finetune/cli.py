@@ -43,6 +43,7 @@ def check(config: TrainConfig) -> int:
 
 def tap_train(args: argparse.Namespace) -> int:
     from .tap.config import TapTrainConfig
+    from .tap.records import InputError
     from .tap.trainer import TapTrainer
     try:
         config = TapTrainConfig.load(args.config, args.overrides)
@@ -50,11 +51,15 @@ def tap_train(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:  # bad config, data or weights: a message, not a traceback
         print(f"{args.config}: {exc}", file=sys.stderr)
         return 2
-    result = trainer.train(resume=args.resume)
+    try:
+        result = trainer.train(resume=args.resume)
+    except InputError as exc:  # a shard that became unreadable during the run
+        print(f"{args.config}: {exc}", file=sys.stderr)
+        return 2
     if trainer.acc.is_main_process:
-        print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}, {result.images_per_s:.2f} images/s, "
-              f"{result.prompts_per_s:.1f} prompts/s; bad records: {sum(result.bad.get('counts', {}).values())}; "
-              f"checkpoint: {result.output_dir}")
+        print(f"done: {result.steps} steps over {result.images} images, final loss {result.final_loss:.4f}, "
+              f"{result.images_per_s:.2f} images/s, {result.prompts_per_s:.1f} prompts/s; bad records: "
+              f"{sum(result.bad.get('counts', {}).values())}; checkpoint: {result.output_dir}")
     return 0
 
 

@@ -4,6 +4,11 @@ real question files, resume after a kill, shard order, and an end-to-end run wit
 from __future__ import annotations
 
 import json
+import os
+import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -47,11 +52,17 @@ def test_gqa_scorer_on_the_full_official_file(reference) -> None:
     assert len(ann) == 12578
     oracle = score({q: a["answer"].capitalize() + "." for q, a in ann.items()}, ann)
     assert oracle["accuracy"] == 1.0 and oracle["balanced"] == 12578
+    # the official measures the file has inputs for: consistency (over the entailed questions the balanced file
+    # holds, which the note says) and distribution over the 7241 questions with a global group; no choices here
+    assert oracle["measures"] == {"consistency": {"value": 1.0, "n": 3742},
+                                  "distribution": {"value": 0.0, "n": 7241, "lower_is_better": True}}
+    assert oracle["notes"][0].startswith("consistency over 4565 of the 59507 questions entailed")
     constant = score({q: "no" for q in ann}, ann)
     yes_no = constant["breakdowns"]["binary/open"]
     assert yes_no["open"]["accuracy"] == 0.0 and yes_no["binary"]["n"] + yes_no["open"]["n"] == 12578
     expected = sum(a["answer"] == "no" for a in ann.values()) / len(ann)
     assert constant["accuracy"] == pytest.approx(expected)
+    assert constant["measures"]["distribution"]["value"] > 1  # every group's answers piled on "no"
     assert set(constant["breakdowns"]) == {"binary/open", "structural", "semantic", "steps", "length"}
     with pytest.raises(ValueError, match="no prediction"):
         score({}, ann)
@@ -246,24 +257,77 @@ def test_mmbench_circular_prompts_and_scoring(tmp_path: Path) -> None:
     assert len(answers.read_text().splitlines()) == 7
 
 
-def test_accelerate_launch_shards_merges_in_order_and_scores(tiny_gqa: Path) -> None:
-    import subprocess
-    import sys
-    answers = tiny_gqa / "answers.jsonl"
+def launched_run(folder: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`eval run gqa` on the tiny folder under `accelerate launch`, two CPU ranks (gloo)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "-m", "eval", "run", "gqa", "--questions", str(tiny_gqa / "questions.jsonl"),
-           "--images", str(tiny_gqa / "images"),
-           "--answers", str(answers), "--annotations", str(tiny_gqa / "annotations.json"), "--tiny",
-           "--batch-size", "4", "--max-new-tokens", "2"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
+           "-m", "eval", "run", "gqa", "--questions", str(folder / "questions.jsonl"),
+           "--images", str(folder / "images"), "--answers", str(folder / "answers.jsonl"),
+           "--annotations", str(folder / "annotations.json"), "--tiny", "--batch-size", "4", "--max-new-tokens", "2",
+           *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+
+
+def test_accelerate_launch_shards_merges_in_order_and_scores(tiny_gqa: Path) -> None:
+    # A part left by an earlier run, with an id this run does not ask and a wrong answer to one it does: never merged.
+    (tiny_gqa / "answers.shard-1-of-2.jsonl").write_text(
+        json.dumps({"question_id": "stale", "text": "x"}) + "\n" + json.dumps({"question_id": "111", "text": "STALE"}))
+    done = launched_run(tiny_gqa)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "12 answers merged in order" in done.stdout
-    questions = [json.loads(x)["question_id"] for x in (tiny_gqa / "questions.jsonl").read_text().splitlines()]
-    merged = [json.loads(x)["question_id"] for x in answers.read_text().splitlines()]
-    parts = [json.loads(x)["question_id"] for r in range(2)
-             for x in (tiny_gqa / f"answers.shard-{r}-of-2.jsonl").read_text().splitlines()]
-    assert merged == parts and sorted(merged) == sorted(q for q in questions if q != "bad")  # "bad": empty question
+    assert "12 answers merged in order" in done.stdout and "12 answered, 0 already" in done.stdout
+    rows = [json.loads(x) for x in (tiny_gqa / "answers.jsonl").read_text().splitlines()]
+    merged = [r["question_id"] for r in rows]
+    # rank 0's piece (the first six questions), then rank 1's; each piece grouped by image inside
+    assert sorted(merged[:6]) == [str(i) for i in range(100, 106)]
+    assert sorted(merged[6:]) == [str(i) for i in range(106, 112)]
+    assert "STALE" not in {r["text"] for r in rows}
+    assert not list(tiny_gqa.glob("*.shard-*")) and not list(tiny_gqa.glob("*.done"))
     assert json.loads((tiny_gqa / "answers.report.json").read_text())["scored"] == 12
+
+
+def test_a_failing_rank_fails_every_rank_and_the_rerun_answers_only_the_rest(tiny_gqa: Path) -> None:
+    blocker = tiny_gqa / "answers.shard-1-of-2.jsonl"
+    blocker.mkdir()  # rank 1 cannot write its part: it fails, rank 0 answers its piece
+    done = launched_run(tiny_gqa, "--rank-timeout", "60")
+    assert done.returncode != 0
+    assert "rank 1 of 2 failed: IsADirectoryError" in done.stderr, done.stderr[-3000:]
+    assert not re.search(r'File "[^"]*/(eval|assistant|tokenizer_tap)/', done.stderr)  # only the launcher's traceback
+    assert "6 answers merged in order" in done.stdout  # rank 0's piece is kept: the rerun resumes from it
+    assert len((tiny_gqa / "answers.jsonl").read_text().splitlines()) == 6
+    blocker.rmdir()
+    again = launched_run(tiny_gqa)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "6 answered, 6 already" in again.stdout and "12 answers merged in order" in again.stdout
+    assert json.loads((tiny_gqa / "answers.report.json").read_text())["scored"] == 12
+
+
+HUNG_OR_REPORTING_RANK = """
+import sys, time
+from pathlib import Path
+from eval.launch import Launch, RankStatus
+launch = Launch.from_env(Path(sys.argv[1]), timeout_s=3)
+with launch:
+    if launch.rank == 1:
+        time.sleep(60)  # hung: never reports
+    launch.settle(RankStatus(launch.rank))
+"""
+
+
+def test_a_hung_rank_fails_the_others_after_the_timeout(tmp_path: Path) -> None:
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    ranks = [subprocess.Popen([sys.executable, "-c", HUNG_OR_REPORTING_RANK, str(tmp_path / "answers.jsonl")],
+                              env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                   "RANK": str(r), "WORLD_SIZE": "2"},
+                              cwd=Path(__file__).parents[1], stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        _, said = ranks[0].communicate(timeout=60)
+        assert ranks[0].returncode == 1
+        assert "rank 0 of 2: not every rank reported within 3 s; one hung or died" in said
+        assert "Traceback" not in said and not (tmp_path / "answers.jsonl").exists()  # nothing merged
+    finally:
+        ranks[1].kill()
+        ranks[1].communicate()
 
 
 def test_gqa_lenient_is_lmms_evals_exact_match() -> None:

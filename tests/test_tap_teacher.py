@@ -1,12 +1,18 @@
-"""`tap-priors` with a tiny random transformers CLIP on SA-1B-layout data written here, and MAE initialisation of
-TAP's image encoder from a tiny random MAE (no downloads)."""
+"""`tap-priors` with a tiny random transformers CLIP on SA-1B-layout data written here, bad SA-1B input fed to
+`tap-priors` and `tap-train` alike, and MAE initialisation of TAP's image encoder from a tiny random MAE (no
+downloads)."""
 
 from __future__ import annotations
 
 import argparse
 import io
 import json
+import os
 import pickle
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -276,6 +282,159 @@ def test_sa1b_folder_is_readable_by_records(sa1b_folder):
     ds = open_sa1b(sa1b_folder)
     sample = ds[0]
     assert len(ds) == 5 and len(sample.regions) == MASKS_PER_IMAGE and not ds.bad.counts
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+ROOT = Path(__file__).resolve().parents[1]
+#: Address space of the bad-input runs: all of them in one process peaked at 0.95 GB here (torch, a 64 px tiny TAP,
+#: the tiny CLIP; one thread and two malloc arenas, so a many-core machine reserves no more). Decoding the huge RLE
+#: below would take 10 GB.
+MEMORY_CEILING = 4 << 30
+#: Runs `python -m finetune` argument lists in one process under the ceiling (one torch import for all of them)
+#: and writes each one's exit code, stdout and stderr; an exception that escapes `main` is written as a traceback
+#: (pycocotools does not check malloc: an allocation over the ceiling in its decoder kills the whole process).
+RUNNER = """
+import contextlib, io, json, resource, sys, traceback
+resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]), int(sys.argv[1])))
+from finetune.cli import main
+results = {}
+for name, argv in json.loads(open(sys.argv[2]).read()).items():
+    print(name, file=sys.stderr, flush=True)  # the last one named is the one that killed the process, if any
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(argv)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    results[name] = {"code": code, "out": out.getvalue(), "err": err.getvalue()}
+open(sys.argv[3], "w").write(json.dumps(results))
+"""
+
+
+def huge_rle() -> dict:
+    """A well-formed RLE of 100000 x 100000 pixels: about 10 GB once decoded."""
+    from pycocotools import mask as mask_utils
+    runs = {"size": [100_000, 100_000], "counts": [4_000_000_000, 4_000_000_000, 2_000_000_000]}
+    return {"size": runs["size"], "counts": mask_utils.frPyObjects(runs, 100_000, 100_000)["counts"].decode()}
+
+
+def edit_mask(change: Callable[[dict], object]) -> Callable[[dict[str, bytes]], None]:
+    """Break annotation 0 of image 1 only (its other masks and the other images stay good)."""
+    def edit(files: dict[str, bytes]) -> None:
+        meta = json.loads(files["sa_1.json"])
+        change(meta["annotations"][0])
+        files["sa_1.json"] = json.dumps(meta).encode()
+    return edit
+
+
+def replace(name: str, data: bytes) -> Callable[[dict[str, bytes]], None]:
+    return lambda files: files.update({name: data})
+
+
+def without(name: str) -> Callable[[dict[str, bytes]], None]:
+    return lambda files: files.pop(name)
+
+
+@dataclass
+class BadInput:
+    """Four good SA-1B images, one thing broken, and what both CLIs must say about it."""
+
+    edit: Callable[[dict[str, bytes]], None] | None  # changes the files (name -> bytes); None: keep them
+    layout: str  # folder | tar (one shard) | cut tar (cut in half) | junk tar (not a tar) | missing (no such path)
+    problem: str  # said in the one message (a whole bad input) or in the bad-records summary
+    file: str  # the file that is named with it
+    images: int = 0  # images still used around one bad record; 0: the whole input is refused (exit code 2)
+    masks: int = 0
+
+    def build(self, folder: Path) -> Path:
+        files: dict[str, bytes] = {}
+        for i in range(4):
+            files.update(sa1b_files(i))
+        if self.edit is not None:
+            self.edit(files)
+        folder.mkdir(parents=True)
+        if self.layout == "missing":
+            return folder / "nowhere"
+        if self.layout == "folder":
+            for name, data in files.items():
+                (folder / name).write_bytes(data)
+            return folder
+        data = b"not a tar " * 200 if self.layout == "junk tar" else tar_bytes(files)
+        (folder / "sa_000000.tar").write_bytes(data[:len(data) // 2] if self.layout == "cut tar" else data)
+        return folder / "sa_000000.tar"
+
+
+BAD_INPUTS = {
+    "truncated tar": BadInput(None, "cut tar", "truncated", "sa_000000.tar"),
+    "not a tar": BadInput(None, "junk tar", "not an uncompressed tar archive", "sa_000000.tar"),
+    "missing folder": BadInput(None, "missing", "no such sa-1b folder", "nowhere"),
+    "empty folder": BadInput(lambda files: files.clear(), "folder", "no sa-1b annotations", "empty_folder"),
+    "corrupt image bytes": BadInput(replace("sa_2.jpg", b"not an image"), "folder", "missing or corrupt image",
+                                    "sa_2.jpg", 3, 9),
+    "image missing from the shard": BadInput(without("sa_2.jpg"), "tar", "missing or corrupt image",
+                                             "sa_000000.tar:sa_2.json", 3, 9),
+    "non-JSON annotation": BadInput(replace("sa_3.json", b"{not json"), "folder", "unreadable annotation JSON",
+                                    "sa_3.json", 3, 9),
+    "RLE size mismatch": BadInput(edit_mask(lambda a: a["segmentation"].update(size=[41, 56])), "folder",
+                                  "mask size differs from the image", "sa_1.json annotation 100", 4, 11),
+    "huge declared RLE": BadInput(edit_mask(lambda a: a.update(segmentation=huge_rle())), "tar",
+                                  "mask size differs from the image", "sa_000000.tar:sa_1.json annotation 100", 4, 11),
+    "malformed counts": BadInput(edit_mask(lambda a: a["segmentation"].update(counts="0!!")), "folder", "broken RLE",
+                                 "sa_1.json annotation 100", 4, 11),
+    "missing bbox": BadInput(edit_mask(lambda a: a.pop("bbox")), "folder", "missing box", "sa_1.json annotation 100",
+                             4, 11),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tmp_path_factory, clip_folder) -> dict[str, dict]:
+    """Every bad input through `tap-train` (tiny stage 1, one step of the four images) and `tap-priors`."""
+    root = tmp_path_factory.mktemp("bad-input")
+    concepts = root / "concepts.txt"
+    concepts.write_text("\n".join(CONCEPTS))
+    runs = {}
+    for name, case in BAD_INPUTS.items():
+        path = case.build(root / name.replace(" ", "_"))
+        runs[f"tap-train {name}"] = [
+            "tap-train", str(ROOT / "finetune" / "configs" / "tap_world_stage1.yaml"), f"data.sa1b={path}",
+            "data.priors=", f"output_dir={root / 'train' / name}", "max_steps=1", "global_batch=4", "micro_batch=4",
+            "sampler.prompts_per_image=2", "save_every=0", "report_to=[]", "model.overrides={image_size: 64, "
+            "window_size: 4, sem_embed_dim: 256, image_embed_dim: 128, decoder_mlp_dim: 512}"]
+        runs[f"tap-priors {name}"] = ["tap-priors", "--sa1b", str(path), "--out", str(root / "priors" / name),
+                                      "--clip", str(clip_folder), "--concepts", str(concepts), "--device", "cpu",
+                                      "--batch-size", "4", "--workers", "2"]
+    (root / "runs.json").write_text(json.dumps(runs))
+    done = subprocess.run([sys.executable, "-c", RUNNER, str(MEMORY_CEILING), str(root / "runs.json"),
+                           str(root / "results.json")], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((root / "results.json").read_text())
+
+
+@pytest.mark.parametrize("command", ["tap-train", "tap-priors"])
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_stops_with_one_message_or_is_counted_and_skipped(bad_input_runs, case, command):
+    """A bad whole input: exit code 2 and one line naming the file and the problem. A bad record: listed in the
+    bad-records summary, and the good images and masks around it are still used. Never a traceback, and never
+    more memory than the ceiling (the huge RLE is refused before it is decoded)."""
+    c, run = BAD_INPUTS[case], bad_input_runs[f"{command} {case}"]
+    assert "Traceback" not in run["err"] + run["out"], run["err"][-3000:]
+    if not c.images:
+        said = [line for line in run["err"].splitlines() if c.problem in line.lower() and c.file in line]
+        assert run["code"] == 2 and len(said) == 1, run["err"]
+        return
+    assert run["code"] == 0, run["err"][-3000:]
+    listed = [line for line in run["out"].splitlines() if line.startswith(f"{c.problem}: 1 (e.g. ")
+              or line.startswith(f"bad records: {c.problem}: 1 (e.g. ")]
+    assert len(listed) == 1 and c.file in listed[0], run["out"]
+    if command == "tap-train":
+        assert f"done: 1 steps over {c.images} images" in run["out"] and "bad records: 1;" in run["out"], run["out"]
+    else:
+        assert f"{c.masks} masks from {c.images} images" in run["out"], run["out"]
 
 
 # ------------------------------------------------------------------------------------------------------ MAE

@@ -84,22 +84,23 @@ class Priors:
     """Read side: `embeddings(keys)` looks masks up across all shards; `concepts()` gives (W, names)."""
 
     def __init__(self, folder: str | Path) -> None:
-        from safetensors import safe_open
         self.folder = Path(folder)
         manifest = self.folder / "manifest.json"
         if not manifest.is_file():
             raise FileNotFoundError(f"{self.folder}: no manifest.json; is this the output of `tap-priors`?")
-        meta = json.loads(manifest.read_text())
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{self.folder}: unknown priors format {meta.get('format')!r} (expected {FORMAT})")
-        self.dim: int = int(meta["dim"])
-        self.teacher: str = meta.get("teacher", "")
+        try:
+            meta = json.loads(manifest.read_text())
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"unknown priors format {meta.get('format')!r} (expected {FORMAT})")
+            self.dim: int = int(meta["dim"])
+            self.teacher: str = str(meta.get("teacher", ""))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{manifest}: not a priors manifest ({exc})") from None
         self._rows: dict[str, tuple[int, int]] = {}
         self._shards: list[torch.Tensor] = []
         for i, path in enumerate(sorted(self.folder.glob("shard-*.safetensors"))):
-            with safe_open(str(path), framework="pt") as f:
-                keys = json.loads(f.metadata()["keys"])
-                self._shards.append(f.get_tensor("embeddings"))
+            keys, embeddings = _read_shard(path, self.dim)
+            self._shards.append(embeddings)
             self._rows.update((k, (i, r)) for r, k in enumerate(keys))
 
     def __len__(self) -> int:
@@ -122,6 +123,22 @@ class Priors:
             raise FileNotFoundError(f"{self.folder}: no concepts.safetensors (the concept text matrix)")
         with safe_open(str(path), framework="pt") as f:
             return f.get_tensor("weights").float(), json.loads(f.metadata()["names"])
+
+
+def _read_shard(path: Path, dim: int) -> tuple[list[str], torch.Tensor]:
+    """A shard's keys and (N, dim) embeddings; ValueError naming the file when it is cut short or not a shard (a
+    copy that stopped half way), since its rows would otherwise be looked up under the wrong keys."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = json.loads((f.metadata() or {})["keys"])
+            embeddings = f.get_tensor("embeddings")
+    except (SafetensorError, OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{path}: not a readable priors shard ({exc})") from None
+    if not isinstance(keys, list) or tuple(embeddings.shape) != (len(keys), dim):
+        raise ValueError(f"{path}: {len(keys) if isinstance(keys, list) else 'no'} keys for embeddings of shape "
+                         f"{tuple(embeddings.shape)} (expected one {dim}-d row per key)")
+    return [str(k) for k in keys], embeddings
 
 
 def target_log_probs(v_c: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,7 @@ class TapResult:
     output_dir: Path
     steps: int
     final_loss: float
+    images: int  # images trained on, once per epoch that saw them (bad records left out)
     images_per_s: float
     prompts_per_s: float
     bad: dict
@@ -229,7 +230,7 @@ class TapTrainer(TrainLoop):
         stats = self.run(self.items, resume, banner="\n".join(banner))
         if self.bad.counts:
             self.acc.print("bad records skipped:\n" + self.bad.summary())
-        return TapResult(self.out, stats.steps, stats.final_loss, stats.samples_per_s,
+        return TapResult(self.out, stats.steps, stats.final_loss, stats.samples, stats.samples_per_s,
                          stats.per_s("seg"), self.bad.to_dict())
 
     def export(self) -> None:
