@@ -47,17 +47,31 @@ def answered_ids(path: Path) -> set[str]:
         data = data[:data.rfind(b"\n") + 1]
         with open(path, "r+b") as f:
             f.truncate(len(data))
-    return {str(json.loads(line)["question_id"]) for line in data.decode().splitlines() if line.strip()}
+    return {qid for qid, _ in answer_rows(path, data.decode("utf-8", "replace"))}
 
 
 def load_answers(path: str | Path) -> dict[str, str]:
     """question id -> answer text from a Bunny/LLaVA answers file (`{"question_id", "text"}` per line)."""
     out: dict[str, str] = {}
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            out.setdefault(str(row["question_id"]), str(row["text"]))
+    for qid, text in answer_rows(Path(path), Path(path).read_text(encoding="utf-8", errors="replace")):
+        out.setdefault(qid, text)
     return out
+
+
+def answer_rows(path: Path, text: str) -> list[tuple[str, str]]:
+    """(question id, answer) of each line; a line that is not an answer record is refused naming the file and
+    the line, and the file is left as it is (it may be another run's answers, or not an answers file at all)."""
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            rows.append((str(row["question_id"]), str(row["text"])))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: line {number} is not an answer record ({type(exc).__name__}: {exc}); it "
+                             "is left as it is: point --answers at another file, or mend this one") from None
+    return rows
 
 
 class Answerer(Protocol):

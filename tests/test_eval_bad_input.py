@@ -199,6 +199,9 @@ CASES = [
          lambda o: scored(o / "r.json", 2)),
     Case("compare: a file that is not a report", "compare {d}/vqa_ann.json {d}/vqa_ann.json", 2,
          r"/vqa_ann\.json: not a report JSON"),
+    Case("run: resuming onto a file that is not answers", "run vqav2 --images {d}/images --answers "
+         "{d}/answers_garbage.jsonl --tiny --questions {d}/mixed.jsonl", 2,
+         r"/answers_garbage\.jsonl: line 1 is not an answer record \(JSONDecodeError"),
     Case("score: no answer line readable", "score vqav2 {d}/answers_garbage.jsonl --annotations {d}/vqa_ann.json",
          2, r"/answers_garbage\.jsonl: no answers to score \(2 malformed records, first line 1: not JSON"),
 ]
