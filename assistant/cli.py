@@ -8,15 +8,22 @@ import logging
 import os
 import shlex
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import transformers
 
 from tokenizer_tap.errors import TapError
 from tokenizer_tap.options import add_region_options, arg_type, positive_int, region_prompts
 from tokenizer_tap.prompts import Prompt, parse_box, parse_point, parse_stroke
 
 from .conversation import Conversation, ConversationError
+from .engine import Assistant
+from .generation import GenerationSettings
+from .model import merge_checkpoint
 from .options import add_model_options, load_or_fall_back
+from .store import ChatStore
 
 HELP = """commands:
   /point X,Y [-X,Y ...]   add a region from a point (a leading '-' marks a negative point)
@@ -55,10 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_assistant(args: argparse.Namespace):
-    from .engine import Assistant
     store = None
     if args.db:
-        from .store import ChatStore
         Path(args.db).expanduser().parent.mkdir(parents=True, exist_ok=True)
         store = ChatStore(Path(args.db).expanduser())
     if args.tiny:
@@ -71,7 +76,6 @@ def load_assistant(args: argparse.Namespace):
 
 
 def chat(args: argparse.Namespace) -> int:
-    from .generation import GenerationSettings
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     bot = load_assistant(args)
     conv = bot.start(args.owner, image=args.image)
@@ -192,7 +196,6 @@ def _export(bot, conv: Conversation, path: str) -> None:
 
 
 def merge(args: argparse.Namespace) -> int:
-    from .model import merge_checkpoint
     print(f"merged checkpoint written to {merge_checkpoint(args.src, args.dst)}")
     return 0
 
@@ -209,9 +212,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _quiet_libraries() -> None:
     """Progress bars and load reports from transformers/bitsandbytes would drown the conversation."""
-    import warnings
-
-    import transformers
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # peft
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from tokenizer_tap.predictor import Region, TapPredictor
 from tokenizer_tap.prompts import Prompt
 from tokenizer_tap.transforms import mask_bbox
 
+from . import rle
 from .batching import Batcher
 from .config import ChatConfig
 from .conversation import (
@@ -480,8 +482,6 @@ class Assistant:
 
     def _answer_on_server(self, prepared: list, settings: GenerationSettings, concurrency: int) -> list[str]:
         """Benchmark answers from the LLM server: `concurrency` requests in flight, batched there."""
-        from concurrent.futures import ThreadPoolExecutor
-
         def one(item) -> str:
             ids, vis, limit, text = item
             run = GenerationSettings(**{**settings.to_dict(), "max_new_tokens": limit})
@@ -556,15 +556,13 @@ class Assistant:
 
 
 def _region_fields(conv: Conversation, prompt: Prompt, region) -> dict:
-    from .rle import encode
-    return {"image_sha": conv.image_sha, "prompt": prompt.to_dict(), "mask": encode(region.mask),
+    return {"image_sha": conv.image_sha, "prompt": prompt.to_dict(), "mask": rle.encode(region.mask),
             "box": list(region.bbox), "concept": region.concept, "prob": region.concept_prob, "iou": region.iou,
             "caption": region.caption}
 
 
 def _grounded_from_record(rec) -> GroundedRegion:
-    from .rle import decode as rle_decode
-    mask = rle_decode(rec.mask) if rec.mask else np.zeros((1, 1), bool)
+    mask = rle.decode(rec.mask) if rec.mask else np.zeros((1, 1), bool)
     h, w = mask.shape
     return GroundedRegion.from_pixels(rec.number, rec.concept or "", rec.prob or 0.0, mask_bbox(mask),
                                       float(mask.mean()), rec.caption or "", w, h)

@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from tokenizer_tap.errors import WeightsNotFoundError
 from tokenizer_tap.hub import demo_models
 
 if TYPE_CHECKING:
@@ -62,9 +63,7 @@ def load_or_fall_back(options: Any, store=None, *, tiny: bool = True) -> tuple[A
     """The models the options name; where their weights are absent, the demo models (trained on synthetic scenes),
     and where those are absent too, tiny random ones (or, without `tiny`, the missing-weights error: a command-line
     answer from random weights helps nobody, a page that opens does). The fallback says which models run."""
-    from tokenizer_tap.errors import WeightsNotFoundError
-
-    from .engine import Assistant
+    from .engine import Assistant  # loads transformers: front ends that only add these options stay light
     try:
         return Assistant.from_options(options, store=store), None
     except WeightsNotFoundError as exc:

@@ -13,17 +13,16 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-
-from tokenizer_tap.predictor import TapPredictor
-from tokenizer_tap.prompts import Prompt
+from typing import TYPE_CHECKING, Any
 
 from .questions import Question
 from .spec import RunInputs, ScoreOptions, predictions
+
+if TYPE_CHECKING:
+    from tokenizer_tap.predictor import TapPredictor
+
+    from .tap_answerers import RegionCaptioner
 
 LMMS = None  # region captions come as COCO-style JSON or the refer toolkit's folder, not parquet
 TAP_ONLY, CHOICES, IMAGES_REQUIRED = True, "", False
@@ -92,31 +91,6 @@ def load_refer(folder: str | Path, split: str = "val") -> tuple[list[Question], 
     return _regions(data)
 
 
-@dataclass
-class RegionCaptioner:
-    """TAP's caption for each region's box; the image is encoded once for all its regions in a batch."""
-
-    predictor: TapPredictor
-    max_new_tokens: int | None = None
-    model_id: str = "tap"
-
-    def answer(self, items: list[tuple[Question, np.ndarray | None]], batch_size: int) -> list[str]:
-        out: list[str] = []
-        start = 0
-        while start < len(items):
-            image = items[start][1]
-            end = start
-            while end < len(items) and items[end][1] is image:
-                end += 1
-            key = self.predictor.set_image(image)
-            h, w = image.shape[:2]  # annotation boxes may overhang the image by a pixel or two
-            prompts = [Prompt.from_box(*np.clip(q.box, 0, [w - 1, h - 1, w - 1, h - 1])) for q, _ in items[start:end]]
-            regions = self.predictor.predict(prompts, image=key, top_k=1, max_new_tokens=self.max_new_tokens)
-            out += [r.caption for r in regions]
-            start = end
-        return out
-
-
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
 
 
@@ -127,7 +101,7 @@ def score(predictions: dict[str, str], references: dict[str, list[str]], *, mete
     METEOR, and the PTB tokeniser, run on Java; without `java` the tokeniser falls back to lower-casing and stripping
     punctuation, METEOR is skipped, and `notes` says so. SPICE is skipped with a note when it cannot run (it
     downloads Stanford CoreNLP models on first use)."""
-    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.bleu.bleu import Bleu  # pycocoevalcap: only caption scoring needs it
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
@@ -169,6 +143,7 @@ def _simple_tokens(text: str) -> str:
 
 def tap_answerer(predictor: TapPredictor, annotations: Any, model_id: str, max_new_tokens: int | None = None,
                  **_: Any) -> RegionCaptioner:
+    from .tap_answerers import RegionCaptioner  # torch and TAP: scoring captions stays torch-free
     return RegionCaptioner(predictor, max_new_tokens, model_id=model_id)
 
 

@@ -10,15 +10,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from assistant.options import add_model_options
+import torch
 
-from .benchmarks import BENCHMARKS, get
+from assistant.options import add_model_options
+from tokenizer_tap.build import DEFAULT_CONCEPTS, checkpoint_folder
+from tokenizer_tap.predictor import TapPredictor
+
+from . import report as reports
+from .answers import load_answers, merge
+from .benchmarks import BENCHMARKS, get, load_lmms
 from .launch import DEFAULT_TIMEOUT_S, Launch, RankStatus
-from .questions import reading
+from .lmms import DataMissing
+from .questions import Question, reading, shard
+from .scoring import load_annotations, read_answers, score
 from .spec import RunInputs
 
 if TYPE_CHECKING:
-    from .questions import Question
     from .runner import RunStats
 
 
@@ -27,7 +34,6 @@ CHOICES_HELP = ("gqa: the official {split}_choices.json (valid and plausible ans
 
 
 def torch_cuda() -> bool:
-    import torch
     return torch.cuda.is_available()
 
 
@@ -37,9 +43,8 @@ def load_data(args: argparse.Namespace) -> tuple[list, Any, dict[str, str]]:
     if args.images is None and (args.hf or module.IMAGES_REQUIRED):
         sys.exit(f"{args.benchmark}: pass --images DIR, where the images inside the data are written")
     if args.hf:
-        from .lmms import load
         with reading(args.hf, f"{args.benchmark} lmms-lab parquet"):
-            loaded = load(args.benchmark, args.hf, args.images, split=args.split, ocr=args.ocr)
+            loaded = load_lmms(args.benchmark, args.hf, args.images, split=args.split, ocr=args.ocr)
         return loaded.questions, loaded.annotations, loaded.bad
     with reading(args.questions, f"{args.benchmark} questions file"):
         return module.load_run(RunInputs(questions=args.questions, images=args.images,
@@ -50,8 +55,6 @@ def load_data(args: argparse.Namespace) -> tuple[list, Any, dict[str, str]]:
 def answerer(args: argparse.Namespace, device: str, annotations: Any = None):
     module = get(args.benchmark)
     if module.TAP_ONLY:
-        from tokenizer_tap.build import DEFAULT_CONCEPTS, checkpoint_folder
-        from tokenizer_tap.predictor import TapPredictor
         tap_model = "tap_tiny" if args.tiny else args.tap_model or "tap_vit_l"
         weights = args.tap_checkpoint or args.chat_checkpoint
         folder = checkpoint_folder(tap_model, weights)
@@ -63,6 +66,7 @@ def answerer(args: argparse.Namespace, device: str, annotations: Any = None):
                                                   device=device, dtype=args.dtype))
         model_id = str(folder) if folder is not None else tap_model
         return module.tap_answerer(predictor, annotations, model_id=model_id, max_new_tokens=args.max_new_tokens)
+    # The engine and the runner load transformers: `score`, `merge` and `compare` never need them.
     from assistant.engine import Assistant
 
     from .runner import ChatAnswerer
@@ -79,7 +83,6 @@ def multiple_choice() -> list[str]:
 
 
 def report_and_print(report: dict[str, Any], prefix: Path | None) -> None:
-    from . import report as reports
     print(reports.markdown(report))
     if prefix is not None:
         print("report: " + ", ".join(str(p) for p in reports.write(report, prefix)))
@@ -149,11 +152,9 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         if args.command == "merge":
-            from .runner import merge
             print(f"{merge(args.parts, args.output)} answers -> {args.output}")
         elif args.command == "compare":
-            from .report import compare
-            print(compare(*(read_report(path) for path in (args.a, args.b))), end="")
+            print(reports.compare(*(read_report(path) for path in (args.a, args.b))), end="")
         elif args.command == "score":
             score_command(args)
         else:
@@ -185,7 +186,6 @@ def refuse(message: str) -> NoReturn:
 
 
 def score_command(args: argparse.Namespace) -> None:
-    from .scoring import load_annotations, read_answers, score
     if args.submission is not None:
         write = get(args.benchmark).submission
         if write is None:
@@ -197,9 +197,9 @@ def score_command(args: argparse.Namespace) -> None:
             sys.exit(str(exc))
         return
     if args.hf:
-        from .lmms import load
         with reading(args.hf, f"{args.benchmark} lmms-lab parquet"):
-            annotations = load(args.benchmark, args.hf, args.images or Path("images"), split=args.split).annotations
+            annotations = load_lmms(args.benchmark, args.hf, args.images or Path("images"),
+                                    split=args.split).annotations
     elif args.annotations:
         annotations = load_annotations(args.benchmark, args.annotations)
     else:
@@ -246,8 +246,7 @@ class Answered:
 
 def answer_questions(args: argparse.Namespace, launch: Launch | None) -> Answered:
     """Answer this process's questions: all of them, `--shard` of `--num-shards`, or a launched rank's piece."""
-    from .lmms import DataMissing
-    from .runner import run, shard
+    from .runner import run  # the engine and transformers, as in `answerer`
     try:
         questions, annotations, bad = load_data(args)
     except (DataMissing, FileNotFoundError, ValueError) as exc:
@@ -274,8 +273,6 @@ def answer_questions(args: argparse.Namespace, launch: Launch | None) -> Answere
 
 
 def run_command(args: argparse.Namespace) -> None:
-    from .runner import load_answers
-    from .scoring import read_answers, score
     launch = Launch.from_env(args.answers, args.rank_timeout) if args.num_shards == 1 else None
     if launch is None:
         done = answer_questions(args, None)

@@ -8,13 +8,16 @@ dataset's evaluator (LVIS: AP, APr, APc, APf)."""
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
-
-from tokenizer_tap.predictor import TapPredictor
+from typing import TYPE_CHECKING, Any
 
 from . import instances
 from .questions import Question
 from .spec import RunInputs, ScoreOptions
+
+if TYPE_CHECKING:
+    from tokenizer_tap.predictor import TapPredictor
+
+    from .tap_answerers import InstanceAnswerer
 
 LMMS = None
 TAP_ONLY, CHOICES, IMAGES_REQUIRED = True, "", True
@@ -39,13 +42,13 @@ def load_run(inputs: RunInputs) -> tuple[list[Question], Any, dict[str, str]]:
     return instances.questions_per_image(data, boxes), data, bad
 
 
-def tap_answerer(predictor: TapPredictor, annotations: Any, model_id: str, **_: Any) -> instances.InstanceAnswerer:
+def tap_answerer(predictor: TapPredictor, annotations: Any, model_id: str, **_: Any) -> InstanceAnswerer:
+    from .tap_answerers import InstanceAnswerer  # torch and TAP: scoring detections stays torch-free
     predictor.decoder_batch = max(predictor.decoder_batch, instances.DECODER_BATCH)
     names = predictor.model.concept_projector.names
     if not names:
         raise ValueError(f"{model_id} has no concept vocabulary (trained without priors?): pass --concepts FILE")
-    return instances.InstanceAnswerer(predictor, "classify", instances.vocabulary_categories(names, annotations),
-                                      model_id)
+    return InstanceAnswerer(predictor, "classify", instances.vocabulary_categories(names, annotations), model_id)
 
 
 def report(rows: list[dict[str, Any]], annotations: Any, options: ScoreOptions) -> dict[str, Any]:

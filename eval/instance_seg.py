@@ -9,13 +9,16 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
-
-from tokenizer_tap.predictor import TapPredictor
+from typing import TYPE_CHECKING, Any
 
 from . import instances
 from .questions import Question, reading
 from .spec import RunInputs, ScoreOptions
+
+if TYPE_CHECKING:
+    from tokenizer_tap.predictor import TapPredictor
+
+    from .tap_answerers import InstanceAnswerer
 
 LMMS = None
 TAP_ONLY, CHOICES, IMAGES_REQUIRED = True, "", True
@@ -61,9 +64,10 @@ def load_run(inputs: RunInputs) -> tuple[list[Question], Any, dict[str, str]]:
     return instances.questions_per_image(data, boxes), data, bad
 
 
-def tap_answerer(predictor: TapPredictor, annotations: Any, model_id: str, **_: Any) -> instances.InstanceAnswerer:
+def tap_answerer(predictor: TapPredictor, annotations: Any, model_id: str, **_: Any) -> InstanceAnswerer:
+    from .tap_answerers import InstanceAnswerer  # torch and TAP: scoring detections stays torch-free
     predictor.decoder_batch = max(predictor.decoder_batch, instances.DECODER_BATCH)
-    return instances.InstanceAnswerer(predictor, "segment", model_id=model_id)
+    return InstanceAnswerer(predictor, "segment", model_id=model_id)
 
 
 def report(rows: list[dict[str, Any]], annotations: Any, options: ScoreOptions) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """What the region-level benchmarks share (paper Tables 1 and 3): COCO / LVIS instance files, one question per image
-carrying its box prompts, TAP answering all of an image's boxes after one encoder pass, and the maintained
-evaluators.
+carrying its box prompts, and the maintained evaluators. TAP answering all of an image's boxes after one encoder pass
+is `tap_answerers.InstanceAnswerer`.
 
 Evaluators: pycocotools' COCOeval for COCO; for LVIS, faster-coco-eval's LVIS mode (`lvis_style`: the federated
 rules, i.e. negative and not-exhaustive categories, 300 detections per image, AP over the r/c/f frequency groups).
@@ -15,19 +15,17 @@ under `--images` (the COCO root), as the official scripts look them up.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from tokenizer_tap.predictor import TapPredictor
-from tokenizer_tap.prompts import Prompt
-
+from .answers import read_answers
 from .questions import Question, reading
-from .spec import read_answers
 
 MAX_PER_IMAGE = {"coco": 100, "lvis": 300}  # the evaluators' maxDets; eval_cls keeps 300 per image for both
 DECODER_BATCH = 256  # prompts per decoder call, as the official scripts
@@ -113,27 +111,16 @@ def questions_per_image(data: dict[str, Any], boxes: dict[int, list[tuple[float,
     return out
 
 
-def box_prompts(regions: tuple[tuple[float, ...], ...], width: int, height: int) -> list[Prompt]:
-    """Boxes as prompts, clipped to the image (annotation and detector boxes may overhang it a little)."""
-    out = []
-    for r in regions:
-        x0, y0, x1, y1 = np.clip(r[:4], 0, [width, height, width, height])
-        out.append(Prompt.from_box(x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)))
-    return out
-
-
 def evaluate(data: dict[str, Any], results: list[dict[str, Any]], iou_type: str,
              image_ids: list[int] | None = None) -> dict[str, float]:
     """AP of `results` (COCO results format) against `data`, x100 as papers print them: AP, AP50, AP75 and APs/m/l
     (COCO) or APr/c/f (LVIS). `image_ids` restricts scoring to the images that were answered."""
-    import contextlib
-    import io
     kind = flavour(data)
     if not results:
         raise ValueError("no detections to score")
     quiet = io.StringIO()
     with contextlib.redirect_stdout(quiet):
-        if kind == "coco":
+        if kind == "coco":  # each evaluator loads only for its own dataset
             from pycocotools.coco import COCO
             from pycocotools.cocoeval import COCOeval
             gt = COCO()
@@ -300,71 +287,6 @@ def _box(value: Any) -> tuple[float, float, float, float] | None:
     return None if value[2] < 0 or value[3] < 0 else tuple(float(v) for v in value)
 
 
-@dataclass
-class InstanceAnswerer:
-    """TAP on every box of an image after one encoder pass: `classify` gives the per-class detections of the
-    official `eval_cls`, `segment` the mask-0 RLEs of `eval_seg` (category and score from the detector)."""
-
-    predictor: TapPredictor
-    task: str  # "classify" or "segment"
-    category_ids: list[int] | None = None  # classify: the dataset category of each vocabulary entry
-    model_id: str = "tap"
-    min_prob: float = 0.001
-    nms_iou: float = 0.5
-    per_image: int = 300
-
-    def answer(self, items: list[tuple[Question, np.ndarray | None]], batch_size: int) -> list[str]:
-        out = []
-        for q, image in items:
-            key = self.predictor.set_image(image)
-            h, w = image.shape[:2]
-            prompts = box_prompts(q.regions, w, h)
-            detections = (self._classify(q, prompts, key) if self.task == "classify"
-                          else self._segment(q, prompts, key))
-            out.append(json.dumps(detections, separators=(",", ":")))
-        return out
-
-    def _classify(self, q: Question, prompts: list[Prompt], key: str) -> list[dict[str, Any]]:
-        iou, probs = self.predictor.classify(prompts, image=key)
-        scores = np.sqrt(probs * np.clip(iou, 0, 1)[:, None])
-        boxes = torch.tensor([r[:4] for r in q.regions], dtype=torch.float32)
-        kept: list[tuple[float, int, int]] = []  # (score, box index, vocabulary index)
-        for k in np.flatnonzero((probs > self.min_prob).any(0)):
-            rows = np.flatnonzero(probs[:, k] > self.min_prob)
-            for i in nms(boxes[rows], torch.from_numpy(scores[rows, k]), self.nms_iou):
-                kept.append((float(scores[rows[i], k]), int(rows[i]), int(k)))
-        kept.sort(reverse=True)
-        return [{"category_id": self.category_ids[k], "bbox": _xywh(q.regions[i]), "score": round(s, 6)}
-                for s, i, k in kept[:self.per_image]]
-
-    def _segment(self, q: Question, prompts: list[Prompt], key: str) -> list[dict[str, Any]]:
-        from pycocotools import mask as coco_mask
-        regions = self.predictor.predict(prompts, image=key, top_k=1, caption=False)
-        out = []
-        for r, region in zip(q.regions, regions):
-            rle = coco_mask.encode(np.asfortranarray(region.mask.astype(np.uint8)))
-            out.append({"category_id": int(r[4]), "score": float(r[5]),
-                        "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode()}})
-        return out
-
-
-def nms(boxes: torch.Tensor, scores: torch.Tensor, iou: float) -> list[int]:
-    """Greedy non-maximum suppression (xyxy boxes): indices kept, best first."""
-    order = torch.argsort(scores, descending=True)
-    keep: list[int] = []
-    x0, y0, x1, y1 = boxes.unbind(1)
-    areas = (x1 - x0).clamp(min=0) * (y1 - y0).clamp(min=0)
-    while order.numel():
-        i = int(order[0])
-        keep.append(i)
-        rest = order[1:]
-        w = (torch.minimum(x1[rest], x1[i]) - torch.maximum(x0[rest], x0[i])).clamp(min=0)
-        h = (torch.minimum(y1[rest], y1[i]) - torch.maximum(y0[rest], y0[i])).clamp(min=0)
-        inter = w * h
-        order = rest[inter / (areas[rest] + areas[i] - inter).clamp(min=1e-9) <= iou]
-    return keep
-
-
 def vocabulary_categories(names: list[str], data: dict[str, Any]) -> list[int]:
     """The dataset category id of each vocabulary entry, by name (case, "_" and "-" ignored, as the released
     vocabularies spell LVIS names). A name that is not one of the dataset's categories refuses the vocabulary, with
@@ -380,7 +302,3 @@ def vocabulary_categories(names: list[str], data: dict[str, Any]) -> list[int]:
                          f"{len(names)} names are not category names (entries {'; '.join(mismatches[:5])}; the "
                          f"categories are e.g. {known}): pass --concepts with the dataset's vocabulary")
     return [by_name[key(n)] for n in names]
-
-
-def _xywh(r: tuple[float, ...]) -> list[float]:
-    return [round(r[0], 2), round(r[1], 2), round(r[2] - r[0], 2), round(r[3] - r[1], 2)]

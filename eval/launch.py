@@ -14,7 +14,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from .questions import Question
+import torch.distributed as dist
+
+from .answers import answered_ids
+from .answers import merge as merge_files
+from .questions import Question, shard
 
 DEFAULT_TIMEOUT_S = 3600.0  # how long a rank waits for the others; pieces are even, so a finished rank waits little
 
@@ -60,7 +64,6 @@ class Launch:
         return self.final.with_name(f"{self.final.stem}.shard-{rank}-of-{self.world}.jsonl")
 
     def __enter__(self) -> Launch:
-        import torch.distributed as dist
         try:
             dist.init_process_group("gloo", rank=self.rank, world_size=self.world,
                                     timeout=timedelta(seconds=self.timeout_s))
@@ -70,13 +73,11 @@ class Launch:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        import torch.distributed as dist
         dist.destroy_process_group()
 
     def piece(self, questions: Sequence[Question]) -> list[Question]:
         """This rank's contiguous piece of the questions not yet answered (so a resumed run stays balanced); its
         part file is emptied first, so only answers of this run can reach the merge."""
-        from .runner import answered_ids, shard
         done = answered_ids(self.final)
         self.already = sum(q.id in done for q in questions)
         self.part.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +88,6 @@ class Launch:
     def settle(self, status: RankStatus) -> list[RankStatus]:
         """Every rank's status, once rank 0 merged this run's parts (what a failed rank answered too, so a rerun
         resumes); exits non-zero on every rank when one failed, or did not report within the timeout (hung, died)."""
-        import torch.distributed as dist
         statuses: list[Any] = [None] * self.world  # filled by the gather
         self.collective(dist.all_gather_object, statuses, status)
         merged = [self.merge([self.part_of(s.rank) for s in statuses if s.fresh]) if self.rank == 0 else ""]
@@ -111,12 +111,11 @@ class Launch:
     def merge(self, parts: list[Path]) -> str:
         """Rank 0: the answers file, then this run's parts in rank order, swapped in whole (never half-written);
         returns why that failed, or ""."""
-        from .runner import answered_ids, merge
         merging = self.final.with_name(self.final.name + ".merging")
         try:
             for part in parts:
                 answered_ids(part)  # cuts a line torn by a failure off
-            n = merge(([self.final] if self.final.exists() else []) + parts, merging)
+            n = merge_files(([self.final] if self.final.exists() else []) + parts, merging)
             os.replace(merging, self.final)
             for part in parts:
                 part.unlink()

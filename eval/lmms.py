@@ -11,9 +11,11 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from .questions import Question
+from .spec import RunInputs
 
 SHORT = "\nAnswer the question using a single word or phrase."
 
@@ -32,7 +34,7 @@ class Loaded:
 def read_rows(source: str | Path, config: str | None, split: str) -> list[dict[str, Any]]:
     """Rows of a local folder of parquet files (those under `config/` when it exists, then those whose name starts
     with `split`), or of a dataset id in the Hugging Face cache."""
-    import datasets
+    import datasets  # heavy (pyarrow, pandas): only the lmms-lab layout needs it
     from datasets import Image
     folder = Path(source)
     if folder.exists():
@@ -83,20 +85,18 @@ def write_image(image_dir: Path, name: str, value: Any) -> str | None:
     return name
 
 
-def load(benchmark: str, source: str | Path, image_dir: str | Path, *, split: str | None = None,
-         ocr: bool = False) -> Loaded:
-    """Questions and annotations of `benchmark` from its lmms-lab parquet (`source`: folder or dataset id).
-    `ocr` adds TextVQA's "Reference OCR token" line to the prompt (lmms-eval's option, off by default there too)."""
-    from .benchmarks import get
-    from .spec import RunInputs
-    module = get(benchmark)
-    if module.LMMS is None:
-        raise DataMissing(f"{benchmark} is not published as lmms-lab parquet: pass --questions")
-    _, config, default_split = module.LMMS
+def load(benchmark: ModuleType, source: str | Path, image_dir: str | Path, *, split: str | None = None,
+         ocr: bool = False, name: str | None = None) -> Loaded:
+    """Questions and annotations of a benchmark module (`eval.benchmarks.load_lmms` looks it up by name) from its
+    lmms-lab parquet (`source`: folder or dataset id). `ocr` adds TextVQA's "Reference OCR token" line to the prompt
+    (lmms-eval's option, off by default there too); `name` is the benchmark's name in messages."""
+    if benchmark.LMMS is None:
+        raise DataMissing(f"{name or benchmark.__name__} is not published as lmms-lab parquet: pass --questions")
+    _, config, default_split = benchmark.LMMS
     rows = read_rows(source, config, split or default_split)
     image_dir = Path(image_dir)
     image_dir.mkdir(parents=True, exist_ok=True)
-    return module.from_lmms(rows, image_dir, source, RunInputs(images=image_dir, split=split, ocr=ocr))
+    return benchmark.from_lmms(rows, image_dir, source, RunInputs(images=image_dir, split=split, ocr=ocr))
 
 
 def vqa_questions(rows: list[dict], image_dir: Path, *, textvqa: bool, ocr: bool) -> Loaded:

@@ -14,6 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from .answers import load_answers
 from .lmms import Loaded, image_bytes
 from .questions import Question
 from .spec import RunInputs, ScoreOptions, predictions
@@ -114,9 +115,7 @@ def submission(answers: Path, output: Path, annotations: Path | None = None,
                all_questions: Path | None = None) -> str:
     """The OpenCompass upload: the TSV's rows without image/hint/category/source/comment/l2-category, plus
     `prediction` (the unrotated question's answer); .xlsx as Bunny writes it, or .tsv."""
-    import pandas as pd
-
-    from .runner import load_answers
+    import pandas as pd  # heavy, and needed only to write the upload
     if annotations is None:
         raise ValueError("mmbench --submission needs --annotations: the benchmark's TSV")
     predicted = load_answers(answers)

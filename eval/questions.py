@@ -8,10 +8,11 @@ import csv
 import gzip
 import io
 import json
+import math
 import pickle
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,14 @@ class Question:
     box: tuple[float, float, float, float] | None = None  # region captioning: the prompt box, x0 y0 x1 y1 pixels
     # instance benchmarks: every box prompt of the image, x0 y0 x1 y1 (+ the detector's category id and score)
     regions: tuple[tuple[float, ...], ...] = ()
+
+
+def shard(questions: Sequence[Question], num_shards: int, index: int) -> list[Question]:
+    """Contiguous piece `index` of `num_shards` (ceil-sized, as Bunny's get_chunk), so merging keeps the order."""
+    if not 0 <= index < num_shards:
+        raise ValueError(f"shard {index} is not in 0..{num_shards - 1}")
+    size = math.ceil(len(questions) / num_shards)
+    return list(questions[index * size:(index + 1) * size])
 
 
 @contextmanager

@@ -4,10 +4,9 @@ where it stopped and never recomputes or duplicates an answer), contiguous shard
 from __future__ import annotations
 
 import json
-import math
 import os
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -20,7 +19,12 @@ from assistant.generation import GenerationSettings
 from tokenizer_tap.errors import ImageError
 from tokenizer_tap.image_io import load_image
 
-from .questions import Question
+from .answers import answered_ids, merge
+from .questions import Question, shard
+
+# `merge` and `shard` live in torch-free modules (`eval.answers`, `eval.questions`, as every answers-file reader);
+# they stay importable from here for the callers that always took them from the runner.
+__all__ = ["Answerer", "ChatAnswerer", "RunStats", "answered_ids", "letter_tokens", "merge", "run", "shard"]
 
 
 @dataclass
@@ -28,50 +32,6 @@ class RunStats:
     answered: int = 0
     already_done: int = 0
     bad: dict[str, str] = field(default_factory=dict)  # question id -> why it has no answer
-
-
-def shard(questions: Sequence[Question], num_shards: int, index: int) -> list[Question]:
-    """Contiguous piece `index` of `num_shards` (ceil-sized, as Bunny's get_chunk), so merging keeps the order."""
-    if not 0 <= index < num_shards:
-        raise ValueError(f"shard {index} is not in 0..{num_shards - 1}")
-    size = math.ceil(len(questions) / num_shards)
-    return list(questions[index * size:(index + 1) * size])
-
-
-def answered_ids(path: Path) -> set[str]:
-    """Ids already answered in `path`; a line torn by a kill is cut off so appending continues cleanly."""
-    if not path.exists():
-        return set()
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        data = data[:data.rfind(b"\n") + 1]
-        with open(path, "r+b") as f:
-            f.truncate(len(data))
-    return {qid for qid, _ in answer_rows(path, data.decode("utf-8", "replace"))}
-
-
-def load_answers(path: str | Path) -> dict[str, str]:
-    """question id -> answer text from a Bunny/LLaVA answers file (`{"question_id", "text"}` per line)."""
-    out: dict[str, str] = {}
-    for qid, text in answer_rows(Path(path), Path(path).read_text(encoding="utf-8", errors="replace")):
-        out.setdefault(qid, text)
-    return out
-
-
-def answer_rows(path: Path, text: str) -> list[tuple[str, str]]:
-    """(question id, answer) of each line; a line that is not an answer record is refused naming the file and
-    the line, and the file is left as it is (it may be another run's answers, or not an answers file at all)."""
-    rows = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            rows.append((str(row["question_id"]), str(row["text"])))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path}: line {number} is not an answer record ({type(exc).__name__}: {exc}); it "
-                             "is left as it is: point --answers at another file, or mend this one") from None
-    return rows
 
 
 class Answerer(Protocol):
@@ -155,20 +115,3 @@ def run(answerer: Answerer, questions: Sequence[Question], image_folder: str | P
             bar.update(len(todo[start:start + batch_size]))
     bar.close()
     return stats
-
-
-def merge(parts: Iterable[str | Path], output: str | Path) -> int:
-    """Concatenate shard answer files in the given order, keeping the first answer per question id."""
-    seen: set[str] = set()
-    n = 0
-    with Path(output).open("w") as out:
-        for part in parts:
-            for line in Path(part).read_text().splitlines():
-                if not line.strip():
-                    continue
-                qid = str(json.loads(line)["question_id"])
-                if qid not in seen:
-                    seen.add(qid)
-                    out.write(line + "\n")
-                    n += 1
-    return n

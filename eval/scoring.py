@@ -6,9 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .answers import read_answers
 from .benchmarks import BENCHMARKS, get
 from .questions import reading
-from .spec import ScoreOptions, read_answers
+from .spec import ScoreOptions
 
 __all__ = ["BENCHMARKS", "load_annotations", "read_answers", "score"]
 

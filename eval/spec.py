@@ -8,7 +8,7 @@ A benchmark module (registered by name in `eval/benchmarks.py`) exposes:
 - `from_lmms(rows, image_dir, source, inputs) -> Loaded` with `LMMS = (dataset id, config, split)`, or `LMMS = None`;
 - `submission(answers, output, annotations=None, all_questions=None) -> str`, or `submission = None`;
 - optionally `read_results(path, bad) -> rows` where `score` accepts other files than the answers JSONL (records
-  it cannot use go to `bad`, as `read_answers` does), and
+  it cannot use go to `bad`, as `answers.read_answers` does), and
   `default_concepts(annotations)`, the concept vocabulary a TAP-only benchmark uses when none is given, and
   `load_choices(path)`, the per-question answer sets `--choices` names (gqa: validity and plausibility);
 - `TAP_ONLY` (the tokenizer is evaluated, no chat model) with `tap_answerer(predictor, annotations, model_id,
@@ -18,12 +18,9 @@ A benchmark module (registered by name in `eval/benchmarks.py`) exposes:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from .questions import reading
 
 
 @dataclass(frozen=True)
@@ -54,27 +51,3 @@ def predictions(rows: list[dict[str, Any]]) -> dict[str, str]:
     for row in rows:
         out.setdefault(str(row["question_id"]), str(row["text"]))
     return out
-
-
-def read_answers(path: str | Path, bad: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """Answer rows. A malformed line (not JSON, no `question_id` or `text`) is recorded in `bad` ("line N" -> why)
-    and skipped, so the good answers around it are still scored; without `bad` it is refused, naming the line."""
-    with reading(path, "answers file"):
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            why = f"not JSON ({exc.msg})"
-        else:
-            if isinstance(row, dict) and "question_id" in row and isinstance(row.get("text"), str):
-                rows.append(row)
-                continue
-            why = "not an answer record (needs question_id and text)"
-        if bad is None:
-            raise ValueError(f"{path}: line {n}: {why}")
-        bad[f"line {n}"] = why
-    return rows

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .answers import load_answers
 from .lmms import Loaded, vqa_questions
 from .normalize import normalize_vqa, vqa_accuracy
 from .questions import Question, load_bunny, load_questions
@@ -63,7 +64,6 @@ def from_lmms(rows: list[dict], image_dir: Path, source: str | Path, inputs: Run
 def submission(answers: Path, output: Path, annotations: Path | None = None,
                all_questions: Path | None = None) -> str:
     """EvalAI's format: every test question (unanswered ones get ""), answers normalised."""
-    from .runner import load_answers
     predicted = load_answers(answers)
     ids = [q.raw_id for q in load_questions(all_questions)[0]] if all_questions else list(predicted)
     rows = [{"question_id": int(q), "answer": normalize_vqa(predicted.get(str(q), ""))} for q in ids]

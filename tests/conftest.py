@@ -3,8 +3,13 @@ with a reason on a user's clone, and fail instead when TAP_REQUIRE_FIXTURES=1 (s
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -129,3 +134,59 @@ def app_server(tmp_path_factory):
     for demo, service in started:
         demo.close()
         service.store.close()
+
+
+# ------------------------------------------------------------------------------------- killed runs and resuming
+# A run killed mid-way must resume onto the loss curve of a run that was never stopped. Training tests kill runs in
+# one of two ways and compare curves, so each way lives here once.
+def _loss_curve(folder: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+@pytest.fixture(scope="session")
+def loss_curve() -> Callable[[Path], dict[int, float]]:
+    """`loss_curve(folder)`: step -> loss from a run's metrics.jsonl, what a resumed run must reproduce."""
+    return _loss_curve
+
+
+@pytest.fixture
+def interrupt_at_step(monkeypatch) -> Callable[[type, int, Callable[[], object]], None]:
+    """`interrupt_at_step(trainer_class, step, train)`: call `train()` with the trainer's optimizer step raising
+    KeyboardInterrupt once the trainer is at `step`, as Ctrl-C would stop it in-process; the real step is put back
+    afterwards, so the run that resumes is unpatched."""
+
+    def interrupt(trainer_class: type, step: int, train: Callable[[], object]) -> None:
+        real = trainer_class._optimizer_step
+
+        def crash(self, window):
+            if self.step == step:
+                raise KeyboardInterrupt("killed")
+            return real(self, window)
+
+        monkeypatch.setattr(trainer_class, "_optimizer_step", crash)
+        with pytest.raises(KeyboardInterrupt):
+            train()
+        monkeypatch.setattr(trainer_class, "_optimizer_step", real)
+
+    return interrupt
+
+
+def _kill_at_checkpoint(cmd: list[str], out: Path, step: int) -> None:
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    marker = out / "checkpoints" / f"step-{step:07d}" / "progress.json"
+    deadline = time.monotonic() + 300
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert marker.exists() and not (out / "config.json").exists(), "the run should die between checkpoint and end"
+
+
+@pytest.fixture(scope="session")
+def kill_at_checkpoint() -> Callable[[list[str], Path, int], None]:
+    """`kill_at_checkpoint(cmd, out, step)`: start the training command `cmd` (writing to `out`) in its own process
+    group and SIGKILL the whole group as soon as checkpoint `step` is complete, as a preempted job dies (every rank at
+    once, no clean-up); asserts it died between that checkpoint and the end."""
+    return _kill_at_checkpoint

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from eval import instances
+from eval import instances, tap_answerers
 from eval.cli import main as eval_main
 from tokenizer_tap.image_io import load_image
 from tokenizer_tap.predictor import TapPredictor
@@ -137,8 +137,8 @@ def test_faster_coco_eval_lvis_mode_equals_the_lvis_package(world: Path, monkeyp
 
 def test_nms_and_the_vocabulary_mapping() -> None:
     boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]], dtype=torch.float32)
-    assert instances.nms(boxes, torch.tensor([0.9, 0.8, 0.7]), 0.5) == [0, 2]
-    assert instances.nms(boxes, torch.tensor([0.5, 0.8, 0.7]), 0.5) == [1, 2]
+    assert tap_answerers.nms(boxes, torch.tensor([0.9, 0.8, 0.7]), 0.5) == [0, 2]
+    assert tap_answerers.nms(boxes, torch.tensor([0.5, 0.8, 0.7]), 0.5) == [1, 2]
     data = {"categories": [{"id": 7, "name": "traffic_light"}, {"id": 3, "name": "car"}, {"id": 5, "name": "t-shirt"}]}
     assert instances.vocabulary_categories(["car", "Traffic Light", "t shirt"], data) == [3, 7, 5]
     with pytest.raises(ValueError, match=r"3 of 3 names are not category names \(entries 0: 'a'; 1: 'b'; 2: 'c'"):

@@ -287,9 +287,9 @@ def test_spice_is_skipped_with_a_note_when_it_cannot_run(monkeypatch) -> None:
 
 
 def test_textvqa_ocr_prompt_option(hf: Path, tmp_path: Path) -> None:
-    from eval.lmms import load
-    plain = load("textvqa", hf / "textvqa", tmp_path).questions[0].text
-    ocr = load("textvqa", hf / "textvqa", tmp_path, ocr=True).questions[0].text
+    from eval.benchmarks import load_lmms
+    plain = load_lmms("textvqa", hf / "textvqa", tmp_path).questions[0].text
+    ocr = load_lmms("textvqa", hf / "textvqa", tmp_path, ocr=True).questions[0].text
     assert plain == "What brand is it?\nAnswer the question using a single word or phrase."
     assert ocr == "What brand is it?\nReference OCR token: KODAK\nAnswer the question using a single word or phrase."
 

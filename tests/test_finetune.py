@@ -215,30 +215,16 @@ def test_qlora_trains_lora_over_a_4bit_base_and_the_result_loads(shapes, tmp_pat
     assert bot.config.lora.r == 4 and not (tmp_path / "encoder.safetensors").exists()
 
 
-def test_a_killed_run_resumes_on_the_same_loss_curve(shapes, tmp_path: Path, monkeypatch) -> None:
+def test_a_killed_run_resumes_on_the_same_loss_curve(shapes, tmp_path: Path, interrupt_at_step,
+                                                     loss_curve) -> None:
     common = ("max_steps=6", "save_every=3", "trainable.llm=lora", "model.lora_r=4", "model.lora_alpha=8",
               "model.lora_dropout=0.1")
     whole = Trainer(config(shapes, tmp_path / "whole", *common))
     whole.train()
     killed = Trainer(config(shapes, tmp_path / "killed", *common))
-    real = Trainer._optimizer_step
-
-    def crash(self, window):
-        if self.step == 4:
-            raise KeyboardInterrupt("killed")
-        return real(self, window)
-
-    monkeypatch.setattr(Trainer, "_optimizer_step", crash)
-    with pytest.raises(KeyboardInterrupt):
-        killed.train()
-    monkeypatch.setattr(Trainer, "_optimizer_step", real)
+    interrupt_at_step(Trainer, 4, killed.train)
     Trainer(config(shapes, tmp_path / "killed", *common)).train(resume=True)
-
-    def curve(folder: Path) -> dict[int, float]:
-        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-        return {r["step"]: r["loss"] for r in rows}
-
-    a, b = curve(tmp_path / "whole"), curve(tmp_path / "killed")
+    a, b = loss_curve(tmp_path / "whole"), loss_curve(tmp_path / "killed")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     assert all(a[s] == pytest.approx(b[s], rel=1e-5) for s in a)
     from safetensors.torch import load_file

@@ -188,26 +188,13 @@ def test_the_iou_refit_changes_the_iou_head_and_nothing_else(world: Path, tmp_pa
         assert np.array_equal(a.masks, b.masks) and not np.allclose(a.iou, b.iou)
 
 
-def test_a_killed_run_resumes_on_the_same_loss_curve(world: Path, tmp_path: Path, monkeypatch) -> None:
+def test_a_killed_run_resumes_on_the_same_loss_curve(world: Path, tmp_path: Path, interrupt_at_step,
+                                                     loss_curve) -> None:
     common = ("max_steps=4", "save_every=2")
     TapTrainer(stage1(world, tmp_path / "whole", *common)).train()
-    real = TapTrainer._optimizer_step
-
-    def crash(self, window):
-        if self.step == 3:
-            raise KeyboardInterrupt("killed")
-        return real(self, window)
-
-    monkeypatch.setattr(TapTrainer, "_optimizer_step", crash)
-    with pytest.raises(KeyboardInterrupt):
-        TapTrainer(stage1(world, tmp_path / "killed", *common)).train()
-    monkeypatch.setattr(TapTrainer, "_optimizer_step", real)
+    interrupt_at_step(TapTrainer, 3, lambda: TapTrainer(stage1(world, tmp_path / "killed", *common)).train())
     TapTrainer(stage1(world, tmp_path / "killed", *common)).train(resume=True)
-
-    def curve(folder: Path) -> dict[int, float]:
-        return {r["step"]: r["loss"] for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())}
-
-    a, b = curve(tmp_path / "whole"), curve(tmp_path / "killed")
+    a, b = loss_curve(tmp_path / "whole"), loss_curve(tmp_path / "killed")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     assert all(a[s] == pytest.approx(b[s], rel=1e-5) for s in a)
     from safetensors.torch import load_file

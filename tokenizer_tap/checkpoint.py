@@ -7,14 +7,19 @@ code a crafted file asks for, so only the handful of globals such a file needs a
 from __future__ import annotations
 
 import collections
+import json
 import pickle
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .config import FOLDER_FORMAT
 from .errors import CheckpointError
 
 # Array element types a weights file may hold: bool, signed/unsigned integers and floats. Anything else (objects,
@@ -130,8 +135,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
@@ -205,7 +208,6 @@ def load_concepts(path: str | Path) -> tuple[np.ndarray, list[str]]:
 
 
 def save_safetensors(state: Mapping[str, torch.Tensor], path: str | Path) -> None:
-    from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
 
 
@@ -214,17 +216,12 @@ def save_pretrained(tap: nn.Module, folder: str | Path, tokenizer: str | Path,
     """Write a TAP checkpoint folder: `config.json` (format tag + TAPConfig), `model.safetensors` (the official key
     names), the caption tokenizer as `text_tokenizer.model`, and the concept vocabulary as `concepts.safetensors`.
     `TapPredictor.from_pretrained(folder)`, `build_tap(folder)` and every `--tap-checkpoint` option load it."""
-    import json
-    import shutil
-
-    from .config import FOLDER_FORMAT
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_safetensors({k: v.detach().cpu() for k, v in tap.state_dict().items()}, folder / "model.safetensors")
     if Path(tokenizer).resolve() != (folder / "text_tokenizer.model").resolve():
         shutil.copyfile(tokenizer, folder / "text_tokenizer.model")
     if concepts is not None:
-        from safetensors.torch import save_file
         weights, names = concepts
         save_file({"weights": torch.as_tensor(np.asarray(weights, dtype=np.float32)).contiguous()},
                   str(folder / "concepts.safetensors"), metadata={"names": json.dumps([str(n) for n in names])})
@@ -235,9 +232,6 @@ def save_pretrained(tap: nn.Module, folder: str | Path, tokenizer: str | Path,
 
 def load_folder_concepts(folder: str | Path) -> tuple[np.ndarray, list[str]] | None:
     """A folder's concept vocabulary (W (sem_dim, K), names), or None when it has none."""
-    import json
-
-    from safetensors import SafetensorError, safe_open
     path = Path(folder) / "concepts.safetensors"
     if not path.is_file():
         return None

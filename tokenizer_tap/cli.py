@@ -8,8 +8,25 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import TapError
+from .build import build_tap, checkpoint_folder
+from .checkpoint import (
+    check_state_dict,
+    load_concepts,
+    load_folder_concepts,
+    read_state_dict,
+    save_official_pkl,
+    save_pretrained,
+    save_safetensors,
+)
+from .config import get_config
+from .errors import TapError, WeightsNotFoundError
+from .hub import demo_models, require_demo_models, tokenizer_path
+from .image_io import load_image
+from .modeling import TAP
 from .options import add_region_options, arg_type, positive_int, region_prompts
+from .parity import run_parity
+from .predictor import TapPredictor
+from .visualize import draw_regions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,10 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_predictor(args: argparse.Namespace):
     """The TAP the options name; where the official weights are absent, the demo TAP (when bundled), with a note."""
-    from .errors import WeightsNotFoundError
-    from .hub import demo_models, require_demo_models
-    from .predictor import TapPredictor
-
     if args.tiny:
         return TapPredictor.random(device=args.device, dtype=args.dtype)
     if args.demo:
@@ -73,8 +86,6 @@ def load_predictor(args: argparse.Namespace):
 
 
 def describe(args: argparse.Namespace) -> int:
-    from .visualize import draw_regions
-
     if args.out:  # fail before any model work, not after it
         out = Path(args.out)
         if not out.parent.is_dir():
@@ -97,7 +108,6 @@ def describe(args: argparse.Namespace) -> int:
         for i, r in enumerate(regions, 1):
             print(f"{i}. {r.describe()}")
     if args.out:
-        from .image_io import load_image
         image = load_image(args.image)
         draw_regions(image, [r.mask for r in regions], [f"{i} {r.concept}" for i, r in enumerate(regions, 1)]
                      ).save(args.out)
@@ -106,19 +116,6 @@ def describe(args: argparse.Namespace) -> int:
 
 
 def convert(args: argparse.Namespace) -> int:
-    from .build import build_tap, checkpoint_folder
-    from .checkpoint import (
-        check_state_dict,
-        load_concepts,
-        load_folder_concepts,
-        read_state_dict,
-        save_official_pkl,
-        save_pretrained,
-        save_safetensors,
-    )
-    from .config import get_config
-    from .modeling import TAP
-
     folder = checkpoint_folder("", args.src)
     state = read_state_dict(folder / "model.safetensors" if folder else args.src)
     if args.model or folder:
@@ -131,7 +128,6 @@ def convert(args: argparse.Namespace) -> int:
     else:
         if not (args.model or folder):
             raise ValueError("writing a checkpoint folder from a weights file needs --model (tap_vit_b/l/h ...)")
-        from .hub import tokenizer_path
         tap = build_tap(folder or args.model, None if folder else args.src, concepts=None, device="cpu",
                         dtype="float32")
         tokenizer = args.tokenizer or (folder / "text_tokenizer.model" if folder else tokenizer_path())
@@ -142,8 +138,6 @@ def convert(args: argparse.Namespace) -> int:
 
 
 def parity(args: argparse.Namespace) -> int:
-    from .parity import run_parity
-
     checks = run_parity(Path(args.fixture), threads=args.threads)
     for check in checks:
         print(check.line())

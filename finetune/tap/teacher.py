@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from tokenizer_tap.checkpoint import load_concepts
 from tokenizer_tap.errors import WeightsNotFoundError
 
 from .priors import PriorsWriter
@@ -254,7 +255,6 @@ def read_concept_names(path: str | Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"--concepts {path}: no such file")
     if path.suffix == ".pkl":
-        from tokenizer_tap.checkpoint import load_concepts
         names = load_concepts(path)[1]
     else:
         names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]

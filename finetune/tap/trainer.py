@@ -28,6 +28,7 @@ from tokenizer_tap.text_tokenizer import TextTokenizer
 from ..loop import TrainLoop
 from .batch import TapBatch, TargetBuilder
 from .config import DROP_PATH, TapTrainConfig
+from .mae import init_from_mae
 from .model import TapTrainModel
 from .priors import Priors
 from .records import BadRecords, RegionDataset, open_coco, open_regions, open_vg_captions
@@ -63,7 +64,6 @@ def build_model(config: TapTrainConfig) -> tuple[TAP, Path]:
                 tap = TAP(tap_config)
             tap.init_weights()
             if m.mae:
-                from .mae import init_from_mae
                 log.info("%s", init_from_mae(tap.image_encoder, m.mae).summary())
         else:  # the public v1.1 weights of the preset, from the hub cache
             tap = build_tap(tap_config, None, concepts=None, device="cpu", dtype="float32")
