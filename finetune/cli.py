@@ -10,26 +10,19 @@ import logging
 import sys
 from pathlib import Path
 
-from assistant.config import ChatConfig
-from assistant.llm import load_tokenizer
-from assistant.model import tokenize_with_image
-from assistant.projector import ProjectorConfig
-from tokenizer_tap.config import get_config
-
-from . import demo, world_chat
 from .config import TrainConfig
-from .data import load_records, prepare
-from .evaluate import accuracy
-from .synthetic import make
-from .tap import teacher, world
-from .tap.config import TapTrainConfig
-from .tap.records import InputError
-from .tap.trainer import TapTrainer
-from .trainer import Trainer
 
 
 def check(config: TrainConfig) -> int:
     """Validate every record and print counts and token lengths; exit status 1 when nothing is usable."""
+    # each subcommand loads only what it runs: `train` starts once per rank, and must not pay for the others
+    from assistant.config import ChatConfig
+    from assistant.llm import load_tokenizer
+    from assistant.model import tokenize_with_image
+    from assistant.projector import ProjectorConfig
+    from tokenizer_tap.config import get_config
+
+    from .data import load_records, prepare
     m = config.model
     if m.init:
         chat_config = ChatConfig.load(m.init)
@@ -50,6 +43,9 @@ def check(config: TrainConfig) -> int:
 
 
 def tap_train(args: argparse.Namespace) -> int:
+    from .tap.config import TapTrainConfig
+    from .tap.records import InputError
+    from .tap.trainer import TapTrainer
     try:
         config = TapTrainConfig.load(args.config, args.overrides)
         trainer = TapTrainer(config)
@@ -91,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("config", type=Path, help="a YAML file (see finetune/configs/tap_*.yaml)")
     t.add_argument("overrides", nargs="*", help="key=value, e.g. data.sa1b=DIR init=official max_steps=100")
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    from . import demo, world_chat  # subcommands' own modules: loaded here, after the light ones are parsed
+    from .tap import teacher, world
     teacher.add_arguments(sub.add_parser("tap-priors", help="CLIP concept priors (SemanticSA-1B) for SA-1B masks"))
     world.add_arguments(sub.add_parser("tap-world", help="write the synthetic scene world (SA-1B layout)"))
     world_chat.add_arguments(sub.add_parser("world-chat", help="chat data and a tokenizer from a synthetic world"))
@@ -108,10 +106,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "tap-train":
         sys.exit(tap_train(args))
     if args.command == "synthetic":
+        from .synthetic import make
         for key, path in make(args.folder, args.train_images, args.eval_images, args.seed).items():
             print(f"{key}: {path}")
         return
     if args.command == "evaluate":
+        from .evaluate import accuracy
         print(json.dumps(accuracy(args.checkpoint, args.questions, blank_images=args.blank_images), indent=2))
         return
     try:
@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"{args.config}: {exc}")
     if args.command == "check":
         sys.exit(check(config))
+    from .trainer import Trainer
     trainer = Trainer(config)
     result = trainer.train(resume=args.resume)
     if trainer.acc.is_main_process:

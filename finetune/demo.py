@@ -25,24 +25,11 @@ import shutil
 import subprocess
 import sys
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import save_file
-
-from assistant.model import ChatModel
-from finetune.config import TrainConfig
 from finetune.demo_eval import compare, digest, evaluate_bundle, file_digests, gallery_answers, remeasure
 from finetune.demo_readme import readme
-from finetune.tap.config import TapTrainConfig
-from finetune.tap.trainer import TapTrainer
-from finetune.tap.world import make_world, render
-from finetune.trainer import Trainer
-from finetune.world_chat import make_chat_data
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = Path(__file__).parent / "configs"
@@ -89,6 +76,11 @@ def gallery(bundle: Path, recipe: Recipe, count: int = 4) -> list[dict]:
     or a box (`prompt`) on an object that is the only one of its kind, and a question whose answer is known: the
     app's example gallery for the demo models (`gallery/examples.json`, the layout of examples/examples.json) and
     what tests check."""
+    from collections import Counter  # heavy: `python -m finetune` imports this module for every command's parser
+
+    from PIL import Image
+
+    from finetune.tap.world import render
     folder = bundle / "gallery"
     folder.mkdir(parents=True, exist_ok=True)
     items: list[dict] = []
@@ -123,6 +115,7 @@ def prompt(region) -> dict:
 
 def pack(tap_run: Path, chat_run: Path, bundle: Path) -> None:
     """Copy the two checkpoints into the bundle (the chat one naming `../tap`), stored in float16."""
+    from assistant.model import ChatModel  # heavy: `python -m finetune` imports this module for every command's parser
     if bundle.exists():
         shutil.rmtree(bundle)
     (bundle / "tap").mkdir(parents=True)
@@ -138,6 +131,9 @@ def pack(tap_run: Path, chat_run: Path, bundle: Path) -> None:
 def halve(path: Path) -> None:
     """Store a safetensors file's float32 tensors as float16 (metadata kept): half the bytes in the repository.
     Loading casts them back into the float32 modules, and the bundle is evaluated as stored."""
+    import torch  # heavy: `python -m finetune` imports this module for every command's parser
+    from safetensors import safe_open
+    from safetensors.torch import save_file
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata()
         names = f.keys()  # a safe_open handle is not iterable
@@ -150,6 +146,14 @@ def build(out: Path, work: Path, recipe: Recipe, reuse: bool = False, command: s
     previous build with the same recipe finished in `work` (their `FINISHED` file), and resume an unfinished one
     from its last checkpoint, to train only what is missing. Every run of every stage is recorded (`RUNS`), and the
     bundle's metrics carry them, its file digests and the held-out questions' digest (`--verify`)."""
+    # heavy: `python -m finetune` imports this module for every command's parser
+    from finetune.config import TrainConfig
+    from finetune.tap.config import TapTrainConfig
+    from finetune.tap.trainer import TapTrainer
+    from finetune.tap.world import make_world
+    from finetune.trainer import Trainer
+    from finetune.world_chat import make_chat_data
+
     world = work / "world"
     built = {"commit": commit(), "command": command}
     timings: dict[str, float] = {}
@@ -346,6 +350,7 @@ def verify(bundle: Path) -> list[str]:
 
 
 def _threads() -> int:
+    import torch  # heavy: `python -m finetune` imports this module for every command's parser
     return torch.get_num_threads()
 
 

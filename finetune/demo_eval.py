@@ -14,20 +14,6 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-from assistant.conversation import ConversationError
-from assistant.engine import Assistant
-from assistant.generation import GenerationSettings
-from finetune.evaluate import accuracy
-from finetune.tap.evaluate import evaluate_regions
-from finetune.tap.records import open_sa1b
-from finetune.tap.world import load_labels, make_world
-from finetune.world_chat import make_chat_data
-from tokenizer_tap.predictor import TapPredictor
-from tokenizer_tap.prompts import Prompt
-
 TARGETS = {"point_miou": 0.7, "concept_top1": 0.8, "caption_named": 0.8, "answers": 0.7}
 ASKED_KINDS = ("colour", "count", "position")  # the answers target: their answers are not in the prompt
 IN_PROMPT_KINDS = ("region",)  # the question carries the region line: reported on its own line, marked
@@ -58,6 +44,12 @@ def kinds_accuracy(by_kind: dict[str, float], asked: Counter, kinds: tuple[str, 
 def evaluate_bundle(bundle: Path, world: Path, eval_images: int) -> dict:
     """Held-out scores: TAP's regions through `TapPredictor`, and the chat model's short answers, seeing and blind
     (`answers`: exact match over `ASKED_KINDS`; `answers_by_kind["overall"]` over all kinds)."""
+    from finetune.evaluate import accuracy  # heavy: `python -m finetune` imports this module for every command's parser
+    from finetune.tap.evaluate import evaluate_regions
+    from finetune.tap.records import open_sa1b
+    from finetune.tap.world import load_labels
+    from tokenizer_tap.predictor import TapPredictor
+
     predictor = TapPredictor.from_pretrained(str(bundle / "tap"), device="cpu", dtype="float32")
     regions = evaluate_regions(predictor, open_sa1b(world / "eval"), load_labels(world, "eval"),
                                max_images=eval_images)
@@ -81,6 +73,13 @@ def evaluate_bundle(bundle: Path, world: Path, eval_images: int) -> dict:
 def gallery_answers(bundle: Path) -> list[dict]:
     """Each gallery example run as the app runs it (the bundle's `Assistant`, the click, the question, greedy): the
     chip's concept and caption and the answer, beside the known ones, for the README and the browser test."""
+    import numpy as np  # heavy: `python -m finetune` imports this module for every command's parser
+    from PIL import Image
+
+    from assistant.conversation import ConversationError
+    from assistant.engine import Assistant
+    from assistant.generation import GenerationSettings
+    from tokenizer_tap.prompts import Prompt
     bot = Assistant.from_pretrained(bundle / "chat", device="cpu", dtype="float32")
     rows = []
     for example in json.loads((bundle / "gallery" / "examples.json").read_text()):
@@ -124,6 +123,10 @@ def compare(recorded: object, measured: object, where: str = "") -> list[str]:
 
 def remeasure(bundle: Path, m: dict) -> dict:
     """The bundle's held-out figures and gallery answers, on the world its recipe's seed redraws."""
+    # heavy: `python -m finetune` imports this module for every command's parser
+    from finetune.tap.world import make_world
+    from finetune.world_chat import make_chat_data
+
     r = m["recipe"]
     with tempfile.TemporaryDirectory() as tmp:
         world = Path(tmp) / "world"  # the held-out split alone: its scenes and questions do not depend on training's
