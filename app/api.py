@@ -28,6 +28,7 @@ from tokenizer_tap.prompts import Prompt
 
 from .errors import UserError, api_errors
 from .owners import session_owner
+from .render import region_json
 from .service import ChatService
 
 
@@ -77,7 +78,7 @@ class ChatAPI:
     @api_errors
     def segment(self, conversation_id: str, prompt: dict, request: gr.Request) -> dict:
         """Add a region from points/box/scribble in image pixels; returns it (number, concept, caption, box)."""
-        return self.service.add_region(self.who(request), conversation_id, Prompt.from_dict(prompt)).to_dict()
+        return region_json(self.service.add_region(self.who(request), conversation_id, Prompt.from_dict(prompt)))
 
     @api_errors
     def remove_region(self, conversation_id: str, number: int, request: gr.Request) -> dict:
@@ -88,12 +89,12 @@ class ChatAPI:
     @api_errors
     def segment_everything(self, conversation_id: str, request: gr.Request) -> list[dict]:
         """TAP's top regions over the whole image, as candidates numbered from 1 (see /adopt)."""
-        return [r.to_dict() for r in self.service.segment_everything(self.who(request), conversation_id)]
+        return [region_json(r) for r in self.service.segment_everything(self.who(request), conversation_id)]
 
     @api_errors
     def adopt(self, conversation_id: str, index: int, request: gr.Request) -> dict:
         """Make segment-everything candidate `index` a region of the chat."""
-        return self.service.adopt(self.who(request), conversation_id, int(index)).to_dict()
+        return region_json(self.service.adopt(self.who(request), conversation_id, int(index)))
 
     @api_errors
     def chat(self, conversation_id: str, message: str, temperature: float = 0.0, max_new_tokens: int = 256,
@@ -147,11 +148,13 @@ class ChatAPI:
 
     @api_errors
     def rename(self, conversation_id: str, title: str, request: gr.Request) -> dict:
+        """Give the chat a new title (it cannot be empty); returns the chat."""
         self.service.rename(self.who(request), conversation_id, title)
         return self.service.snapshot(self.who(request), conversation_id).to_dict()
 
     @api_errors
     def delete(self, conversation_id: str, request: gr.Request) -> bool:
+        """Delete the chat with its messages and regions; returns true."""
         self.service.delete(self.who(request), conversation_id)
         return True
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import gradio as gr
 
 from assistant.engine import Assistant
-from assistant.options import add_model_options, load_or_fall_back
+from assistant.loading import Fallback, load
+from assistant.options import add_model_options
 from assistant.remote import ServerError
 from assistant.store import ChatStore, StoreError
 from tokenizer_tap.cache import cache_report
@@ -29,18 +30,18 @@ DEMO_BANNER = ("Running the **demo models**: a TAP and a small chat model that t
                "\"Models\") and restart.")
 
 
-def load_assistant(config: AppConfig, store: ChatStore) -> tuple[Assistant, str]:
-    """The configured models, or the demo models (else tiny random ones) with a banner saying why."""
+def models_banner(config: AppConfig, fallback: Fallback | None) -> str:
+    """What the page says about the models `load` ran for `config`: nothing for the ones asked for, else which
+    ones run and why (random weights and synthetic-scene models must not pass for the real thing)."""
     if config.tiny:
-        return Assistant.tiny(store=store), TINY_BANNER
-    bot, fallback = load_or_fall_back(config, store=store)
+        return TINY_BANNER
     if fallback is None:
-        return bot, DEMO_BANNER if config.demo else ""
+        return DEMO_BANNER if config.demo else ""
     if fallback.kind == "demo":
-        return bot, f"**Model weights not found** ({fallback.reason}). {DEMO_BANNER}"
-    return bot, (f"**Model weights not found** ({fallback.reason}). Running with tiny random models so you can try "
-                 "the tools; answers are gibberish. Download the weights (see README) and restart, or build the "
-                 "demo models with `make demo-models`.")
+        return f"**Model weights not found** ({fallback.reason}). {DEMO_BANNER}"
+    return (f"**Model weights not found** ({fallback.reason}). Running with tiny random models so you can try "
+            "the tools; answers are gibberish. Download the weights (see README) and restart, or build the "
+            "demo models with `make demo-models`.")
 
 
 def build_app(config: AppConfig, assistant: Assistant | None = None) -> tuple[gr.Blocks, ChatService, str]:
@@ -48,11 +49,12 @@ def build_app(config: AppConfig, assistant: Assistant | None = None) -> tuple[gr
     store = assistant.store if assistant is not None else ChatStore(config.db_path, config.image_dir)
     banner = TINY_BANNER if config.tiny else ""
     if assistant is None:
-        assistant, banner = load_assistant(config, store)
+        assistant, fallback = load(Assistant, config, store, fall_back="demo-or-tiny")
+        banner = models_banner(config, fallback)
     if config.tiny or banner:
         config.everything_min_iou = 0.0  # random weights predict low IoU everywhere
     service = ChatService(assistant, config)
-    bundle = demo_models() if DEMO_BANNER in banner else None
+    bundle = demo_models(config.demo_models) if DEMO_BANNER in banner else None
     demo = ui.build(service, auth=bool(config.auth), banner=banner,
                     gallery=bundle / "gallery" if bundle is not None else None)
     demo.queue(default_concurrency_limit=1, max_size=config.queue_size)
@@ -71,6 +73,7 @@ def launch(demo: gr.Blocks, config: AppConfig, **overrides) -> tuple:
 
 
 def parse_args(argv: list[str] | None = None) -> AppConfig:
+    """The command line as an `AppConfig`; bad --auth values and contradictory options exit with a usage error."""
     p = argparse.ArgumentParser(prog="python -m app", description="TAP-Chat: chat about an image, region by region.")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for the network)")
     p.add_argument("--port", type=int, default=7860)
@@ -95,6 +98,7 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
     except AuthFileError as exc:
         p.error(str(exc))
     config = AppConfig(host=args.host, port=args.port, db=args.db, auth=auth, tiny=args.tiny, demo=args.demo,
+                       demo_models=args.demo_models,
                        tap_model=args.tap_model, tap_checkpoint=args.tap_checkpoint, llm=args.llm,
                        chat_checkpoint=args.chat_checkpoint, quantization=args.quantization, device=args.device,
                        dtype=args.dtype, llm_server=args.llm_server, llm_server_model=args.llm_server_model,
@@ -105,6 +109,7 @@ def parse_args(argv: list[str] | None = None) -> AppConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Load, then serve until stopped; a store or LLM-server failure exits with its message, not a traceback."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = parse_args(argv)
     try:

@@ -30,6 +30,7 @@ class AppConfig:
     auth: list[tuple[str, str]] = field(default_factory=list)  # empty: anonymous owners (per browser)
     tiny: bool = False
     demo: bool = False  # the bundled demo models (also what runs where the public weights are absent)
+    demo_models: Path | None = None  # which demo bundle (default: $TAPCHAT_DEMO_MODELS, else the shipped one)
     tap_model: str | None = None
     tap_checkpoint: str | None = None
     llm: str | None = None
@@ -49,12 +50,15 @@ class AppConfig:
 
     @property
     def db_path(self) -> Path:
+        """`db` when given, else `history.db` in the data directory."""
         return self.db if self.db is not None else self.data_dir / "history.db"
 
     @property
     def image_dir(self) -> Path:
+        """Where the store keeps uploaded images."""
         return self.data_dir / "images"
 
     @property
     def export_dir(self) -> Path:
+        """Where exports are written; `launch` lets Gradio serve files from it (downloads)."""
         return self.data_dir / "exports"

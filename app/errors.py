@@ -15,9 +15,9 @@ from typing import Any, TypeVar
 
 import gradio as gr
 
-from assistant.conversation import ConversationError
-from assistant.engine import GenerationError
+from assistant.reply import GenerationError
 from assistant.store import NotFoundError, StoreError
+from assistant.template import ConversationError
 from tokenizer_tap.errors import TapError
 
 log = logging.getLogger("tapchat.app")

@@ -21,6 +21,7 @@ class AuthFileError(ValueError):
 
 
 def new_token() -> str:
+    """A fresh random browser token, in the form `browser_owner` accepts."""
     return secrets.token_hex(32)
 
 
@@ -32,6 +33,7 @@ def browser_owner(token: str) -> str | None:
 
 
 def session_owner(session_hash: str) -> str:
+    """Owner id of an API client without auth: one per Gradio session, hashed like browser tokens."""
     return "session-" + hashlib.sha256(session_hash.encode()).hexdigest()[:32]
 
 

@@ -7,7 +7,9 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from .service import MessageView, RegionView
+from assistant.template import Turn
+from tokenizer_tap.region import Region
+from tokenizer_tap.visualize import colour
 
 _REF = re.compile(r"&lt;region(\d+)&gt;")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\ufffd]")
@@ -28,23 +30,44 @@ def message_html(text: str, colours: dict[int, str]) -> str:
     return _REF.sub(ref, html.escape(clean(text), quote=False))
 
 
-def chat_messages(messages: Sequence[MessageView], regions: Sequence[RegionView],
-                  streaming: bool = False) -> list[dict[str, Any]]:
+def region_colour(number: int) -> str:
+    """The overlay's colour of region `number`, as the page writes it."""
+    return "#{:02x}{:02x}{:02x}".format(*colour(number - 1))
+
+
+def region_json(region: Region) -> dict[str, Any]:
+    """A region as the page and the API show it: a numbered chip in the overlay's colour."""
+    n = region.number
+    return {"number": n, "concept": region.concept, "prob": round(float(region.concept_prob), 3),
+            "caption": region.caption, "box": None if region.box is None else [int(v) for v in region.box],
+            "area_percent": round(100.0 * region.area, 2), "colour": region_colour(n), "ref": f"<region{n}>"}
+
+
+def chip(region: Region) -> str:
+    """A region's chip text: `<regionN> concept 0.91 — caption`."""
+    text = f"<region{region.number}> {region.concept} {round(float(region.concept_prob), 3):.2f}"
+    return f"{text} — {region.caption}" if region.caption else text
+
+
+def chat_messages(turns: Sequence[Turn], regions: Sequence[Region], streaming: bool = False) -> list[dict[str, Any]]:
     """Chatbot messages; an unfinished answer is marked stopped unless it is the one being written now."""
-    colours = {r.number: r.colour for r in regions}
+    colours = {r.number: region_colour(r.number) for r in regions}
     out = []
-    for i, m in enumerate(messages):
-        text = message_html(m.text, colours)
-        if m.role == "assistant" and not m.complete:
-            live = streaming and i == len(messages) - 1
+    for i, turn in enumerate(turns):
+        out.append({"role": "user", "content": message_html(turn.text, colours)})
+        text = message_html(turn.answer or "", colours)
+        if not turn.complete:
+            live = streaming and i == len(turns) - 1
             text = (text + " ▌") if live else (text + " *(stopped)*")
-        out.append({"role": m.role, "content": text})
+        out.append({"role": "assistant", "content": text})
     return out
 
 
-def chip_samples(regions: Sequence[RegionView]) -> list[list[str]]:
-    return [[clean(r.chip())] for r in regions]
+def chip_samples(regions: Sequence[Region]) -> list[list[str]]:
+    """Rows for the regions `gr.Dataset`, in the given order (a clicked index maps back to its region)."""
+    return [[clean(chip(r))] for r in regions]
 
 
 def history_samples(items: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """Rows for the history `gr.Dataset`: title and last update to the minute, in the order of `items`."""
     return [[f"{clean(i['title'])} · {i['updated'][:16].replace('T', ' ')}"] for i in items]

@@ -18,12 +18,15 @@ from tokenizer_tap.errors import TapError
 from tokenizer_tap.options import add_region_options, arg_type, positive_int, region_prompts
 from tokenizer_tap.prompts import Prompt, parse_box, parse_point, parse_stroke
 
-from .conversation import Conversation, ConversationError
+from .decoding import GenerationSettings
 from .engine import Assistant
-from .generation import GenerationSettings
+from .loading import load
 from .model import merge_checkpoint
-from .options import add_model_options, load_or_fall_back
+from .options import add_model_options
+from .session import Session
 from .store import ChatStore
+from .template import ConversationError
+from .template import line as region_line
 
 HELP = """commands:
   /point X,Y [-X,Y ...]   add a region from a point (a leading '-' marks a negative point)
@@ -41,6 +44,7 @@ anything else is a question; refer to regions as <region1>, <region2> ..."""
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of `chat` (a REPL, or one-shot with `--ask`) and `merge`; model options as `add_model_options`."""
     parser = argparse.ArgumentParser(prog="python -m assistant", description="TAP-Chat: chat about image regions.")
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("chat", help="chat about an image (REPL), or answer one --ask question")
@@ -61,23 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_assistant(args: argparse.Namespace):
-    store = None
-    if args.db:
-        Path(args.db).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        store = ChatStore(Path(args.db).expanduser())
-    if args.tiny:
-        return Assistant.from_options(args, store=store)
-    bot, fallback = load_or_fall_back(args, store=store, tiny=False)
-    if fallback is not None:
-        print(f"note: {fallback.reason}\nnote: running the demo models (trained on synthetic scenes: good on "
-              "scenes like examples/, not on photos)", file=sys.stderr)
-    return bot
+def open_store(db: str | None) -> ChatStore | None:
+    """The history store `--db` names (its folder made), or None: without `--db` nothing is kept."""
+    if not db:
+        return None
+    Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    return ChatStore(Path(db).expanduser())
 
 
 def chat(args: argparse.Namespace) -> int:
+    """The `chat` command: load (demo models if weights are missing), add the regions, answer `--ask` or run a REPL."""
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-    bot = load_assistant(args)
+    bot, fallback = load(Assistant, args, open_store(args.db), fall_back="demo")
+    if fallback is not None:
+        print(f"note: {fallback.reason}\nnote: running the demo models (trained on synthetic scenes: good on "
+              "scenes like examples/, not on photos)", file=sys.stderr)
     conv = bot.start(args.owner, image=args.image)
     for p in region_prompts(args):
         print(_region_text(bot.add_region(conv, p)), file=sys.stderr)
@@ -88,13 +90,14 @@ def chat(args: argparse.Namespace) -> int:
             answers.append({"question": question, "answer": reply.text, "complete": reply.complete,
                             "dropped_turns": reply.dropped_turns})
         if args.json:
-            regions = [{"id": f"<region{r.number}>", "line": r.grounded.line()} for r in conv.active_regions()]
+            regions = [{"id": f"<region{r.number}>", "line": region_line(r)} for r in conv.active_regions()]
             print(json.dumps({"conversation": conv.id, "regions": regions, "turns": answers}, indent=1))
         return 0
     return repl(bot, conv, settings)
 
 
-def repl(bot, conv: Conversation, settings) -> int:
+def repl(bot, conv: Session, settings) -> int:
+    """Questions and /commands until EOF or /quit; errors are printed, and Ctrl-C while answering stops that answer."""
     print(f"TAP-Chat ({bot.model_id}). /help for commands, /quit to leave.", file=sys.stderr)
     state = {"conv": conv}
     commands: dict[str, Callable[[list[str]], None]] = {
@@ -141,7 +144,7 @@ def repl(bot, conv: Conversation, settings) -> int:
             print(f"error: {exc}")
 
 
-def _print_stream(bot, conv: Conversation, question: str, settings):
+def _print_stream(bot, conv: Session, question: str, settings):
     stream = bot.stream(conv, question, settings)
     try:
         for piece in stream:
@@ -159,20 +162,20 @@ def _print_stream(bot, conv: Conversation, question: str, settings):
     return reply
 
 
-def _add(bot, conv: Conversation, prompt: Prompt) -> None:
+def _add(bot, conv: Session, prompt: Prompt) -> None:
     print(_region_text(bot.add_region(conv, prompt)))
 
 
 def _region_text(entry) -> str:
-    return entry.grounded.line()
+    return region_line(entry)
 
 
-def _list_regions(conv: Conversation) -> None:
+def _list_regions(conv: Session) -> None:
     active = conv.active_regions()
-    print("\n".join(r.grounded.line() for r in active) if active else "no regions yet: /point X,Y adds one")
+    print("\n".join(region_line(r) for r in active) if active else "no regions yet: /point X,Y adds one")
 
 
-def _new(bot, conv: Conversation) -> Conversation:
+def _new(bot, conv: Session) -> Session:
     new = bot.start(conv.owner)
     if conv.image_key is not None:
         new.image_key, new.image_sha = conv.image_key, conv.image_sha
@@ -187,7 +190,7 @@ def _history(bot, owner: str) -> None:
         print(f"{info.id}  {info.updated[:19]}  {info.message_count:3d} msgs  {info.title}")
 
 
-def _export(bot, conv: Conversation, path: str) -> None:
+def _export(bot, conv: Session, path: str) -> None:
     if bot.store is None:
         raise ValueError("export needs the history store: start with --db FILE")
     records = bot.store.export_llava(conv.owner, conv.id)
@@ -196,11 +199,13 @@ def _export(bot, conv: Conversation, path: str) -> None:
 
 
 def merge(args: argparse.Namespace) -> int:
+    """The `merge` command: write a standalone folder with the checkpoint's LoRA folded into Phi-2."""
     print(f"merged checkpoint written to {merge_checkpoint(args.src, args.dst)}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m assistant`: errors a user can fix print one line and return 2 instead of a traceback."""
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:

@@ -59,15 +59,18 @@ class ChatConfig:
         return str(beside) if not Path(self.tap_model).is_absolute() and beside.is_dir() else self.tap_model
 
     def with_(self, **changes) -> ChatConfig:
+        """A copy with `changes` applied (the config is frozen); the copy is validated again."""
         return replace(self, **changes)
 
     def to_dict(self) -> dict:
+        """What `config.json` holds: the fields plus the format name and version, LoRA as plain JSON."""
         data = asdict(self)
         data["lora"] = self.lora.to_dict() if self.lora else None
         return {"format": FORMAT, "version": VERSION, **data}
 
     @classmethod
     def from_dict(cls, data: dict) -> ChatConfig:
+        """Parse `config.json` content; other formats, newer versions and unknown keys are refused, not guessed at."""
         data = dict(data)
         if data.pop("format", FORMAT) != FORMAT:
             raise ValueError("not a TAP-Chat checkpoint config (format field)")
@@ -85,10 +88,12 @@ class ChatConfig:
         return cls(**data)
 
     def save(self, folder: str | Path) -> None:
+        """Write `config.json` into the checkpoint `folder`, which must already exist."""
         Path(folder, "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, folder: str | Path) -> ChatConfig:
+        """Read `folder/config.json`: FileNotFoundError when it is absent, ValueError when it is malformed."""
         path = Path(folder, "config.json")
         try:
             return cls.from_dict(json.loads(path.read_text()))

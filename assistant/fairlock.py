@@ -21,6 +21,7 @@ class FairRLock:
         self._queue: deque[int] = deque()
 
     def acquire(self) -> bool:
+        """Wait until every thread that asked earlier has had its turn (the holder re-enters at once); always True."""
         me = threading.get_ident()
         with self._cond:
             if self._owner == me:
@@ -34,6 +35,7 @@ class FairRLock:
         return True
 
     def release(self) -> None:
+        """Undo one `acquire`; the last one hands the lock to the longest waiter. Only the holder may release."""
         with self._cond:
             if self._owner != threading.get_ident():
                 raise RuntimeError("release of a FairRLock not held by this thread")

@@ -37,10 +37,12 @@ from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
 from tokenizer_tap.prompts import Prompt
 
-from .conversation import Conversation, ConversationError, TurnEntry, clean_message, turn_regions, user_prompt
+from .decoding import GenerationSettings
 from .engine import Assistant
-from .generation import GenerationSettings
+from .loading import LoadOptions, load
+from .session import Session
 from .store import ChatStore
+from .template import ConversationError
 
 SETTING_NAMES = ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed")
 
@@ -48,7 +50,7 @@ SETTING_NAMES = ("max_new_tokens", "temperature", "top_p", "repetition_penalty",
 @lru_cache(maxsize=1)
 def _tiny_assistant() -> Assistant:
     """One shared tiny Assistant: `tiny=True` models are for tests and demos, and building one takes seconds."""
-    return Assistant.tiny("tapchat")
+    return load(Assistant, LoadOptions(tiny=True)).assistant
 
 
 class TapChatModel(BaseChatModel):
@@ -142,7 +144,7 @@ class TapChatModel(BaseChatModel):
         conv, question = self._conversation(messages)
         bot = self._engine
         try:
-            replies = bot.stream(conv, question, settings)
+            replies = conv.stream(question, settings)
         except ConversationError as e:
             raise ValueError(f"message {len(messages)}: {e}") from e
         text, sent, stopped = "", 0, False
@@ -222,7 +224,7 @@ class TapChatModel(BaseChatModel):
             run_manager.on_llm_new_token(text, chunk=chunk)
         return chunk
 
-    def _conversation(self, messages: Sequence[BaseMessage]) -> tuple[Conversation, str]:
+    def _conversation(self, messages: Sequence[BaseMessage]) -> tuple[Session, str]:
         """A fresh conversation holding every turn but the last, and the last human message's text."""
         offset = 1 if messages and isinstance(messages[0], SystemMessage) else 0
         chat = list(messages[offset:])
@@ -236,14 +238,14 @@ class TapChatModel(BaseChatModel):
                                  "starting with a human one")
         if len(chat) % 2 == 0:
             raise ValueError("the last message must be a human message (the question to answer)")
-        conv = Conversation(uuid.uuid4().hex, owner="langchain")
+        conv = Session(self._engine, uuid.uuid4().hex, owner="langchain")
         for i in range(0, len(chat) - 1, 2):
             self._show(conv, chat[i], i + offset + 1)
             self._replay(conv, chat[i], chat[i + 1], i + offset + 1)
         self._show(conv, chat[-1], len(messages))
         return conv, chat[-1].text
 
-    def _show(self, conv: Conversation, message: BaseMessage, number: int) -> None:
+    def _show(self, conv: Session, message: BaseMessage, number: int) -> None:
         """Make a human message's image current and add its regions, as a user would before asking."""
         try:
             images = []
@@ -256,7 +258,7 @@ class TapChatModel(BaseChatModel):
             if len(images) > 1:
                 raise ValueError("only one image per message")
             if images:
-                self._engine.set_image(conv, images[0])
+                conv.set_image(images[0])
             specs = message.additional_kwargs.get("regions", [])
             if not isinstance(specs, list):
                 raise ValueError("additional_kwargs['regions'] must be a list of region dicts")
@@ -264,29 +266,20 @@ class TapChatModel(BaseChatModel):
                 raise ValueError("regions need an image: send one in this message or an earlier one")
             for n, spec in enumerate(specs, 1):
                 try:
-                    self._engine.add_region(conv, Prompt.from_dict(spec))
+                    conv.add_region(Prompt.from_dict(spec))
                 except ValueError as e:  # PromptError, ConversationError and ours
                     raise ValueError(f"region {n}: {e}") from e
         except ValueError as e:  # ImageError too
             raise ValueError(f"message {number}: {e}") from e
 
-    def _replay(self, conv: Conversation, human: BaseMessage, ai: BaseMessage, number: int) -> None:
-        """Record an earlier exchange as a finished turn, its prompt built as `Assistant.stream` builds it."""
-        try:
-            text = clean_message(human.text)
-            numbers = turn_regions(conv, text)
-            if stale := [n for n in numbers if conv.regions[n].image_key != conv.image_key]:
-                raise ConversationError(f"<region{stale[0]}> belongs to an earlier image")
-        except ConversationError as e:
-            raise ValueError(f"message {number}: {e}") from e
-        grounded = [conv.regions[n].grounded for n in numbers]
-        if not grounded and conv.image_key is not None:
-            grounded = self._engine.scene_regions(conv)  # same package: scene lines exactly as a live turn gets
+    def _replay(self, conv: Session, human: BaseMessage, ai: BaseMessage, number: int) -> None:
+        """Record an earlier exchange as a finished turn, its prompt built as a live turn builds it."""
         # an answer marked incomplete (as TapChatMessageHistory marks stopped ones) stays out of the prompt
         complete = ai.additional_kwargs.get("complete", True) is not False
-        conv.turns.append(TurnEntry(text, user_prompt(text, grounded), conv.image_key, numbers,
-                                    answer=ai.text.strip(), complete=complete))
-        conv.new_regions.clear()
+        try:
+            conv.replay(human.text, ai.text, complete)
+        except ConversationError as e:
+            raise ValueError(f"message {number}: {e}") from e
 
     def _image(self, block: dict[str, Any]) -> bytes | Path:
         """The image a standard image block carries: decoded base64, or a file under `image_dir`."""
@@ -323,6 +316,7 @@ class TapChatMessageHistory(BaseChatMessageHistory):
 
     @property
     def messages(self) -> list[BaseMessage]:  # type: ignore[override]
+        """Read from the store on every access: text only, AI messages carrying `complete`."""
         record = self.store.get_conversation(self.owner, self.conversation_id)
         return [HumanMessage(content=m.text) if m.role == "user"
                 else AIMessage(content=m.text, additional_kwargs={"complete": m.complete})
@@ -342,6 +336,7 @@ class TapChatMessageHistory(BaseChatMessageHistory):
             self.store.append_message(self.owner, self.conversation_id, role, text, complete=complete)
 
     def clear(self) -> None:
+        """Delete every stored message; the conversation itself (title, regions) stays."""
         self.store.truncate(self.owner, self.conversation_id, 0)
 
 

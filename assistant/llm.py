@@ -35,10 +35,12 @@ class LoraSettings:
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
 
     def to_dict(self) -> dict:
+        """JSON-ready fields (`target_modules` as a list), as `config.json` stores them."""
         return {**asdict(self), "target_modules": list(self.target_modules)}
 
     @classmethod
     def from_dict(cls, data: dict) -> LoraSettings:
+        """Inverse of `to_dict`; missing keys take the defaults."""
         return cls(**{**data, "target_modules": tuple(data.get("target_modules", cls.target_modules))})
 
 
@@ -59,6 +61,7 @@ class TinyPhi:
                              "head size whose rotary part (0.4 of it, as Phi-2's 32 of 80) is a whole even number")
 
     def config(self, vocab_size: int) -> PhiConfig:
+        """A `PhiConfig` of this size; BOS, EOS and pad are id 0, the bundled tiny tokenizer's `<|endoftext|>`."""
         return PhiConfig(vocab_size=vocab_size, hidden_size=self.hidden_size,
                          intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
                          num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_attention_heads,

@@ -156,21 +156,26 @@ class ChatModel(nn.Module):
     # ------------------------------------------------------------------------------------------- tokens
     @property
     def device(self) -> torch.device:
+        """Where the input embeddings live; token ids and visual tokens are moved here."""
         return self.embedding.weight.device
 
     @property
     def embedding(self) -> nn.Embedding:
+        """The LLM's token-embedding table (all that a server-run LLM's stand-in holds)."""
         return self.llm.get_input_embeddings()
 
     @property
     def dtype(self) -> torch.dtype:
+        """The embeddings' dtype; visual tokens are cast to it before they are spliced in."""
         return self.embedding.weight.dtype
 
     @property
     def num_visual_tokens(self) -> int:
+        """Positions one `<image>` placeholder expands to; 0 in grounded mode, which has no projector."""
         return self.config.projector.num_tokens() if self.projector is not None else 0
 
     def tokenize(self, text: str) -> list[int]:
+        """Token ids of a rendered prompt, each `<image>` becoming `IMAGE_TOKEN`; no BOS is added."""
         return tokenize_with_image(self.tokenizer, text)
 
     @torch.inference_mode()
@@ -236,9 +241,11 @@ class ServedLLM(nn.Module):
         self.table = table
 
     def get_input_embeddings(self) -> nn.Embedding:
+        """The embedding table: prompts with an image are sent to the server as embeddings."""
         return self.table
 
     def forward(self, *args, **kwargs):
+        """Always raises: decoding must go through the server lane (`remote.ServerLLM`), not this stand-in."""
         raise RuntimeError("this LLM runs on a server (--llm-server); it cannot run here")
 
 

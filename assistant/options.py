@@ -1,29 +1,21 @@
-"""The model options every front end shares (app, `assistant chat`, `eval run`), and building an Assistant from them.
+"""The model options every front end shares (app, `assistant chat`, `eval run`).
 
-One definition keeps the names, defaults and help identical everywhere; `Assistant.from_options` reads any object
-with these attribute names (argparse's Namespace, the app's AppConfig).
+One definition keeps the names, defaults and help identical everywhere; `assistant.loading.load` reads them from
+any object with these attribute names (argparse's Namespace, the app's AppConfig).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
-from tokenizer_tap.errors import WeightsNotFoundError
-from tokenizer_tap.hub import demo_models
-
-if TYPE_CHECKING:
-    from .engine import Assistant
+from tokenizer_tap.options import add_demo_models_option
 
 QUANTIZATIONS = ("none", "4bit", "8bit")
-log = logging.getLogger("tapchat")
 
 
 def add_model_options(parser: argparse.ArgumentParser, *, checkpoint_alias: bool = False) -> None:
-    """--tiny, --demo, --tap-model, --tap-checkpoint, --llm, --chat-checkpoint, --quantization, --device, --dtype,
-    --llm-server, --llm-server-model.
+    """--tiny, --demo, --demo-models, --tap-model, --tap-checkpoint, --llm, --chat-checkpoint, --quantization,
+    --device, --dtype, --llm-server, --llm-server-model.
 
     `checkpoint_alias` also accepts `--checkpoint` for `--chat-checkpoint` (the name those CLIs always had)."""
     parser.add_argument("--tiny", action="store_true",
@@ -31,6 +23,7 @@ def add_model_options(parser: argparse.ArgumentParser, *, checkpoint_alias: bool
     parser.add_argument("--demo", action="store_true",
                         help="the bundled demo models, trained on synthetic scenes (the default where the public "
                              "weights are absent; models/demo/README.md)")
+    add_demo_models_option(parser)
     parser.add_argument("--tap-model", default=None, help="TAP variant (default: the checkpoint's, or tap_vit_l)")
     parser.add_argument("--tap-checkpoint", default=None,
                         help="TAP weights (.pkl/.safetensors) or a checkpoint folder from tap-train (default: hub)")
@@ -49,28 +42,3 @@ def add_model_options(parser: argparse.ArgumentParser, *, checkpoint_alias: bool
                         help="the served model to ask (default: the LoRA adapter if the checkpoint has one, "
                              "else the base model)")
 
-
-@dataclass(frozen=True)
-class Fallback:
-    """Why other models than the ones asked for are running: `kind` is "demo" or "tiny", `reason` the first line of
-    the missing-weights error."""
-
-    kind: str
-    reason: str
-
-
-def load_or_fall_back(options: Any, store=None, *, tiny: bool = True) -> tuple[Assistant, Fallback | None]:
-    """The models the options name; where their weights are absent, the demo models (trained on synthetic scenes),
-    and where those are absent too, tiny random ones (or, without `tiny`, the missing-weights error: a command-line
-    answer from random weights helps nobody, a page that opens does). The fallback says which models run."""
-    from .engine import Assistant  # loads transformers: front ends that only add these options stay light
-    try:
-        return Assistant.from_options(options, store=store), None
-    except WeightsNotFoundError as exc:
-        if not tiny and (demo_models() is None or getattr(options, "demo", False)):
-            raise
-        reason = str(exc).splitlines()[0].rstrip(":")  # the list of files goes to the log
-        log.warning("model weights not found:\n%s", exc)
-    if demo_models() is not None and not getattr(options, "demo", False):
-        return Assistant.demo(store=store, device=options.device), Fallback("demo", reason)
-    return Assistant.tiny(getattr(options, "mode", "tapchat"), store=store), Fallback("tiny", reason)

@@ -30,6 +30,7 @@ class ProjectorConfig:
             raise ValueError(f"feature grid {self.grid} is not divisible by merge {self.merge}")
 
     def num_tokens(self) -> int:
+        """Visual tokens per image: one per `merge` x `merge` neighbourhood of the feature grid."""
         return (self.grid // self.merge) ** 2
 
 
@@ -45,6 +46,7 @@ class ResidualBlock(nn.Module):
         nn.init.zeros_(self.conv2.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, dim, H, W) -> same shape; exactly `x` at initialisation, as the last conv starts at zero."""
         return x + self.conv2(F.gelu(self.norm(self.conv1(x))))
 
 
@@ -60,6 +62,7 @@ class ConvProjector(nn.Module):
                                  nn.Linear(config.out_dim, config.out_dim))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, in_dim, grid, grid) features -> (B, num_tokens, out_dim); another grid size raises ValueError."""
         m, g = self.config.merge, self.config.grid
         if tuple(features.shape[-2:]) != (g, g):
             raise ValueError(f"expected a {g}x{g} feature grid, got {tuple(features.shape[-2:])}")

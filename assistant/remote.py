@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import httpx
 import torch
 
-from .generation import CachedPrefix, GenerationSettings
+from .decoding import CachedPrefix, GenerationSettings, Request
 from .model import IMAGE_TOKEN, ChatModel
 
 
@@ -38,7 +38,7 @@ class ServerError(ConnectionError):
 
 
 @dataclass(eq=False)
-class Request:
+class Stream:
     """One streaming completion: the token ids not yet read, and the open response."""
 
     cancel: threading.Event
@@ -89,25 +89,24 @@ class ServerLLM:
         return adapters[0]
 
     # ------------------------------------------------------------------------------ the batcher's interface
-    def join(self, ids: list[int], visual: torch.Tensor | None, settings: GenerationSettings, *,
-             image_key: str | None, cancel: threading.Event, max_context: int | None,
-             prefix: CachedPrefix | None = None, text: str | None = None) -> Request:
-        """Start streaming the answer to `ids` (or to `text`, which must tokenize to `ids`, when no image)."""
+    def join(self, req: Request) -> Stream:
+        """Start streaming the answer to `req.ids` (or to `req.text`, which must tokenize to them, when no image)."""
+        ids, settings = req.ids, req.settings
         limit = settings.max_new_tokens
-        if max_context is not None:
-            limit = min(limit, max_context - self.chat.prompt_length(ids))
-        request = Request(cancel, prefix)
-        if limit <= 0 or cancel.is_set():
+        if req.max_context is not None:
+            limit = min(limit, req.max_context - self.chat.prompt_length(ids))
+        request = Stream(req.cancel, req.prefix)
+        if limit <= 0 or req.cancel.is_set():
             request.ended = True
             return request
         body = {"model": self.model, "max_tokens": limit, "stream": True, "return_token_ids": True,
                 **_sampling(settings)}
         if IMAGE_TOKEN in ids:
             with torch.inference_mode():
-                embeds = self.chat.embed_sequence(ids, visual)
+                embeds = self.chat.embed_sequence(ids, req.visual)
             body["prompt_embeds"] = encode_embeds(embeds)
-        elif text is not None:
-            body |= {"prompt": text, "add_special_tokens": False}
+        elif req.text:
+            body |= {"prompt": req.text, "add_special_tokens": False}
             request.expected_prompt = ids
         else:
             body["prompt"] = ids
@@ -115,7 +114,11 @@ class ServerLLM:
         request.lines = request.response.iter_lines()
         return request
 
-    def next(self, request: Request) -> int | None:
+    def join_many(self, requests: list[Request]) -> list[Stream]:
+        """Start every request's stream (the server batches them)."""
+        return [self.join(r) for r in requests]
+
+    def next(self, request: Stream) -> int | None:
         """The next token id; None once the answer ended or Stop was pressed."""
         while True:
             if request.cancel.is_set():  # checked first: nothing more is read after Stop
@@ -128,7 +131,7 @@ class ServerLLM:
                 return None
             self._read(request)
 
-    def leave(self, request: Request) -> CachedPrefix | None:
+    def leave(self, request: Stream) -> CachedPrefix | None:
         """Close the stream (the server aborts the request); the KV cache lives on the server, not here."""
         request.ended = True
         if request.response is not None:
@@ -137,7 +140,7 @@ class ServerLLM:
         return request.prefix
 
     # ------------------------------------------------------------------------------------------- internals
-    def _read(self, request: Request) -> None:
+    def _read(self, request: Stream) -> None:
         """Read one server-sent event into `request.ready`."""
         try:
             line = next(request.lines, None)

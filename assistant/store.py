@@ -16,141 +16,60 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import sqlite3
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import numpy as np
 from sqlite_utils import Database
-from sqlite_utils.db import ForeignKey
 
-from assistant import rle
+from tokenizer_tap.region import Region
 
-DEFAULT_TITLE = "New chat"
-MAX_TITLE = 200
-MAX_TEXT = 100_000
-MAX_PROMPT = 200_000  # the user's text plus one line per referenced region
-MAX_LABEL = 2_000  # owner ids, model names, concepts, captions
-MAX_PAGE = 500
-MAX_QUERY = 1_000
-ROLES = ("user", "assistant")
+from .store_rows import (
+    CONV_ID,
+    DEFAULT_TITLE,
+    MAX_LABEL,
+    MAX_PAGE,
+    MAX_PROMPT,
+    MAX_QUERY,
+    MAX_TEXT,
+    MAX_TITLE,
+    MIGRATIONS,
+    ROLES,
+    SHA256,
+    ConversationInfo,
+    ConversationRecord,
+    MessageRecord,
+    NotFoundError,
+    StoreError,
+    check_format,
+    check_int,
+    check_label,
+    check_owner,
+    check_text,
+    check_title,
+    message_from_row,
+    region_from_row,
+    region_row,
+    select_rows,
+    to_json,
+)
+
+# The row types, limits and errors live in store_rows; callers keep importing them from here.
+__all__ = ["DEFAULT_TITLE", "MAX_LABEL", "MAX_PAGE", "MAX_PROMPT", "MAX_QUERY", "MAX_TEXT", "MAX_TITLE", "MIGRATIONS",
+           "ROLES", "ChatStore", "ConversationInfo", "ConversationRecord", "MessageRecord", "NotFoundError",
+           "StoreError"]
+
 BUSY_TIMEOUT_MS = 10_000  # other processes (a backup, an export script) may hold the write lock briefly
-
-_CONV_ID = re.compile(r"[0-9a-f]{32}")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-_FORMAT = re.compile(r"[a-z0-9]{1,10}")  # becomes a file extension: no dots or slashes
 _WORD = re.compile(r"\w+")  # never contains a double quote, so a word can be quoted as an FTS5 string as is
-
-
-class StoreError(Exception):
-    """A request the store refuses: invalid input, a too-new database, a failed migration."""
-
-
-class NotFoundError(StoreError):
-    """Missing, or owned by someone else (deliberately indistinguishable)."""
-
-
-@dataclass(frozen=True)
-class ConversationInfo:
-    """One line of the conversation list (what the sidebar shows)."""
-
-    id: str
-    owner: str
-    title: str
-    created: str
-    updated: str
-    message_count: int
-
-
-@dataclass(frozen=True)
-class MessageRecord:
-    """One turn; `prompt` keeps what the model actually saw so exports match training."""
-
-    id: int
-    idx: int
-    role: str
-    text: str
-    prompt: str | None  # user turns: the exact text the model saw, region lines included
-    image_sha: str | None
-    regions: list[int]
-    model: str | None
-    settings: dict[str, Any]
-    complete: bool
-    created: str
-    updated: str
-
-
-@dataclass(frozen=True)
-class RegionRecord:
-    """A region the user picked; `number` is how messages refer to it, so it never changes."""
-
-    number: int
-    image_sha: str
-    prompt: dict[str, Any]
-    mask: dict[str, Any] | None  # RLE, see assistant.rle
-    box: list[float] | None  # [x1, y1, x2, y2] in pixels
-    concept: str | None
-    prob: float | None
-    iou: float | None
-    caption: str | None
-    removed: bool
-
-
-@dataclass(frozen=True)
-class ConversationRecord:
-    """Everything needed to redraw a conversation."""
-
-    info: ConversationInfo
-    messages: list[MessageRecord]
-    regions: list[RegionRecord]
-
-
-def _v1_initial(db: Database) -> None:
-    """Version 1: the whole schema."""
-    db["owners"].create({"id": str, "created": str}, pk="id", not_null=["created"])
-    db["conversations"].create(
-        {"id": str, "owner": str, "title": str, "created": str, "updated": str}, pk="id",
-        foreign_keys=[("owner", "owners", "id")], not_null=["owner", "title", "created", "updated"],
-        defaults={"title": DEFAULT_TITLE})
-    db["conversations"].create_index(["owner", "updated"])
-    db["images"].create(
-        {"sha256": str, "path": str, "width": int, "height": int, "bytes": int, "format": str, "created": str},
-        pk="sha256", not_null=["path", "width", "height", "bytes", "format", "created"])
-    db["messages"].create(
-        {"id": int, "conversation": str, "idx": int, "role": str, "text": str, "prompt": str, "image_sha": str,
-         "regions": str, "model": str, "settings": str, "complete": int, "created": str, "updated": str}, pk="id",
-        foreign_keys=[ForeignKey("messages", "conversation", "conversations", "id", on_delete="CASCADE"),
-                      ("image_sha", "images", "sha256")],
-        not_null=["conversation", "idx", "role", "text", "regions", "settings", "complete", "created", "updated"],
-        defaults={"text": "", "regions": "[]", "settings": "{}", "complete": 1})
-    db["messages"].create_index(["conversation", "idx"], unique=True)
-    db["messages"].create_index(["image_sha"])  # image clean-up asks "does anything still use this sha?"
-    db["regions"].create(
-        {"id": int, "conversation": str, "number": int, "image_sha": str, "prompt": str, "mask": str, "box": str,
-         "concept": str, "prob": float, "iou": float, "caption": str, "removed": int, "created": str}, pk="id",
-        foreign_keys=[ForeignKey("regions", "conversation", "conversations", "id", on_delete="CASCADE"),
-                      ("image_sha", "images", "sha256")],
-        not_null=["conversation", "number", "image_sha", "prompt", "removed", "created"],
-        defaults={"prompt": "{}", "removed": 0})
-    db["regions"].create_index(["conversation", "number"], unique=True)
-    db["regions"].create_index(["image_sha"])
-    db["messages"].enable_fts(["text"], create_triggers=True)
-
-
-# Applied in order; the database's PRAGMA user_version counts how many have run. Only ever append.
-MIGRATIONS: list[Callable[[Database], None]] = [_v1_initial]
-
 _CONVERSATION_COLUMNS = """c.id, c.owner, c.title, c.created, c.updated,
     (SELECT COUNT(*) FROM messages m WHERE m.conversation = c.id) AS message_count"""
 
@@ -196,7 +115,7 @@ class ChatStore:
     # conversations
 
     def create_conversation(self, owner: str, title: str = DEFAULT_TITLE) -> str:
-        owner, title = _owner(owner), _title(title)
+        owner, title = check_owner(owner), check_title(title)
         conv_id = uuid.uuid4().hex
         with self._write() as conn:
             now = self._now()
@@ -207,28 +126,28 @@ class ChatStore:
 
     def list_conversations(self, owner: str, limit: int = 50, offset: int = 0) -> list[ConversationInfo]:
         """The owner's conversations, most recently active first."""
-        owner = _owner(owner)
-        limit, offset = _int(limit, "limit", 1, MAX_PAGE), _int(offset, "offset", 0, None)
+        owner = check_owner(owner)
+        limit, offset = check_int(limit, "limit", 1, MAX_PAGE), check_int(offset, "offset", 0, None)
         with self._read() as conn:
-            rows = _rows(conn, f"SELECT {_CONVERSATION_COLUMNS} FROM conversations c WHERE c.owner = ? "
+            rows = select_rows(conn, f"SELECT {_CONVERSATION_COLUMNS} FROM conversations c WHERE c.owner = ? "
                                "ORDER BY c.updated DESC, c.rowid DESC LIMIT ? OFFSET ?", (owner, limit, offset))
         return [ConversationInfo(**row) for row in rows]
 
     def get_conversation(self, owner: str, conv_id: str) -> ConversationRecord:
-        owner = _owner(owner)
+        owner = check_owner(owner)
         with self._read() as conn:
             return self._load(conn, owner, conv_id)
 
     def rename(self, owner: str, conv_id: str, title: str) -> None:
         """Change the title; not counted as activity, so the list order stays put."""
-        owner, title = _owner(owner), _title(title)
+        owner, title = check_owner(owner), check_title(title)
         with self._write() as conn:
             self._conversation(conn, owner, conv_id)
             conn.execute("UPDATE conversations SET title = ? WHERE id = ?", (title, conv_id))
 
     def delete(self, owner: str, conv_id: str) -> None:
         """Delete with its messages and regions, then the image files nothing references any more."""
-        owner = _owner(owner)
+        owner = check_owner(owner)
         with self._lock:  # held until the files are gone, so add_image cannot re-add one mid-way
             with self._write() as conn:
                 self._conversation(conn, owner, conv_id)
@@ -244,14 +163,12 @@ class ChatStore:
 
     def add_image(self, owner: str, data: bytes, *, width: int, height: int, format: str) -> str:
         """Store the encoded image once per content hash and return the sha256 (idempotent)."""
-        _owner(owner)
+        check_owner(owner)
         if not isinstance(data, (bytes, bytearray, memoryview)) or not len(data):
             raise StoreError("image data must be non-empty bytes")
         data = bytes(data)
-        width, height = _int(width, "width", 1, None), _int(height, "height", 1, None)
-        if not isinstance(format, str) or not _FORMAT.fullmatch(format.lower()):
-            raise StoreError("image format must be a short name such as 'png' or 'jpeg'")
-        fmt = format.lower()
+        width, height = check_int(width, "width", 1, None), check_int(height, "height", 1, None)
+        fmt = check_format(format)
         sha = hashlib.sha256(data).hexdigest()
         with self._lock:
             with self._read() as conn:
@@ -269,7 +186,7 @@ class ChatStore:
 
     def image_path(self, sha: str) -> Path:
         """Where the image file is; a sha is only known to someone who has the image, so no owner is needed."""
-        if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+        if not isinstance(sha, str) or not SHA256.fullmatch(sha):
             raise NotFoundError("image not found")
         with self._read() as conn:
             row = conn.execute("SELECT path FROM images WHERE sha256 = ?", (sha,)).fetchone()
@@ -279,12 +196,10 @@ class ChatStore:
 
     # regions
 
-    def add_region(self, owner: str, conv_id: str, *, image_sha: str, prompt: dict[str, Any],
-                   mask: dict[str, Any] | np.ndarray | None, box: Iterable[float] | None, concept: str | None,
-                   prob: float | None, iou: float | None, caption: str | None) -> int:
+    def add_region(self, owner: str, conv_id: str, region: Region, *, image_sha: str) -> int:
         """Record a region and return its number: max + 1 over all, removed ones included, so never reused."""
-        owner = _owner(owner)
-        row = _region_row(image_sha, prompt, mask, box, concept, prob, iou, caption)
+        owner = check_owner(owner)
+        row = region_row(image_sha, region)
         with self._write() as conn:
             self._conversation(conn, owner, conv_id)
             self._require_image(conn, image_sha)
@@ -298,13 +213,11 @@ class ChatStore:
             self._touch(conn, conv_id, now)
         return number
 
-    def update_region(self, owner: str, conv_id: str, number: int, *, image_sha: str, prompt: dict[str, Any],
-                      mask: dict[str, Any] | np.ndarray | None, box: Iterable[float] | None, concept: str | None,
-                      prob: float | None, iou: float | None, caption: str | None) -> None:
-        """Replace a region's prompt and result in place (refining it with another point); its number stays."""
-        owner = _owner(owner)
-        number = _int(number, "region number", 1, None)
-        row = _region_row(image_sha, prompt, mask, box, concept, prob, iou, caption)
+    def update_region(self, owner: str, conv_id: str, region: Region, *, image_sha: str) -> None:
+        """Replace region `region.number`'s prompt and result in place (refined with another point)."""
+        owner = check_owner(owner)
+        number = check_int(region.number, "region number", 1, None)
+        row = region_row(image_sha, region)
         with self._write() as conn:
             self._conversation(conn, owner, conv_id)
             self._require_image(conn, image_sha)
@@ -318,8 +231,8 @@ class ChatStore:
 
     def remove_region(self, owner: str, conv_id: str, number: int) -> None:
         """Soft delete: old messages still name the region and its number must stay taken."""
-        owner = _owner(owner)
-        number = _int(number, "region number", 1, None)
+        owner = check_owner(owner)
+        number = check_int(number, "region number", 1, None)
         with self._write() as conn:
             self._conversation(conn, owner, conv_id)
             cur = conn.execute("UPDATE regions SET removed = 1 WHERE conversation = ? AND number = ?",
@@ -334,19 +247,19 @@ class ChatStore:
                        image_sha: str | None = None, regions: Iterable[int] = (), model: str | None = None,
                        settings: dict[str, Any] | None = None, complete: bool = True) -> int:
         """Add a turn at the end of the conversation and return the message id."""
-        owner = _owner(owner)
+        owner = check_owner(owner)
         if role not in ROLES:
             raise StoreError(f"role must be one of {', '.join(ROLES)}")
-        text = _text(text, "text", MAX_TEXT)
+        text = check_text(text, "text", MAX_TEXT)
         if prompt is not None:
-            prompt = _text(prompt, "prompt", MAX_PROMPT)
+            prompt = check_text(prompt, "prompt", MAX_PROMPT)
         if isinstance(regions, (str, bytes)):
             raise StoreError("regions must be a list of region numbers")
-        numbers = [_int(n, "region number", 1, None) for n in regions]
+        numbers = [check_int(n, "region number", 1, None) for n in regions]
         if settings is not None and not isinstance(settings, dict):
             raise StoreError("settings must be a dict")
-        settings_json = _json(settings or {}, "settings")
-        model = _label(model, "model")
+        settings_json = to_json(settings or {}, "settings")
+        model = check_label(model, "model")
         if not isinstance(complete, bool):
             raise StoreError("complete must be a bool")
         with self._write() as conn:
@@ -370,8 +283,8 @@ class ChatStore:
 
     def update_message(self, owner: str, message_id: int, text: str, *, complete: bool) -> None:
         """Replace a message's text: periodic saves while an answer streams, then the final one."""
-        owner = _owner(owner)
-        text = _text(text, "text", MAX_TEXT)
+        owner = check_owner(owner)
+        text = check_text(text, "text", MAX_TEXT)
         if not isinstance(complete, bool):
             raise StoreError("complete must be a bool")
         if not isinstance(message_id, int) or isinstance(message_id, bool):
@@ -388,8 +301,8 @@ class ChatStore:
 
     def truncate(self, owner: str, conv_id: str, keep: int) -> int:
         """Drop the messages from position `keep` on (undo, regenerate); returns how many went."""
-        owner = _owner(owner)
-        keep = _int(keep, "keep", 0, None)
+        owner = check_owner(owner)
+        keep = check_int(keep, "keep", 0, None)
         with self._write() as conn:
             self._conversation(conn, owner, conv_id)
             removed = conn.execute("DELETE FROM messages WHERE conversation = ? AND idx >= ?",
@@ -405,9 +318,9 @@ class ChatStore:
 
         The query is plain words: FTS5 syntax (quotes, `*`, `-`, NEAR, parentheses) has no effect and never raises.
         """
-        owner = _owner(owner)
-        query = _text(query, "query", MAX_QUERY)
-        limit = _int(limit, "limit", 1, MAX_PAGE)
+        owner = check_owner(owner)
+        query = check_text(query, "query", MAX_QUERY)
+        limit = check_int(limit, "limit", 1, MAX_PAGE)
         phrase = query.strip()
         if not phrase:
             return []
@@ -418,44 +331,18 @@ class ChatStore:
                       "WHERE messages_fts MATCH ?)")
             params.append(" ".join(f'"{w}"' for w in words))
         with self._read() as conn:
-            rows = _rows(conn, f"SELECT {_CONVERSATION_COLUMNS} FROM conversations c WHERE c.owner = ? AND ({where}) "
-                               "ORDER BY c.updated DESC, c.rowid DESC LIMIT ?", (owner, *params, limit))
+            rows = select_rows(conn, f"SELECT {_CONVERSATION_COLUMNS} FROM conversations c WHERE c.owner = ? "
+                               f"AND ({where}) ORDER BY c.updated DESC, c.rowid DESC LIMIT ?", (owner, *params, limit))
         return [ConversationInfo(**row) for row in rows]
 
     def export_llava(self, owner: str, conv_id: str) -> list[dict[str, Any]]:
-        """Fine-tuning records (LLaVA/Bunny JSON), one per run of user turns about the same image.
-
-        A user turn is kept with the assistant message right after it, and only when that answer is complete.
-        `image` is the file's path relative to `data_dir`; text-only runs have no `image` key.
-        """
-        owner = _owner(owner)
+        """Fine-tuning records (LLaVA/Bunny JSON; see `ConversationRecord.llava`), images as paths under `data_dir`."""
+        owner = check_owner(owner)
         with self._read() as conn:
             record = self._load(conn, owner, conv_id)
             paths = dict(conn.execute("SELECT i.sha256, i.path FROM images i JOIN messages m ON m.image_sha = i.sha256 "
                                       "WHERE m.conversation = ?", (conv_id,)).fetchall())
-        messages = record.messages
-        records: list[dict[str, Any]] = []
-        current: dict[str, Any] | None = None
-        image: str | None = None
-        for i, msg in enumerate(messages):
-            if msg.role != "user":
-                continue
-            if msg.image_sha != image:  # an image switch starts a new record even if this pair is skipped
-                image, current = msg.image_sha, None
-            answer = messages[i + 1] if i + 1 < len(messages) else None
-            if answer is None or answer.role != "assistant" or not answer.complete:
-                continue
-            value = msg.prompt if msg.prompt is not None else msg.text
-            if current is None:
-                current = {"id": f"{conv_id}-{len(records)}"}
-                if image is not None:
-                    current["image"] = paths[image]
-                    if "<image>" not in value:
-                        value = "<image>\n" + value
-                current["conversations"] = []
-                records.append(current)
-            current["conversations"] += [{"from": "human", "value": value}, {"from": "gpt", "value": answer.text}]
-        return records
+        return record.llava(paths)
 
     # internals
 
@@ -504,9 +391,9 @@ class ChatStore:
         return now.isoformat(timespec="microseconds")
 
     def _conversation(self, conn: sqlite3.Connection, owner: str, conv_id: str) -> sqlite3.Row:
-        if isinstance(conv_id, str) and _CONV_ID.fullmatch(conv_id):
-            rows = _rows(conn, f"SELECT {_CONVERSATION_COLUMNS} FROM conversations c WHERE c.id = ? AND c.owner = ?",
-                         (conv_id, owner))
+        if isinstance(conv_id, str) and CONV_ID.fullmatch(conv_id):
+            rows = select_rows(conn, f"SELECT {_CONVERSATION_COLUMNS} FROM conversations c "
+                                     "WHERE c.id = ? AND c.owner = ?", (conv_id, owner))
             if rows:
                 return rows[0]
         raise NotFoundError("conversation not found")
@@ -531,41 +418,11 @@ class ChatStore:
 
     def _load(self, conn: sqlite3.Connection, owner: str, conv_id: str) -> ConversationRecord:
         info = ConversationInfo(**self._conversation(conn, owner, conv_id))
-        messages = [
-            MessageRecord(id=r["id"], idx=r["idx"], role=r["role"], text=r["text"], prompt=r["prompt"],
-                          image_sha=r["image_sha"], regions=json.loads(r["regions"]), model=r["model"],
-                          settings=json.loads(r["settings"]), complete=bool(r["complete"]), created=r["created"],
-                          updated=r["updated"])
-            for r in _rows(conn, "SELECT * FROM messages WHERE conversation = ? ORDER BY idx", (conv_id,))]
-        regions = [
-            RegionRecord(number=r["number"], image_sha=r["image_sha"], prompt=json.loads(r["prompt"]),
-                         mask=_loads(r["mask"]), box=_loads(r["box"]), concept=r["concept"], prob=r["prob"],
-                         iou=r["iou"], caption=r["caption"], removed=bool(r["removed"]))
-            for r in _rows(conn, "SELECT * FROM regions WHERE conversation = ? ORDER BY number", (conv_id,))]
+        messages = [message_from_row(r) for r in select_rows(
+            conn, "SELECT * FROM messages WHERE conversation = ? ORDER BY idx", (conv_id,))]
+        regions = [region_from_row(r) for r in select_rows(
+            conn, "SELECT * FROM regions WHERE conversation = ? ORDER BY number", (conv_id,))]
         return ConversationRecord(info, messages, regions)
-
-
-def _region_row(image_sha: str, prompt: dict[str, Any], mask: dict[str, Any] | np.ndarray | None,
-                box: Iterable[float] | None, concept: str | None, prob: float | None, iou: float | None,
-                caption: str | None) -> dict[str, Any]:
-    """A validated regions row (mask as RLE JSON)."""
-    if not isinstance(prompt, dict):
-        raise StoreError("region prompt must be a dict")
-    if isinstance(mask, np.ndarray):
-        mask = _checked(rle.encode, mask)
-    elif mask is not None:
-        _checked(rle.validate, mask)
-    return {"image_sha": image_sha, "prompt": _json(prompt, "prompt"),
-            "mask": None if mask is None else _json(mask, "mask"), "box": _box(box),
-            "concept": _label(concept, "concept"), "prob": _score(prob, "prob"), "iou": _score(iou, "iou"),
-            "caption": _label(caption, "caption")}
-
-
-def _rows(conn: sqlite3.Connection, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
-    """Rows by column name without changing the shared connection's row factory (sqlite-utils relies on it)."""
-    cur = conn.cursor()
-    cur.row_factory = sqlite3.Row
-    return cur.execute(sql, tuple(params)).fetchall()
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -581,83 +438,3 @@ def _write_atomically(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _owner(owner: Any) -> str:
-    if not isinstance(owner, str) or not owner.strip():
-        raise StoreError("owner must be a non-empty string")
-    if len(owner) > MAX_LABEL:
-        raise StoreError(f"owner is longer than {MAX_LABEL} characters")
-    return owner
-
-
-def _title(title: Any) -> str:
-    if not isinstance(title, str):
-        raise StoreError("title must be a string")
-    title = " ".join(title.split())[:MAX_TITLE].rstrip()
-    if not title:
-        raise StoreError("title must not be empty")
-    return title
-
-
-def _text(value: Any, name: str, limit: int) -> str:
-    if not isinstance(value, str):
-        raise StoreError(f"{name} must be a string")
-    if len(value) > limit:
-        raise StoreError(f"{name} is longer than {limit:,} characters")
-    return value
-
-
-def _label(value: Any, name: str) -> str | None:
-    return None if value is None else _text(value, name, MAX_LABEL)
-
-
-def _int(value: Any, name: str, low: int, high: int | None) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-        raise StoreError(f"{name} must be an integer")
-    if value < low or (high is not None and value > high):
-        raise StoreError(f"{name} must be at least {low}" + (f" and at most {high}" if high is not None else ""))
-    return int(value)
-
-
-def _score(value: Any, name: str) -> float | None:
-    if value is None:
-        return None
-    if not isinstance(value, (int, float, np.number)) or isinstance(value, bool) or not math.isfinite(value):
-        raise StoreError(f"{name} must be a finite number")
-    return float(value)
-
-
-def _box(box: Iterable[float] | None) -> str | None:
-    if box is None:
-        return None
-    if isinstance(box, (str, bytes)) or not isinstance(box, Iterable) or len(values := list(box)) != 4:
-        raise StoreError("box must be [x1, y1, x2, y2]")
-    exact = [isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values]  # pixels stay ints
-    return json.dumps([int(v) if is_int else _score(v, "box coordinate") for v, is_int in zip(values, exact)])
-
-
-def _json(value: Any, name: str) -> str:
-    try:
-        return json.dumps(value, allow_nan=False, separators=(",", ":"), default=_plain)
-    except (TypeError, ValueError) as e:
-        raise StoreError(f"{name} must be JSON-serialisable: {e}") from e
-
-
-def _plain(value: Any) -> Any:
-    """Numpy values (TAP's outputs) become plain lists and numbers; anything else is refused."""
-    if isinstance(value, (np.ndarray, np.generic)):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
-
-
-def _loads(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
-
-
-def _checked(fn: Callable[[Any], Any], mask: Any) -> Any:
-    """Run an RLE helper, reporting its ValueError as a StoreError like every other bad input."""
-    try:
-        return fn(mask)
-    except ValueError as e:
-        raise StoreError(f"mask: {e}") from e

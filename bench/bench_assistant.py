@@ -38,16 +38,18 @@ def first_token(steps) -> float:
     return time.perf_counter() - start
 
 
-def conversation_turn(chat, ids, visual, settings, entry):
-    """One conversation turn as the engine runs it (continuous batcher, KV prefix in `entry`), as (1,) tensors."""
+def conversation_turn(chat, ids, visual, settings, entry=None):
+    """One conversation turn as the engine runs it (the one decode loop on the continuous batcher, KV prefix in
+    `entry`; None: a fresh prefill), as (1,) tensors."""
     import threading
 
     from assistant.batching import Batcher
+    from assistant.decoding import End, Request, run
     batcher = Batcher(chat, threading.RLock())
-    member = batcher.join(ids, visual, settings, prefix=entry, image_key="img", cancel=threading.Event(),
-                          max_context=None)
-    while (t := batcher.next(member)) is not None:
-        yield torch.tensor([t])
+    for event in run(batcher, [Request(ids, visual, settings, "", "img", entry)], eos_id=chat.eos_id):
+        if isinstance(event, End):
+            return
+        yield torch.tensor([event.token])
 
 
 def batch_vs_single(bot, items, settings) -> tuple[float, float, bool]:
@@ -62,8 +64,8 @@ def batch_vs_single(bot, items, settings) -> tuple[float, float, bool]:
 
 
 def tiny(args: argparse.Namespace) -> dict:
+    from assistant.decoding import GenerationSettings
     from assistant.engine import Assistant, BatchItem
-    from assistant.generation import GenerationSettings
     bot = Assistant.tiny("tapchat")
     image = synthetic_image()
     settings = GenerationSettings(max_new_tokens=32)
@@ -99,7 +101,7 @@ def phi2(args: argparse.Namespace, quantization: str = "none") -> dict:
     from transformers import DynamicCache, PhiConfig, PhiForCausalLM
 
     from assistant.config import ChatConfig
-    from assistant.generation import CachedPrefix, GenerationSettings, decode
+    from assistant.decoding import CachedPrefix, GenerationSettings
     from assistant.llm import TINY_LLM, load_tokenizer, quantize_model
     from assistant.model import ChatModel
     from assistant.projector import ConvProjector, ProjectorConfig
@@ -140,7 +142,7 @@ def phi2(args: argparse.Namespace, quantization: str = "none") -> dict:
     follow_ids = chat.tokenize(render([Turn(question, answer), Turn("What colour is the largest one?")]))
     one = GenerationSettings(max_new_tokens=1)
     reuse = first_token(conversation_turn(chat, follow_ids, visual, one, entry))
-    fresh = first_token(decode(chat, [follow_ids], [visual], settings))
+    fresh = first_token(conversation_turn(chat, follow_ids, visual, settings))
     return {"device": device, "dtype": args.dtype, "quantization": quantization, "build_s": build_s,
             "prompt_positions": chat.prompt_length(first_ids), "first_turn_ttft_s": ttft,
             "prefill_tokens_per_s": chat.prompt_length(first_ids) / ttft, "decode_tokens_per_s": decode_rate,

@@ -130,8 +130,8 @@ def tiny_section(args: argparse.Namespace) -> dict:
 
 def engine_throughput() -> dict:
     """Aggregate tokens/s of the tiny engine: 8 users' answers decoded together vs one user's alone."""
+    from assistant.decoding import GenerationSettings
     from assistant.engine import Assistant
-    from assistant.generation import GenerationSettings
     bot = Assistant.tiny()
     settings = GenerationSettings(max_new_tokens=64)
     bot.ask(bot.start(image=SCENE), "warm up", settings)
@@ -178,7 +178,7 @@ def measure(decoder, chat, visuals, tokens: int) -> dict:
     """First-token times and token rates for 1, 4 and 8 users at once through a decoder (`join` / `next`)."""
     from transformers import DynamicCache
 
-    from assistant.generation import CachedPrefix, GenerationSettings
+    from assistant.decoding import CachedPrefix, GenerationSettings, Request
     from assistant.template import Turn, render
     settings = GenerationSettings(max_new_tokens=tokens)
     prompts = [chat.tokenize(render([Turn(f"User {i}: what is in the image? Describe the main objects.")]))
@@ -187,8 +187,8 @@ def measure(decoder, chat, visuals, tokens: int) -> dict:
     def user(i: int) -> tuple[float, int, float]:
         """(first-token s, tokens, decode s after the first token) of user i."""
         t0 = time.perf_counter()
-        member = decoder.join(prompts[i], visuals[i], settings, prefix=CachedPrefix(DynamicCache()),
-                              image_key=f"img{i}", cancel=threading.Event(), max_context=2048)
+        member = decoder.join(Request(prompts[i], visuals[i], settings, "", f"img{i}", CachedPrefix(DynamicCache()),
+                                      max_context=2048))
         first, count = 0.0, 0
         while decoder.next(member) is not None:  # to the limit or EOS
             count += 1

@@ -25,7 +25,9 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -71,53 +73,104 @@ def run_one(args: argparse.Namespace, dtype: str) -> dict:
 
     from tokenizer_tap.build import build_tap
     from tokenizer_tap.predictor import TapPredictor
-    from tokenizer_tap.prompts import Prompt
     from tokenizer_tap.text_tokenizer import TextTokenizer
-    from tokenizer_tap.transforms import preprocess
 
     torch.set_num_threads(args.threads)
+    timed = timer(args.device)
+    model = build_tap(args.model, random_weights=True, device=args.device, dtype=dtype)
+    tok = TextTokenizer(args.tokenizer)
+    predictor = TapPredictor(model, tok)
+    rgb = synthetic_image()
+    encoder = time_encoder(model, rgb, timed, args.repeats)
+    set_image = timed(predictor.set_image, rgb)[0]
+    calls = predictor.encoder_calls
+    # Clicks at random points of the picture; the first one is a warm-up.
+    rng = np.random.default_rng(1)
+    height, width = rgb.shape[:2]
+    points = [(float(x), float(y)) for x, y in
+              zip(rng.uniform(0.05, 0.95, args.clicks + 1) * width, rng.uniform(0.05, 0.95, args.clicks + 1) * height)]
+    click = time_clicks(predictor, points, timed, args.max_new_tokens)
+    worst = time_worst_case(predictor, tok, points, timed, args)
+    encoder_calls_during_clicks = predictor.encoder_calls - calls
+    batch_times = time_batch(predictor, width, height, timed, args)
+    # Segment everything: the default 16x16 grid; thresholds off so random weights keep max_regions regions.
+    everything_s, regions = timed(predictor.segment_everything, iou_threshold=-float("inf"), max_regions=24)
+    no_caption, forced = worst["no_caption"], worst["forced"]
+    return {
+        "dtype": dtype,
+        "everything_s": everything_s, "everything_regions": len(regions),
+        "encoder_s": statistics.median(encoder), "encoder_runs_s": encoder,
+        "set_image_s": set_image,
+        "click_ms": 1e3 * statistics.median(click), "click_runs_ms": [1e3 * t for t in click],
+        "caption_steps_mean": float(np.mean(worst["lengths"])),
+        "click_no_caption_ms": 1e3 * statistics.median(no_caption),
+        "forced_caption_ms": 1e3 * statistics.median(forced), "forced_caption_steps": worst["steps"],
+        "click_forced_ms": 1e3 * statistics.median(a + b for a, b in zip(no_caption, forced)),
+        "click_typical_ms": 1e3 * statistics.median(worst["typical"]),
+        "caption_token_ms": 1e3 * statistics.median(forced) / args.max_new_tokens,
+        "encoder_calls_during_clicks": encoder_calls_during_clicks,
+        "batch_prompts": args.batch, "batch_s": statistics.median(batch_times),
+        "batch_prompts_per_s": args.batch / statistics.median(batch_times),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def timer(device: str) -> Callable[..., tuple[float, Any]]:
+    """`timed(fn, *args, **kwargs)` -> (seconds, result); on a GPU it waits for the queued work on either side, so
+    the time is the call's own."""
+    import torch
 
     def sync() -> None:
-        if args.device.startswith("cuda"):
+        if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    def timed(fn, *fn_args, **fn_kwargs) -> tuple[float, object]:
-        """(seconds, result) of fn(*fn_args, **fn_kwargs)."""
+    def timed(fn: Callable[..., Any], *fn_args: Any, **fn_kwargs: Any) -> tuple[float, Any]:
         sync()
         t = time.perf_counter()
         result = fn(*fn_args, **fn_kwargs)
         sync()
         return time.perf_counter() - t, result
 
-    model = build_tap(args.model, random_weights=True, device=args.device, dtype=dtype)
-    tok = TextTokenizer(args.tokenizer)
-    predictor = TapPredictor(model, tok)
-    rgb = synthetic_image()
-    height, width = rgb.shape[:2]
+    return timed
 
-    # Image encoder on the padded 1024x1024 batch the predictor would build (BGR, as the model expects).
-    padded, info = preprocess(rgb, model.config.image_size)
+
+def time_encoder(model: Any, rgb: np.ndarray, timed: Callable[..., tuple[float, Any]], repeats: int) -> list[float]:
+    """The image encoder on the padded 1024x1024 batch the predictor would build (BGR, as the model expects)."""
+    import torch
+
+    from tokenizer_tap.transforms import preprocess
+
+    padded, _ = preprocess(rgb, model.config.image_size)
     batch = torch.from_numpy(padded)[None]
     with torch.inference_mode():
         model.get_features(batch)  # warm-up
-        encoder = [timed(model.get_features, batch)[0] for _ in range(args.repeats)]
+        return [timed(model.get_features, batch)[0] for _ in range(repeats)]
 
-    set_image = timed(predictor.set_image, rgb)[0]
-    calls = predictor.encoder_calls
 
-    # Clicks at random points of the picture; the first one is a warm-up.
-    rng = np.random.default_rng(1)
-    points = [(float(x), float(y)) for x, y in
-              zip(rng.uniform(0.05, 0.95, args.clicks + 1) * width, rng.uniform(0.05, 0.95, args.clicks + 1) * height)]
+def time_clicks(predictor: Any, points: list[tuple[float, float]], timed: Callable[..., tuple[float, Any]],
+                max_new_tokens: int) -> list[float]:
+    """A captioned click at each point but the first (a warm-up)."""
+    from tokenizer_tap.prompts import Prompt
+
     click = []
     for i, (x, y) in enumerate(points):
-        t, _ = timed(predictor.predict, [Prompt.point(x, y)], max_new_tokens=args.max_new_tokens)
+        t, _ = timed(predictor.predict, [Prompt.point(x, y)], max_new_tokens=max_new_tokens)
         if i:
             click.append(t)
+    return click
 
-    # Worst case: the same click without caption + a caption forced through all max_new_tokens steps.
-    # The natural caption length is recounted with the real EOS (greedy, so the same tokens as the click).
+
+def time_worst_case(predictor: Any, tok: Any, points: list[tuple[float, float]],
+                    timed: Callable[..., tuple[float, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    """Worst case: the same clicks without caption + a caption forced through all max_new_tokens steps (and one of
+    a typical length). The natural caption length is recounted with the real EOS (greedy, so the same tokens as
+    the click)."""
+    import torch
+
+    from tokenizer_tap.prompts import Prompt
+
     no_caption, forced, typical, steps, lengths = [], [], [], 0, []
+    model = predictor.model
     decoder = model.text_decoder
     for i, (x, y) in enumerate(points):
         t, regions = timed(predictor.predict, [Prompt.point(x, y)], caption=False)
@@ -132,36 +185,19 @@ def run_one(args: argparse.Namespace, dtype: str) -> dict:
             forced.append(c)
             typical.append(t + c_typical)
             lengths.append(int((natural != tok.pad_id).sum()) - 1)
-    encoder_calls_during_clicks = predictor.encoder_calls - calls
+    return {"no_caption": no_caption, "forced": forced, "typical": typical, "steps": steps, "lengths": lengths}
 
-    # Throughput: a grid of prompts in one predict call.
+
+def time_batch(predictor: Any, width: int, height: int, timed: Callable[..., tuple[float, Any]],
+               args: argparse.Namespace) -> list[float]:
+    """Throughput: a grid of --batch prompts in one predict call, after a warm-up."""
+    from tokenizer_tap.prompts import Prompt
+
     side = int(np.ceil(np.sqrt(args.batch)))
     grid = [Prompt.point((0.5 + i % side) / side * width, (0.5 + i // side) / side * height)
             for i in range(args.batch)]
     predictor.predict(grid, max_new_tokens=args.max_new_tokens)  # warm-up
-    batch_times = [timed(predictor.predict, grid, max_new_tokens=args.max_new_tokens)[0]
-                   for _ in range(args.batch_repeats)]
-
-    # Segment everything: the default 16x16 grid; thresholds off so random weights keep max_regions regions.
-    everything_s, regions = timed(predictor.segment_everything, iou_threshold=-float("inf"), max_regions=24)
-
-    return {
-        "dtype": dtype,
-        "everything_s": everything_s, "everything_regions": len(regions),
-        "encoder_s": statistics.median(encoder), "encoder_runs_s": encoder,
-        "set_image_s": set_image,
-        "click_ms": 1e3 * statistics.median(click), "click_runs_ms": [1e3 * t for t in click],
-        "caption_steps_mean": float(np.mean(lengths)),
-        "click_no_caption_ms": 1e3 * statistics.median(no_caption),
-        "forced_caption_ms": 1e3 * statistics.median(forced), "forced_caption_steps": steps,
-        "click_forced_ms": 1e3 * statistics.median(a + b for a, b in zip(no_caption, forced)),
-        "click_typical_ms": 1e3 * statistics.median(typical),
-        "caption_token_ms": 1e3 * statistics.median(forced) / args.max_new_tokens,
-        "encoder_calls_during_clicks": encoder_calls_during_clicks,
-        "batch_prompts": args.batch, "batch_s": statistics.median(batch_times),
-        "batch_prompts_per_s": args.batch / statistics.median(batch_times),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
+    return [timed(predictor.predict, grid, max_new_tokens=args.max_new_tokens)[0] for _ in range(args.batch_repeats)]
 
 
 def markdown(results: list[dict], args: argparse.Namespace) -> str:

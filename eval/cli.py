@@ -66,13 +66,14 @@ def answerer(args: argparse.Namespace, device: str, annotations: Any = None):
                                                   device=device, dtype=args.dtype))
         model_id = str(folder) if folder is not None else tap_model
         return module.tap_answerer(predictor, annotations, model_id=model_id, max_new_tokens=args.max_new_tokens)
-    # The engine and the runner load transformers: `score`, `merge` and `compare` never need them.
+    # The engine, the loader and the runner load transformers: `score`, `merge` and `compare` never need them.
     from assistant.engine import Assistant
+    from assistant.loading import load
 
     from .runner import ChatAnswerer
     if device != "auto":  # one GPU per launched rank
         args.device = device
-    bot = Assistant.from_options(args)
+    bot = load(Assistant, args).assistant
     if args.likelihood and not module.CHOICES:
         sys.exit(f"--likelihood is for the multiple-choice benchmarks ({', '.join(multiple_choice())})")
     return ChatAnswerer(bot, args.max_new_tokens, module.CHOICES if args.likelihood else "")

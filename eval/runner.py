@@ -14,8 +14,8 @@ from typing import Protocol
 import numpy as np
 from tqdm import tqdm
 
+from assistant.decoding import GenerationSettings
 from assistant.engine import Assistant, BatchItem
-from assistant.generation import GenerationSettings
 from tokenizer_tap.errors import ImageError
 from tokenizer_tap.image_io import load_image
 

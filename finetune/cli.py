@@ -44,7 +44,7 @@ def check(config: TrainConfig) -> int:
 
 def tap_train(args: argparse.Namespace) -> int:
     from .tap.config import TapTrainConfig
-    from .tap.records import InputError
+    from .tap.sa1b import InputError
     from .tap.trainer import TapTrainer
     try:
         config = TapTrainConfig.load(args.config, args.overrides)

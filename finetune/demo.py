@@ -22,32 +22,22 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
+from finetune.demo_bundle import gallery, pack
 from finetune.demo_eval import compare, digest, evaluate_bundle, file_digests, gallery_answers, remeasure
 from finetune.demo_readme import readme
+from finetune.demo_runs import FINISHED, commit, finished, train_stage
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = Path(__file__).parent / "configs"
 MAX_BUNDLE_MB = 25.0
-TAP_CONFIGS = {"tap_stage1": "tap_world_stage1.yaml", "tap_stage2": "tap_world_stage2.yaml",  # the learning proof's
-               "tap_decoder": "tap_world_decoder.yaml", "tap_iou": "tap_world_iou.yaml"}
-#: What each training stage learns from: a stage is retrained when one of these was (`--reuse`). The chat model
-#: reads TAP's image encoder, which the TAP stages after stage 2 leave as stage 2 trained it.
-NEEDS = {"tap_stage1": (), "tap_stage2": ("tap_stage1",), "tap_decoder": ("tap_stage2",), "tap_iou": ("tap_decoder",),
-         "chat_stage1": ("tap_stage2",), "chat_stage2": ("chat_stage1",)}
-GALLERY_SIZE = 256
 BASE_SIZE = 128  # the configs' image size (TAP's and the chat projector's)
-GALLERY_SCAN = 64
-GALLERY_CONCEPTS = ("sun", "house", "car", "boat", "tree", "balloon", "cloud")
-FINISHED = "FINISHED.json"  # written into a stage's run folder when it completes (`--reuse`)
-RUNS = "RUNS.jsonl"  # a line per run of a stage: when it started, from which checkpoint step, at which commit
 CHAT_CHECKPOINT_EVERY = 200  # steps (~6 min on 2 cores): a stopped chat stage loses at most that much
-TAP_FILES = ("config.json", "model.safetensors", "text_tokenizer.model", "concepts.safetensors")
 
 
 @dataclass
@@ -71,74 +61,51 @@ class Recipe:
                           "chat_stage2": 2})
 
 
-def gallery(bundle: Path, recipe: Recipe, count: int = 4) -> list[dict]:
-    """Held-out scenes (the eval split's first ones, drawn at `GALLERY_SIZE` px: the same scene, finer) with a click
-    or a box (`prompt`) on an object that is the only one of its kind, and a question whose answer is known: the
-    app's example gallery for the demo models (`gallery/examples.json`, the layout of examples/examples.json) and
-    what tests check."""
-    from collections import Counter  # heavy: `python -m finetune` imports this module for every command's parser
+@dataclass(frozen=True)
+class Stage:
+    """One training stage of the build, as data that `train_stages` runs: `trainer` (`tap`: TapTrainer, `chat`:
+    Trainer) trains on `config` (a file in `CONFIGS`) with `overrides` (config keys; `{world}`, `{work}`, `{seed}`,
+    `{size}` and `{merge}` are filled in for the build) into its output, the run folder `WORK/<name>`. `inputs`: the
+    stages whose output it learns from, so it is retrained when one of them is (`--reuse`)."""
 
-    from PIL import Image
+    name: str
+    trainer: Literal["tap", "chat"]
+    config: str
+    inputs: tuple[str, ...]
+    overrides: dict[str, str]
 
-    from finetune.tap.world import render
-    folder = bundle / "gallery"
-    folder.mkdir(parents=True, exist_ok=True)
-    items: list[dict] = []
-    for index in range(GALLERY_SCAN):  # any eval-split scene is unseen in training, also past --eval-images
-        scene = render(recipe.seed, "eval", index, GALLERY_SIZE)
-        counts = Counter(r.concept for r in scene.regions)
-        shown = {item["concept"] for item in items}
-        picks = [r for r in scene.regions if r.kind == "object" and r.concept in GALLERY_CONCEPTS and r.colour
-                 and counts[r.concept] == 1 and r.concept not in shown and r.area >= 0.01 * GALLERY_SIZE ** 2]
-        if not picks:
-            continue
-        r = max(picks, key=lambda p: p.area)
-        name = f"scene_{scene.image_id}.jpg"
-        Image.fromarray(scene.image).save(folder / name, "JPEG", quality=92)
-        items.append({"image": name, "regions": [prompt(r)],
-                      "question": "What colour is <region1>?", "concept": r.concept, "answer": r.colour})
-        if len(items) == count:
-            break
-    (folder / "examples.json").write_text(json.dumps(items, indent=1))
-    return items
+    def output(self, work: Path) -> Path:
+        """The stage's run folder: its checkpoints, `RUNS` and `FINISHED`, and the model later stages start from."""
+        return work / self.name
 
 
-def prompt(region) -> dict:
-    """The gallery's prompt for an object: a click where the object is one piece (a sun, a cloud), a box where it is
-    made of parts (a click on a house lands on its wall or a window, and a part is as right an answer as the whole,
-    as for SAM; the box says which is meant)."""
-    if region.parts:
-        return {"box": [int(v) for v in region.box]}
-    x, y = region.point()
-    return {"point": [round(x), round(y)]}
-
-
-def pack(tap_run: Path, chat_run: Path, bundle: Path) -> None:
-    """Copy the two checkpoints into the bundle (the chat one naming `../tap`), stored in float16."""
-    from assistant.model import ChatModel  # heavy: `python -m finetune` imports this module for every command's parser
-    if bundle.exists():
-        shutil.rmtree(bundle)
-    (bundle / "tap").mkdir(parents=True)
-    for name in TAP_FILES:
-        shutil.copyfile(tap_run / name, bundle / "tap" / name)
-    chat = ChatModel.from_pretrained(chat_run)
-    chat.config = chat.config.with_(tap_model="../tap")
-    chat.save_pretrained(bundle / "chat")
-    for path in bundle.rglob("*.safetensors"):
-        halve(path)
-
-
-def halve(path: Path) -> None:
-    """Store a safetensors file's float32 tensors as float16 (metadata kept): half the bytes in the repository.
-    Loading casts them back into the float32 modules, and the bundle is evaluated as stored."""
-    import torch  # heavy: `python -m finetune` imports this module for every command's parser
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata()
-        names = f.keys()  # a safe_open handle is not iterable
-        tensors = {k: f.get_tensor(k) for k in names}
-    save_file({k: v.half() if v.dtype == torch.float32 else v for k, v in tensors.items()}, str(path), metadata)
+TAP_DATA = {"data.sa1b": "{world}/train", "data.priors": "{world}/priors", "seed": "{seed}", "report_to": "[]"}
+CAPTIONS = {"data.captions": "{world}/captions_train.json", "data.image_folder": "{world}/train"}
+CHAT_DATA = {"data.image_folder": "{world}", "seed": "{seed}", "model.seed": "{seed}",
+             "save_every": str(CHAT_CHECKPOINT_EVERY)}
+#: The training stages in the order they run, each starting from what it learns from. TAP's configs are the learning
+#: proof's; the chat model reads TAP's image encoder, which the TAP stages after stage 2 leave as stage 2 trained it.
+STAGES = (
+    # TAP's input size is the world's; the stages after the first read it from their checkpoint
+    Stage("tap_stage1", "tap", "tap_world_stage1.yaml", (),
+          {**TAP_DATA, "model.overrides.image_size": "{size}", "init": "scratch"}),
+    Stage("tap_stage2", "tap", "tap_world_stage2.yaml", ("tap_stage1",),
+          {**TAP_DATA, **CAPTIONS, "init": "{work}/tap_stage1"}),
+    Stage("tap_decoder", "tap", "tap_world_decoder.yaml", ("tap_stage2",),
+          {**TAP_DATA, **CAPTIONS, "init": "{work}/tap_stage2"}),
+    Stage("tap_iou", "tap", "tap_world_iou.yaml", ("tap_decoder",), {**TAP_DATA, "init": "{work}/tap_decoder"}),
+    Stage("chat_stage1", "chat", "demo_chat_stage1.yaml", ("tap_stage2",),
+          {"data.path": "{world}/chat_captions.json", **CHAT_DATA, "model.tap_checkpoint": "{work}/tap_stage2",
+           "model.tokenizer": "{world}/tokenizer.json",
+           # the projector merges size/128 patches a side: 8 x 8 tokens at any size, finer features in each
+           "model.projector.merge": "{merge}"}),
+    Stage("chat_stage2", "chat", "demo_chat_stage2.yaml", ("chat_stage1",),
+          {"data.path": "{world}/chat_train.json", **CHAT_DATA, "model.init": "{work}/chat_stage1"}),
+)
+#: The config key that a recipe's step count for a stage sets: TAP's schedule length, a cap on the chat's epochs.
+STEPS_KEY = {"tap": "steps", "chat": "max_steps"}
+#: The stages whose outputs the bundle packs: TAP after its last refit, the chat model after its last stage.
+PACKED = ("tap_iou", "chat_stage2")
 
 
 def build(out: Path, work: Path, recipe: Recipe, reuse: bool = False, command: str = "") -> dict:
@@ -147,88 +114,28 @@ def build(out: Path, work: Path, recipe: Recipe, reuse: bool = False, command: s
     from its last checkpoint, to train only what is missing. Every run of every stage is recorded (`RUNS`), and the
     bundle's metrics carry them, its file digests and the held-out questions' digest (`--verify`)."""
     # heavy: `python -m finetune` imports this module for every command's parser
-    from finetune.config import TrainConfig
-    from finetune.tap.config import TapTrainConfig
-    from finetune.tap.trainer import TapTrainer
     from finetune.tap.world import make_world
-    from finetune.trainer import Trainer
     from finetune.world_chat import make_chat_data
 
     world = work / "world"
     built = {"commit": commit(), "command": command}
-    timings: dict[str, float] = {}
-    markers: dict[str, dict] = {}
-    clock = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        timings[name] = round(time.perf_counter() - clock, 1)
-        clock = time.perf_counter()
-        print(f"demo-models: {name} done in {timings[name]:.0f} s", flush=True)
-
+    start = time.perf_counter()
     if world.exists():
         shutil.rmtree(world)
     make_world(world, recipe.train_images, recipe.eval_images, seed=recipe.seed, size=recipe.size, dim=256)
     make_chat_data(world, seed=recipe.seed)
-    lap("world")
-
-    trained: list[str] = []  # a stage whose input trained again is trained again too (it learnt from the old)
-
-    def train(stage: str, fit) -> None:
-        """Reuse the stage where an earlier build finished it with this recipe, else run `fit(resume)`."""
-        folder, wanted = work / stage, stage_recipe(stage, asdict(recipe))
-        fresh_input = any(n in trained for n in NEEDS[stage])
-        marker = finished(folder / FINISHED)
-        if reuse and not fresh_input and marker is not None and marker["recipe"] == wanted:
-            print(f"demo-models: {stage} reused ({folder})", flush=True)
-        else:
-            trained.append(stage)
-            resume = begin(folder, wanted, resume=reuse and not fresh_input)
-            print(f"demo-models: {stage} {'resumed' if resume else 'started'} ({folder})", flush=True)
-            fit(resume)
-            marker = {"recipe": wanted, "runs": ended(folder)}
-            marker["seconds"] = round(sum(r["seconds"] for r in marker["runs"]), 1)
-            (folder / FINISHED).write_text(json.dumps(marker, indent=1))
-            print(f"demo-models: {stage} done in {marker['runs'][-1]['seconds']:.0f} s", flush=True)
-        timings[stage], markers[stage] = marker["seconds"], marker
-
-    def limit(stage: str) -> list[str]:
-        if stage not in recipe.steps:
-            return []
-        return [f"{'steps' if stage.startswith('tap') else 'max_steps'}={recipe.steps[stage]}"]
-
-    def scratch(stage: str) -> list[str]:
-        """TAP's input size is the world's; the stages after the first read it from their checkpoint."""
-        return [] if NEEDS[stage] else [f"model.overrides.image_size={recipe.size}"]
-
-    tap_data = [f"data.sa1b={world / 'train'}", f"data.priors={world / 'priors'}", f"seed={recipe.seed}",
-                "report_to=[]"]
-    for stage in TAP_CONFIGS:  # each starts from the one stage it learns from
-        init = str(work / NEEDS[stage][0]) if NEEDS[stage] else "scratch"
-        extra = ([f"data.captions={world / 'captions_train.json'}", f"data.image_folder={world / 'train'}"]
-                 if stage in ("tap_stage2", "tap_decoder") else [])
-        config = TapTrainConfig.load(stage_config(stage), [
-            *tap_data, *extra, *scratch(stage), f"init={init}", f"output_dir={work / stage}", *limit(stage)])
-        train(stage, lambda resume, c=config: TapTrainer(c).train(resume=resume))
-    chat_common = [f"data.image_folder={world}", f"seed={recipe.seed}", f"model.seed={recipe.seed}",
-                   f"save_every={CHAT_CHECKPOINT_EVERY}"]
-    stages = (("chat_stage1", "chat_captions.json",
-               [f"model.tap_checkpoint={work / 'tap_stage2'}", f"model.tokenizer={world / 'tokenizer.json'}",
-                # the projector merges size/128 patches a side: 8 x 8 tokens at any size, finer features in each
-                f"model.projector.merge={recipe.size // BASE_SIZE}"]),
-              ("chat_stage2", "chat_train.json", [f"model.init={work / 'chat_stage1'}"]))
-    for stage, data, extra in stages:
-        config = TrainConfig.load(stage_config(stage), [
-            f"data.path={world / data}", *chat_common, *extra, f"output_dir={work / stage}", *limit(stage)])
-        train(stage, lambda resume, c=config: Trainer(c).train(resume=resume))
-    clock = time.perf_counter()
-    pack(work / "tap_iou", work / "chat_stage2", out)
-    gallery(out, recipe)
+    timings = {"world": lap("world", start)}
+    markers = train_stages(work, recipe, reuse)
+    timings.update((name, marker["seconds"]) for name, marker in markers.items())
+    start = time.perf_counter()
+    tap_run, chat_run = (work / name for name in PACKED)
+    pack(tap_run, chat_run, out)
+    gallery(out, recipe.seed)
     files = file_digests(out)
     size_mb = sum((out / name).stat().st_size for name in files) / 2**20
     metrics = evaluate_bundle(out, world, recipe.eval_images)
     metrics["gallery"] = gallery_answers(out)
-    lap("evaluate")
+    timings["evaluate"] = lap("evaluate", start)
     metrics.update(bundle_mb=round(size_mb, 2), seconds=timings, recipe=asdict(recipe), cores=os.cpu_count(),
                    torch_threads=_threads(), built=built, stages=markers, files=files,
                    inputs={"chat_eval": digest(world / "chat_eval.json")})
@@ -240,83 +147,76 @@ def build(out: Path, work: Path, recipe: Recipe, reuse: bool = False, command: s
     return metrics
 
 
+def lap(name: str, start: float) -> float:
+    """Seconds since `start` (as metrics.json keeps them), printed as a step's time."""
+    seconds = round(time.perf_counter() - start, 1)
+    print(f"demo-models: {name} done in {seconds:.0f} s", flush=True)
+    return seconds
+
+
+def train_stages(work: Path, recipe: Recipe, reuse: bool) -> dict[str, dict]:
+    """Each of `STAGES` in order; returns their `FINISHED` markers by name. With `reuse`, a stage that an earlier build
+    finished with this recipe is kept and an unfinished one resumes, unless one of its inputs trained again here (it
+    learnt from the old one)."""
+    trained: set[str] = set()
+    markers: dict[str, dict] = {}
+    for stage in STAGES:
+        fit = trainer(stage, stage_overrides(stage, work, recipe))
+        folder, wanted = stage.output(work), stage_recipe(stage.name, asdict(recipe))
+        fresh_input = not trained.isdisjoint(stage.inputs)
+        marker = finished(folder / FINISHED)
+        if reuse and not fresh_input and marker is not None and marker["recipe"] == wanted:
+            print(f"demo-models: {stage.name} reused ({folder})", flush=True)
+        else:
+            trained.add(stage.name)
+            marker = train_stage(stage.name, folder, wanted, reuse and not fresh_input, fit)
+        markers[stage.name] = marker
+    return markers
+
+
+def stage_overrides(stage: Stage, work: Path, recipe: Recipe) -> list[str]:
+    """The stage's `key=value` config overrides in this build: its own filled in, its output folder, and the recipe's
+    step count where it sets one."""
+    fill: dict[str, Any] = {"world": work / "world", "work": work, "seed": recipe.seed, "size": recipe.size,
+                            "merge": recipe.size // BASE_SIZE}
+
+    def value(template: str) -> str:
+        text = template.format(**fill)
+        # a path in a build folder, spelt as `work / name` spells it (`--work .` gives `tap_stage1`, not `./...`)
+        return str(Path(text)) if template.startswith(("{world}", "{work}")) else text
+
+    items = [f"{key}={value(template)}" for key, template in stage.overrides.items()]
+    items.append(f"output_dir={stage.output(work)}")
+    if stage.name in recipe.steps:
+        items.append(f"{STEPS_KEY[stage.trainer]}={recipe.steps[stage.name]}")
+    return items
+
+
+def trainer(stage: Stage, overrides: list[str]) -> Callable[[bool], object]:
+    """The stage's `train(resume)`. Its config is read now, so a bad one stops the build before the stage trains."""
+    # heavy: `python -m finetune` imports this module for every command's parser
+    from finetune.config import TrainConfig
+    from finetune.tap.config import TapTrainConfig
+    from finetune.tap.trainer import TapTrainer
+    from finetune.trainer import Trainer
+
+    path = stage_config(stage.name)
+    if stage.trainer == "tap":
+        tap_config = TapTrainConfig.load(path, overrides)
+        return lambda resume: TapTrainer(tap_config).train(resume=resume)
+    chat_config = TrainConfig.load(path, overrides)
+    return lambda resume: Trainer(chat_config).train(resume=resume)
+
+
 def stage_config(stage: str) -> Path:
     """The config file a training stage runs (its digest is part of what `--reuse` compares)."""
-    return CONFIGS / TAP_CONFIGS.get(stage, f"demo_{stage}.yaml")
+    return CONFIGS / {s.name: s.config for s in STAGES}[stage]
 
 
 def stage_recipe(stage: str, recipe: dict) -> dict:
     """What a stage's result depends on: the recipe (less the held-out size) and its config file as it reads now."""
     trains = {k: v for k, v in recipe.items() if k != "eval_images"}
     return {**trains, "config": hashlib.sha256(stage_config(stage).read_bytes()).hexdigest()[:16]}
-
-
-def finished(marker: Path) -> dict | None:
-    """A stage's `FINISHED` marker (recipe, seconds, runs), or None: not finished, or by an older build."""
-    try:
-        data = json.loads(marker.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if "runs" in data else None
-
-
-def commit() -> str:
-    """The checkout's commit, `+changes` where tracked code differs from it (the bundle folder aside), or
-    `unknown` outside a git checkout (an installed package)."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    try:
-        head = git("rev-parse", "--short=12", "HEAD")
-        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)models")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+changes" if changed else "")
-
-
-def read_runs(folder: Path) -> list[dict]:
-    path = folder / RUNS
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
-
-
-def newest_checkpoint(folder: Path) -> tuple[int, float] | None:
-    """(step, when it was saved) of the stage's newest whole checkpoint (`finetune/loop.py` writes progress.json
-    last)."""
-    found = sorted((folder / "checkpoints").glob("step-*/progress.json"))
-    if not found:
-        return None
-    return json.loads(found[-1].read_text())["step"], found[-1].stat().st_mtime
-
-
-def begin(folder: Path, recipe: dict, resume: bool) -> bool:
-    """Record a new run of the stage in `folder`; returns whether it resumes. It resumes (when allowed) from the
-    newest checkpoint that an earlier run of the same recipe left; otherwise the folder is emptied first."""
-    runs, newest = read_runs(folder), newest_checkpoint(folder)
-    resume = resume and newest is not None and bool(runs) and runs[-1]["recipe"] == recipe
-    if not resume:
-        shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    run = {"started": time.time(), "recipe": recipe, "commit": commit(), "from_step": newest[0] if resume else 0,
-           "checkpoint_saved": newest[1] if resume else None}
-    with (folder / RUNS).open("a") as f:
-        f.write(json.dumps(run) + "\n")
-    return resume
-
-
-def ended(folder: Path) -> list[dict]:
-    """The stage's runs as its marker keeps them. A stopped run counts until the checkpoint that the next run
-    resumed from (its work after that was lost and done again); one that saved none before it stopped counts 0."""
-    runs, rows = read_runs(folder), []
-    for run, after in zip(runs, [*runs[1:], None]):
-        if after is None:
-            seconds, to_step = time.time() - run["started"], None
-        elif after["checkpoint_saved"] > run["started"]:
-            seconds, to_step = after["checkpoint_saved"] - run["started"], after["from_step"]
-        else:
-            seconds, to_step = 0.0, run["from_step"]
-        rows.append({"started": time.strftime("%Y-%m-%d %H:%M", time.gmtime(run["started"])), "commit": run["commit"],
-                     "from_step": run["from_step"], "to_step": to_step, "seconds": round(seconds, 1),
-                     "stopped": after is not None})
-    return rows
 
 
 def verify(bundle: Path) -> list[str]:

@@ -76,22 +76,23 @@ def gallery_answers(bundle: Path) -> list[dict]:
     import numpy as np  # heavy: `python -m finetune` imports this module for every command's parser
     from PIL import Image
 
-    from assistant.conversation import ConversationError
+    from assistant.decoding import GenerationSettings
     from assistant.engine import Assistant
-    from assistant.generation import GenerationSettings
+    from assistant.loading import LoadOptions, load
+    from assistant.template import ConversationError
     from tokenizer_tap.prompts import Prompt
-    bot = Assistant.from_pretrained(bundle / "chat", device="cpu", dtype="float32")
+    bot = load(Assistant, LoadOptions(demo=True, demo_models=bundle, device="cpu")).assistant  # as `--demo` does
     rows = []
     for example in json.loads((bundle / "gallery" / "examples.json").read_text()):
         image = np.asarray(Image.open(bundle / "gallery" / example["image"]).convert("RGB"))
         conv = bot.start(image=image)
         try:
-            region = bot.add_region(conv, Prompt.from_dict(example["regions"][0])).grounded
+            region = conv.add_region(Prompt.from_dict(example["regions"][0]))
         except ConversationError as exc:  # no mask there: what the app would say, and nothing to ask about
             chip, caption, answer = "", "", str(exc)
         else:
             chip, caption = region.concept, region.caption
-            answer = bot.ask(conv, example["question"], GenerationSettings(max_new_tokens=16)).text
+            answer = conv.ask(example["question"], GenerationSettings(max_new_tokens=16)).text
         rows.append({"image": example["image"], "concept": example["concept"], "colour": example["answer"],
                      "chip": chip, "caption": caption, "answer": answer, "named": chip == example["concept"],
                      "right": bool(chip) and example["answer"] in answer.lower()})

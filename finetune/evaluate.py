@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from assistant.engine import Assistant
+from assistant.loading import LoadOptions, load
 from eval import short_answer
 from eval.questions import Question
 from eval.runner import ChatAnswerer, run
@@ -34,7 +35,7 @@ class BlankImages:
 def accuracy(checkpoint: str | Path, questions: str | Path, *, blank_images: bool = False,
              max_new_tokens: int = 6) -> dict[str, float]:
     """Overall and per-kind exact match, loading the checkpoint exactly as the assistant and the app do."""
-    bot = Assistant.from_pretrained(checkpoint, device="cpu", dtype="float32")
+    bot = load(Assistant, LoadOptions(chat_checkpoint=checkpoint, device="cpu", dtype="float32")).assistant
     asked, annotations, bad = short_answer.load_run(RunInputs(questions=Path(questions)))
     if bad:
         raise ValueError(f"{questions}: {len(bad)} bad records, e.g. {next(iter(bad.items()))}")

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from assistant.grounding import GroundedRegion
+from assistant.template import line as region_line
+from tokenizer_tap.region import Region
 
 SIZE = 256
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
@@ -66,7 +67,7 @@ def questions(shapes: list[Shape], rng: random.Random) -> list[tuple[str, str, s
         out.append(("shape", f"What shape is at the {PLACES[s.cell]}?", s.shape))
     s = rng.choice(shapes)
     x1, y1, x2, y2 = s.box
-    line = GroundedRegion.from_pixels(1, "shape", 1.0, (x1, y1, x2 + 1, y2 + 1), 0.0, "", SIZE, SIZE).line()
+    line = region_line(Region([("shape", 1.0)], box=(x1, y1, x2 + 1, y2 + 1), size=(SIZE, SIZE), number=1))
     out.append(("region", f"{line}\nWhat colour is <region1>?", s.colour))
     return out
 

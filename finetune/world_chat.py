@@ -3,7 +3,7 @@
 Everything is read off `world.json`, so every answer is true of its image:
 - `chat_captions.json` (chat stage 1): the image alone, answered with a scene caption that lists its objects;
 - `chat_train.json` (chat stage 2): multi-turn conversations about colour, count, position, relations and regions.
-  A region turn starts with the region line the assistant itself writes for a click (`GroundedRegion.line`), built
+  A region turn starts with the region line the assistant itself writes for a click (`grounding.line`), built
   from the annotation (concept, box, area, caption) as TAP would report it, so the model learns to read those lines;
 - `chat_eval.json`: the eval split's questions in the `short-answer` benchmark's layout, one per kind and image;
 - `tokenizer.json`: a byte-level BPE trained on the text above and the chat template (the demo model's own).
@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from assistant.grounding import GroundedRegion
 from assistant.llm import EOS_TEXT
-from assistant.template import Turn, render, render_pretrain
+from assistant.template import Turn, line, render, render_pretrain
+from tokenizer_tap.region import Region
 
 KINDS = ("colour", "count", "position", "relation", "region")
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above",
@@ -93,8 +93,9 @@ def region_line(obj: Obj, entry: dict, rng: np.random.Generator) -> str:
     """The line the assistant writes for a click on `obj` (score drawn, as TAP's varies)."""
     x, y, w, h = obj["bbox"]
     size = entry["width"] * entry["height"]
-    return GroundedRegion.from_pixels(1, obj["concept"], float(rng.uniform(0.5, 1.0)), (x, y, x + w, y + h),
-                                      obj["area"] / size, obj["caption"], entry["width"], entry["height"]).line()
+    region = Region([(obj["concept"], float(rng.uniform(0.5, 1.0)))], obj["caption"], box=(x, y, x + w, y + h),
+                    area=obj["area"] / size, size=(entry["width"], entry["height"]), number=1)
+    return line(region)
 
 
 def questions(entry: dict, rng: np.random.Generator, absent: Sequence[str] = ()) -> dict[str, list[tuple[str, str]]]:

@@ -133,7 +133,7 @@ def app_server(tmp_path_factory):
     yield start
     for demo, service in started:
         demo.close()
-        service.store.close()
+        service.bot.store.close()
 
 
 # ------------------------------------------------------------------------------------- killed runs and resuming

@@ -199,7 +199,7 @@ def test_auth_rejects_strangers_and_separates_users(app_server) -> None:
 
 def test_the_same_image_is_stored_once(server, client: Client) -> None:
     a, b = chat_with_image(client), chat_with_image(client)
-    files = sorted(server[1].store.data_dir.rglob("*.jpg"))
+    files = sorted(server[1].bot.store.data_dir.rglob("*.jpg"))
     assert len([p for p in files if p.read_bytes() == Path(SCENE).read_bytes()]) == 1
     assert a != b
     assert np.asarray(Image.open(files[0])).shape == (720, 960, 3)

@@ -176,7 +176,8 @@ def test_stop_a_long_answer(page, server, slow_model) -> None:
     expect(page.get_by_test_id("bot").last).to_contain_text("(stopped)")
     expect(page.get_by_test_id("submit-button")).to_be_visible()
     service = server[1]
-    owner_convs = [c for c in service._open.values() if c.turns and c.turns[-1].text == "Tell me a very long story."]
+    owner_convs = [c for c in service.bot._sessions.values()
+                   if c.turns and c.turns[-1].text == "Tell me a very long story."]
     turn = owner_convs[-1].turns[-1]
     assert not turn.complete and len(service.bot.chat.tokenizer.encode(turn.answer)) < 1000
     send(page, "And a short one?")  # the chat goes on after a stop
@@ -329,7 +330,7 @@ def demo_server(tmp_path_factory):
         _, url, _ = launch(demo, config, prevent_thread_lock=True, quiet=True)
     yield url.rstrip("/"), json.loads((DEMO / "gallery" / "examples.json").read_text())
     demo.close()
-    service.store.close()
+    service.bot.store.close()
 
 
 def test_demo_models_name_each_gallery_click_and_answer_its_colour(browser, demo_server) -> None:

@@ -8,6 +8,8 @@ import pytest
 
 from app import cli
 from app.config import AppConfig
+from assistant.engine import Assistant
+from assistant.loading import load
 from assistant.store import ChatStore
 
 
@@ -30,7 +32,8 @@ def test_options_become_the_config(tmp_path: Path) -> None:
 def test_offline_without_weights_or_demo_models_starts_on_tiny_models_and_says_so(tmp_path: Path) -> None:
     # conftest hides any demo bundle (with one: tests/test_demo_models.py)
     config = AppConfig(data_dir=tmp_path)  # HF is offline with an empty cache in the tests
-    bot, banner = cli.load_assistant(config, ChatStore(config.db_path, config.image_dir))
+    bot, fallback = load(Assistant, config, ChatStore(config.db_path, config.image_dir), fall_back="demo-or-tiny")
+    banner = cli.models_banner(config, fallback)
     assert banner.startswith("**Model weights not found**") and "make demo-models" in banner
     assert bot.config.llm == "tiny-phi"
 

@@ -10,13 +10,15 @@ import pytest
 
 from app.config import AppConfig
 from app.errors import UserError
+from app.handlers import scribble_stroke
 from app.owners import AuthFileError, browser_owner, new_token, parse_credentials, pinned_secret, session_owner
 from app.render import chat_messages, message_html
-from app.service import ChatService, MessageView, RegionView
-from app.ui import scribble_stroke
+from app.service import ChatService
 from assistant.engine import Assistant
 from assistant.store import ChatStore
+from assistant.template import Turn
 from tokenizer_tap.prompts import Prompt
+from tokenizer_tap.region import Region
 
 SCENE = Path(__file__).resolve().parents[1] / "examples" / "scene.jpg"
 
@@ -40,10 +42,10 @@ def test_negative_click_refines_the_latest_new_region_in_place(service: ChatServ
     first = service.click("ann", cid, 510, 270)
     refined = service.click("ann", cid, 100, 600, positive=False)
     assert refined.number == first.number == 1
-    conv = service.conversation("ann", cid)
+    conv = service.session("ann", cid)
     assert conv.regions[1].prompt.labels == (1, 0)
-    stored = service.store.get_conversation("ann", cid).regions
-    assert len(stored) == 1 and stored[0].prompt["labels"] == [1, 0]
+    stored = service.bot.store.get_conversation("ann", cid).regions
+    assert len(stored) == 1 and stored[0].prompt.labels == (1, 0)
     service.stream("ann", cid, "What is <region1>?", max_new_tokens=2).text()
     with pytest.raises(UserError, match="click a positive point first"):
         service.click("ann", cid, 90, 600, positive=False)  # region1 was sent: frozen
@@ -55,13 +57,13 @@ def test_undo_makes_its_regions_new_again_and_regenerate_repeats(service: ChatSe
     service.click("ann", cid, 510, 270)
     first = service.stream("ann", cid, "Describe it.", max_new_tokens=6)
     first_text = first.text()
-    prompt = service.conversation("ann", cid).turns[0].prompt
+    prompt = service.session("ann", cid).turns[0].prompt
     again = service.regenerate("ann", cid, max_new_tokens=6).text()
     assert again == first_text
-    assert service.conversation("ann", cid).turns[0].prompt == prompt, "the region line comes back with the retry"
+    assert service.session("ann", cid).turns[0].prompt == prompt, "the region line comes back with the retry"
     assert service.undo("ann", cid) == "Describe it."
-    assert service.conversation("ann", cid).new_regions == [1]
-    assert service.store.get_conversation("ann", cid).messages == []
+    assert service.session("ann", cid).new_regions == [1]
+    assert service.bot.store.get_conversation("ann", cid).messages == []
 
 
 def test_a_second_stream_in_the_same_chat_is_refused_while_one_runs(service: ChatService) -> None:
@@ -74,7 +76,7 @@ def test_a_second_stream_in_the_same_chat_is_refused_while_one_runs(service: Cha
         service.undo("ann", cid)
     assert service.stop("ann", cid) is True
     list(it)
-    assert not service.conversation("ann", cid).turns[-1].complete
+    assert not service.session("ann", cid).turns[-1].complete
 
 
 def test_reopened_after_restart_the_chat_and_overlay_are_identical(bot_factory, tmp_path: Path) -> None:
@@ -149,10 +151,12 @@ def test_message_html_escapes_and_links_region_references() -> None:
     assert "<b>" not in html and "&lt;b&gt;hi&lt;/b&gt;" in html
     assert "tap-ref-2" in html and "#ff0000" in html and "tap-ref-7" in html
     assert "\x07" not in html
-    regions = [RegionView(2, "dog", 0.9, "a dog", [0, 0, 5, 5], 1.0, "#ff0000")]
-    msgs = [MessageView("user", "hi <region2>"), MessageView("assistant", "a dog", complete=False)]
-    assert chat_messages(msgs, regions)[1]["content"].endswith("*(stopped)*")
-    assert chat_messages(msgs, regions, streaming=True)[1]["content"].endswith("▌")
+    regions = [Region([("dog", 0.9)], "a dog", box=(0, 0, 5, 5), area=0.01, size=(50, 50), number=2)]
+    turns = [Turn("hi <region2>", "a dog", "hi <region2>", complete=False)]
+    shown = chat_messages(turns, regions)
+    assert [m["role"] for m in shown] == ["user", "assistant"] and "tap-ref-2" in shown[0]["content"]
+    assert shown[1]["content"].endswith("*(stopped)*")
+    assert chat_messages(turns, regions, streaming=True)[1]["content"].endswith("▌")
 
 
 def test_scribble_stroke_follows_the_drawing() -> None:
@@ -194,5 +198,5 @@ def test_an_upload_is_decoded_once(service: ChatService, monkeypatch) -> None:
     monkeypatch.setattr(PIL.Image, "open", counting)
     snap = service.set_image("ann", "", SCENE.read_bytes())
     assert len(opened) == 1 and snap.image is not None and snap.image.shape[:2] == (720, 960)
-    conv = service.conversation("ann", snap.conversation_id)
-    assert service.store.image_path(conv.image_sha).read_bytes() == SCENE.read_bytes()  # kept as uploaded
+    conv = service.session("ann", snap.conversation_id)
+    assert service.bot.store.image_path(conv.image_sha).read_bytes() == SCENE.read_bytes()  # kept as uploaded

@@ -1,11 +1,14 @@
 """Engine building blocks that need no LLM: template strings, region lines, the conv projector."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
-from assistant.grounding import GroundedRegion, grounding_block, parse_line
 from assistant.projector import ConvProjector, ProjectorConfig
-from assistant.template import SYSTEM, Turn, render, render_pretrain
+from assistant.template import SYSTEM, Turn, grid_box, grounding_block, line, parse_line, render, render_pretrain
+from tokenizer_tap.region import Region
 
 
 def test_template_matches_bunny_character_for_character():
@@ -25,26 +28,45 @@ def test_template_matches_bunny_character_for_character():
 
 
 def test_region_line_format_is_stable():
-    r = GroundedRegion.from_pixels(2, "dog", 0.9134, (112, 340, 499, 881), 0.1412, "a brown dog lying on grass",
-                                   1000, 1000)
-    assert r.line() == ('<region2>: dog (0.91), box [112,340,498,880] on a 0-999 grid, 14% of image, '
-                        '"a brown dog lying on grass"')
-    assert parse_line(r.line()) == GroundedRegion(2, "dog", 0.91, (112, 340, 498, 880), 14.0,
-                                                  "a brown dog lying on grass")
+    r = Region([("dog", 0.9134)], "a brown dog lying on grass", box=(112, 340, 499, 881), area=0.1412,
+               size=(1000, 1000), number=2)
+    assert line(r) == ('<region2>: dog (0.91), box [112,340,498,880] on a 0-999 grid, 14% of image, '
+                       '"a brown dog lying on grass"')
+    back = parse_line(line(r))
+    assert (back.number, back.concepts, grid_box(back), back.area, back.caption, back.kind) == (
+        2, [("dog", 0.91)], (112, 340, 498, 880), 0.14, "a brown dog lying on grass", "region")
+    assert line(back) == line(r)
 
 
 def test_region_line_cleans_text_and_scales_boxes():
-    r = GroundedRegion.from_pixels(10, 'a "quoted"\nname', 1.0, (0, 0, 640, 480), 0.004,
-                                   'say "hi"\x07' + "x" * 300, 640, 480)
-    line = r.line()
-    assert "\n" not in line and "\x07" not in line
-    assert line.startswith("<region10>: a 'quoted' name (1.00), box [0,0,999,999]") and "<1% of image" in line
-    back = parse_line(line)
-    assert back.caption.startswith("say 'hi' x") and len(back.caption) <= 120 and back.area_percent == 0.5
-    assert grounding_block([r, GroundedRegion(1, "cat", 0.5, (1, 2, 3, 4), 50, "c")]).splitlines()[0].startswith(
-        "<region1>:")
+    r = Region([('a "quoted"\nname', 1.0)], 'say "hi"\x07' + "x" * 300, box=(0, 0, 640, 480), area=0.004,
+               size=(640, 480), number=10)
+    text = line(r)
+    assert "\n" not in text and "\x07" not in text
+    assert text.startswith("<region10>: a 'quoted' name (1.00), box [0,0,999,999]") and "<1% of image" in text
+    back = parse_line(text)
+    assert back.caption.startswith("say 'hi' x") and len(back.caption) <= 120 and back.area == 0.005
+    cat = Region([("cat", 0.5)], "c", box=(1, 2, 4, 5), area=0.5, size=(1000, 1000), number=1)
+    assert grounding_block([r, cat]).splitlines()[0].startswith("<region1>:")
     with pytest.raises(ValueError):
         parse_line("<region1> dog")
+
+
+def test_one_region_round_trips_through_to_dict_with_its_mask_decoded_once():
+    mask = np.zeros((30, 40), bool)
+    mask[5:10, 8:20] = True
+    region = Region.from_mask(mask, [("dog", 0.9)], "a dog", iou=0.8, number=3, image="k")
+    assert (region.box, region.size, region.area) == ((8, 5, 20, 10), (40, 30), 60 / 1200)
+    data = json.loads(json.dumps(region.to_dict()))
+    back = Region.from_dict(data)
+    assert (back.box, back.size, back.area, back.number, back.image, back.concepts) == (
+        region.box, region.size, region.area, 3, "k", [("dog", 0.9)])
+    assert line(back) == line(region)
+    assert back._mask is None  # nothing decoded yet: a line needs no pixels
+    first = back.mask
+    assert np.array_equal(first, mask) and back.mask is first  # decoded once, then kept
+    with pytest.raises(ValueError, match="not a region"):
+        Region.from_dict({"mask": {"size": [2, 2], "counts": [9]}})
 
 
 def test_projector_shapes_and_identity_init():

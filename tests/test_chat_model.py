@@ -10,7 +10,8 @@ from transformers import DynamicCache
 
 from assistant.batching import Batcher
 from assistant.config import ChatConfig
-from assistant.generation import CachedPrefix, GenerationSettings, PrefixCache, decode, next_tokens
+from assistant.decoding import CachedPrefix, End, GenerationSettings, PrefixCache, Request, Token, next_tokens
+from assistant.decoding import run as decode_run
 from assistant.llm import TINY_LLM, LoraSettings, TinyPhi, load_llm, load_tokenizer
 from assistant.model import IMAGE_TOKEN, ChatModel, merge_checkpoint
 from assistant.projector import ProjectorConfig
@@ -51,12 +52,24 @@ def reference_greedy(chat: ChatModel, ids: list[int], vis, steps: int) -> list[i
     return out
 
 
-def run(chat, seqs, visuals, settings=GREEDY, **kw) -> list[list[int]]:
-    steps = list(decode(chat, seqs, visuals, settings, **kw))
-    rows = []
-    for r in range(len(seqs)):
-        row = [int(s[r]) for s in steps]
-        rows.append(row[:row.index(chat.eos_id) + 1] if chat.eos_id in row else row)
+def run(chat, seqs, visuals, settings=GREEDY, *, shared: int = 0, cancel=None) -> list[list[int]]:
+    """Prompts answered together through the one decode loop (EOS kept at the end of a row that reached it).
+
+    `shared`: the first `shared` tokens (common to every row, one image) are prefilled once and each row extends
+    a copy, as `Assistant.answer_batch` does."""
+    batcher = Batcher(chat, threading.RLock())
+    requests = [Request(s, v, settings, "", image_key="k" if v is not None else None,
+                        cancel=cancel or threading.Event()) for s, v in zip(seqs, visuals)]
+    if shared:
+        prefix, = batcher.prefill([(seqs[0][:shared], visuals[0], "k")])
+        for r in requests:
+            r.shared, r.shared_tokens, r.keep_prefix = prefix, shared, False
+    rows: list[list[int]] = [[] for _ in seqs]
+    for event in decode_run(batcher, requests, eos_id=chat.eos_id):
+        if isinstance(event, Token):
+            rows[event.index].append(event.token)
+        elif event.reason == "eos":
+            rows[event.index].append(chat.eos_id)
     return rows
 
 
@@ -105,20 +118,14 @@ def test_batched_equals_single(chat, visual):
 
 def test_shared_prefix_is_computed_once(chat, visual, monkeypatch):
     prompts = [chat.tokenize(render([Turn(q)])) for q in ("first question?", "second, longer question here?")]
+    alone = [run(chat, [p], [visual])[0] for p in prompts]
     lengths = []
     real = chat.forward_embeds
     monkeypatch.setattr(chat, "forward_embeds", lambda e, *a: lengths.append(tuple(e.shape[:2])) or real(e, *a))
-    run(chat, prompts, [visual, visual])
-    shared = prompts[0].index(IMAGE_TOKEN) + 64
-    assert lengths[0][0] == 1 and lengths[0][1] > shared  # one row: system text + image (+ common text)
-    assert lengths[1][0] == 2 and lengths[1][1] < 20  # then only the questions, two rows
-    # three rows over two images: the prefix runs once per distinct image, answers as if alone
-    lengths.clear()
-    other = visual.flip(0)
-    rows = [prompts[0], prompts[1], prompts[1]]
-    got = run(chat, rows, [visual, other, visual])
-    assert lengths[0][0] == 2 and lengths[1][0] == 3
-    assert got == [run(chat, [r], [v])[0] for r, v in zip(rows, [visual, other, visual])]
+    shared = prompts[0].index(IMAGE_TOKEN) + 1
+    assert run(chat, prompts, [visual, visual], shared=shared) == alone
+    assert lengths[0] == (1, shared - 1 + 64)  # system text + image, once
+    assert lengths[1][0] == 2 and lengths[1][1] < 20 and len(lengths) == 2  # then both questions, one row each
 
 
 def converse(chat, ids, vis, entry, key, settings=GREEDY) -> list[int]:
@@ -126,8 +133,7 @@ def converse(chat, ids, vis, entry, key, settings=GREEDY) -> list[int]:
     lock = threading.RLock()
     batcher = Batcher(chat, lock)
     with lock:
-        member = batcher.join(ids, vis, settings, prefix=entry, image_key=key, cancel=threading.Event(),
-                              max_context=None)
+        member = batcher.join(Request(ids, vis, settings, "", key, entry))
     out = []
     while (t := batcher.next(member)) is not None:
         out.append(t)
@@ -169,9 +175,9 @@ def test_continuous_batch_rows_decode_as_if_alone(chat, visual):
         if step % 2 == 0 and len(members) < len(prompts):
             i = len(members)
             with lock:
-                members.append(batcher.join(prompts[i], visuals[i], GenerationSettings(max_new_tokens=limits[i]),
-                                            prefix=entries[i], image_key=f"k{i}", cancel=threading.Event(),
-                                            max_context=None))
+                members.append(batcher.join(Request(prompts[i], visuals[i],
+                                                    GenerationSettings(max_new_tokens=limits[i]), "", f"k{i}",
+                                                    entries[i])))
         for i, m in enumerate(members):
             if not m.ended or m.ready:
                 t = batcher.next(m)
@@ -204,10 +210,14 @@ def test_prefix_cache_is_bounded_lru():
 def test_cancel_stops_within_one_token(chat, visual):
     ids = chat.tokenize(render([Turn("go")]))
     cancel = threading.Event()
-    steps = decode(chat, [ids], [visual], GenerationSettings(max_new_tokens=200), cancel=cancel)
-    got = [next(steps) for _ in range(3)]
+    batcher = Batcher(chat, threading.RLock())
+    events = decode_run(batcher, [Request(ids, visual, GenerationSettings(max_new_tokens=200), "", cancel=cancel)],
+                        eos_id=chat.eos_id)
+    got = [next(events) for _ in range(3)]
     cancel.set()
-    assert len(got) + len(list(steps)) == 3
+    rest = list(events)
+    assert all(isinstance(e, Token) for e in got) and [type(e) for e in rest] == [End]
+    assert rest[0].reason == "cancelled" and batcher.members == []
 
 
 def test_sampling_settings():

@@ -17,12 +17,14 @@ from safetensors import safe_open
 from app import cli as app_cli
 from app.config import AppConfig
 from assistant import cli as assistant_cli
+from assistant.decoding import GenerationSettings
 from assistant.engine import Assistant
-from assistant.generation import GenerationSettings
+from assistant.loading import load
 from assistant.store import ChatStore
 from finetune import demo
 from finetune.cli import main
-from finetune.demo import MAX_BUNDLE_MB, prompt
+from finetune.demo import MAX_BUNDLE_MB
+from finetune.demo_bundle import prompt
 from finetune.demo_eval import TARGETS, caption_named
 from finetune.demo_readme import cell
 from finetune.tap.world import Region
@@ -104,12 +106,16 @@ def test_where_weights_are_absent_every_front_end_runs_the_demo_models_and_says_
     monkeypatch.setenv("TAPCHAT_DEMO_MODELS", str(bundle))
     config = AppConfig(data_dir=tmp_path)  # HF is offline with an empty cache in the tests
     store = ChatStore(config.db_path, config.image_dir)
-    bot, banner = app_cli.load_assistant(config, store)
+    bot, fallback = load(Assistant, config, store, fall_back="demo-or-tiny")
+    banner = app_cli.models_banner(config, fallback)
     assert banner.startswith("**Model weights not found**") and "demo models" in banner and "not on photos" in banner
     assert "are missing)." in banner  # the reason reads as a sentence; the list of files goes to the log
     assert bot.config.tap_model == "../tap" and bot.config.llm == "tiny-phi"
-    bot, banner = app_cli.load_assistant(AppConfig(data_dir=tmp_path, demo=True), store)
-    assert banner == app_cli.DEMO_BANNER
+    monkeypatch.delenv("TAPCHAT_DEMO_MODELS")  # --demo-models names the bundle as well
+    config = AppConfig(data_dir=tmp_path, demo=True, demo_models=bundle)
+    bot, fallback = load(Assistant, config, store, fall_back="demo-or-tiny")
+    assert fallback is None and app_cli.models_banner(config, fallback) == app_cli.DEMO_BANNER
+    monkeypatch.setenv("TAPCHAT_DEMO_MODELS", str(bundle))
     image = str(next((work / "world" / "eval").glob("sa_*.jpg")))
     capsys.readouterr()
     assert tap_cli.main(["describe", image, "--point", "60,100", "--device", "cpu"]) == 0
@@ -148,6 +154,17 @@ def test_gallery_clicks_a_one_piece_object_and_boxes_one_made_of_parts() -> None
     assert [x, y] == [round(v) for v in sun.point()] and mask[y, x]
     house = Region(2, "house", "red", "object", mask, parts=[3, 4])
     assert prompt(house) == {"box": [2, 4, 10, 8]}
+
+
+def test_each_stage_names_as_inputs_the_earlier_stages_whose_outputs_it_reads() -> None:
+    """`--reuse` retrains a stage when one of its inputs trained again, so its inputs must be exactly the stage
+    folders its overrides read, each run before it."""
+    names = [stage.name for stage in demo.STAGES]
+    for i, stage in enumerate(demo.STAGES):
+        read = {v.removeprefix("{work}/") for v in stage.overrides.values() if v.startswith("{work}/")}
+        assert read == set(stage.inputs) and set(stage.inputs) <= set(names[:i]), stage.name
+        assert demo.stage_config(stage.name).is_file()
+    assert set(demo.PACKED) <= set(names)
 
 
 def test_reuse_keeps_finished_stages_and_their_times(built, capsys, monkeypatch, tmp_path) -> None:

@@ -7,11 +7,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from assistant.conversation import ConversationError
-from assistant.engine import Assistant, BatchItem, GenerationError
-from assistant.generation import GenerationSettings
-from assistant.grounding import parse_line
+from assistant.decoding import GenerationSettings
+from assistant.engine import Assistant, BatchItem
+from assistant.reply import GenerationError
 from assistant.store import ChatStore, NotFoundError
+from assistant.template import ConversationError, line, parse_line
 from tokenizer_tap.errors import ImageError
 from tokenizer_tap.prompts import Prompt
 
@@ -95,7 +95,7 @@ def test_new_image_mid_conversation(bot, image):
     other = np.full((200, 300, 3), 30, np.uint8)
     bot.set_image(conv, other)
     bot.ask(conv, "And this picture?", SHORT)
-    assert conv.turns[1].image_key != conv.turns[0].image_key
+    assert conv.turns[1].image != conv.turns[0].image
     with pytest.raises(ConversationError, match="earlier image"):
         bot.ask(conv, f"where is <region{r1.number}> now?", SHORT)
     r2 = bot.add_region(conv, Prompt.point(100, 100))
@@ -154,7 +154,7 @@ def test_history_round_trip_and_isolation(tmp_path, image):
     assert rec.messages[0].prompt.startswith("<region1>: ") and rec.regions[0].mask is not None
     restored = bot.open("alice", conv.id)
     assert [t.prompt for t in restored.turns] == [t.prompt for t in conv.turns]
-    assert restored.regions[1].grounded.line() == conv.regions[1].grounded.line()
+    assert line(restored.regions[1]) == line(conv.regions[1])
     assert restored.image_key == conv.image_key
     with pytest.raises(NotFoundError):
         bot.open("mallory", conv.id)

@@ -266,11 +266,12 @@ def test_stage1_then_stage2_then_own_chats_load_in_the_assistant(shapes, tmp_pat
     Trainer(config(shapes, own_run, f"model.init={stage2}", f"data.path={own}",
                    f"data.image_folder={tmp_path / 'images'}", "max_steps=1", "trainable.llm=full")).train()
     assert Assistant.from_pretrained(own_run, device="cpu", dtype="float32").mode == "tapchat"
-    from app.cli import load_assistant
+    from app.cli import models_banner
     from app.config import AppConfig
-    app_bot, banner = load_assistant(AppConfig(data_dir=tmp_path / "app", chat_checkpoint=str(own_run),
-                                               device="cpu"), store)
-    assert banner == "" and app_bot.mode == "tapchat"  # the app loads it with no edits
+    from assistant.loading import load
+    app_config = AppConfig(data_dir=tmp_path / "app", chat_checkpoint=str(own_run), device="cpu")
+    app_bot, fallback = load(Assistant, app_config, store, fall_back="demo-or-tiny")  # as the app loads it
+    assert models_banner(app_config, fallback) == "" and app_bot.mode == "tapchat"  # the app loads it with no edits
 
 
 def test_it_learns_from_the_image(colours, tmp_path: Path) -> None:

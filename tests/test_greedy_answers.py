@@ -38,7 +38,7 @@ def _picture(seed: int, h: int = 240, w: int = 320) -> np.ndarray:
 
 def _chat_scenario(bot, images: list, points: list[tuple[float, float]], box: tuple) -> list[str]:
     """One conversation: regions, three turns, an undo and a re-ask, a negative click, an image switch."""
-    from assistant.generation import GenerationSettings
+    from assistant.decoding import GenerationSettings
     from tokenizer_tap.prompts import Prompt
 
     settings = GenerationSettings(max_new_tokens=TOKENS)
@@ -62,7 +62,7 @@ def _chat_scenario(bot, images: list, points: list[tuple[float, float]], box: tu
 
 def _together(bot, images: list, point: tuple[float, float]) -> list[str]:
     """Two chats whose answers are written at the same time (one decode batch)."""
-    from assistant.generation import GenerationSettings
+    from assistant.decoding import GenerationSettings
     from tokenizer_tap.prompts import Prompt
 
     settings = GenerationSettings(max_new_tokens=TOKENS)
@@ -84,8 +84,8 @@ def _together(bot, images: list, point: tuple[float, float]) -> list[str]:
 
 
 def _batch(bot, images: list, point: tuple[float, float]) -> list[str]:
+    from assistant.decoding import GenerationSettings
     from assistant.engine import BatchItem
-    from assistant.generation import GenerationSettings
     from tokenizer_tap.prompts import Prompt
 
     items = [BatchItem(images[0], "What is in the image?"), BatchItem(images[1], "What is <region1>?",

@@ -20,11 +20,11 @@ from langchain_tests.unit_tests import ChatModelUnitTests
 from PIL import Image
 from pydantic import ValidationError
 
+from assistant.decoding import GenerationSettings
 from assistant.engine import Assistant
-from assistant.generation import GenerationSettings
-from assistant.grounding import parse_line
 from assistant.langchain_chat import TapChatMessageHistory, TapChatModel
 from assistant.store import ChatStore, NotFoundError
+from assistant.template import parse_line
 from tokenizer_tap.prompts import Prompt
 
 TOKENS = 12

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 from typing import NamedTuple
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 #: What each package may import of ours: tokenizer_tap < assistant < (app, eval) and eval < finetune, which scores
@@ -178,26 +181,71 @@ def test_scoring_an_answers_file_never_loads_torch(tmp_path: Path) -> None:
                       "submission": [{"question_id": 1, "answer": "yes"}, {"question_id": 2, "answer": "2"}]}
 
 
-def test_the_wheel_ships_every_package_and_its_commands(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`pip wheel .` of the checkout: the five packages, the demo bundle, the commands."""
     import setuptools  # noqa: F401 - pinned in requirements-dev: the build backend pyproject.toml names
-    src = tmp_path / "src"  # a copy: building in the checkout would leave build/ and *.egg-info behind
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"  # a copy: building in the checkout would leave build/ and *.egg-info behind
     for name in ("pyproject.toml", "README.md", "requirements.txt"):
         (src / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, src / name)
-    for package in ALLOWED:
-        shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in (*ALLOWED, "models/demo"):
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
-                           "-q", "-w", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                           "-q", "-w", str(tmp)], capture_output=True, text=True, timeout=300, cwd=tmp)
     assert done.returncode == 0, done.stderr
-    wheel, = tmp_path.glob("*.whl")
+    found, = tmp.glob("*.whl")
+    return found
+
+
+def test_the_wheel_ships_every_package_and_its_commands(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as z:
-        tops = {n.split("/")[0] for n in z.namelist()}
-        entry_points = next(z.read(n).decode() for n in z.namelist() if n.endswith("entry_points.txt"))
-        assert "finetune/configs/tap_stage1.yaml" in z.namelist()
-    assert set(ALLOWED) <= tops
+        names = z.namelist()
+        entry_points = next(z.read(n).decode() for n in names if n.endswith("entry_points.txt"))
+    assert "finetune/configs/tap_stage1.yaml" in names
+    assert {n.split("/")[0] for n in names} >= set(ALLOWED)
+    # pyproject.toml lists its packages (one is mapped onto models/demo): a new one must be listed too
+    packages = {str(p.relative_to(ROOT)) for package in ALLOWED for p in (ROOT / package).rglob("__init__.py")}
+    assert packages <= set(names), f"not in pyproject.toml's packages: {sorted(packages - set(names))}"
     scripts = dict(line.split(" = ") for line in entry_points.splitlines() if " = " in line)
     assert {"tapchat", "tapchat-eval", "tapchat-finetune", "tap"} <= set(scripts)
     for target in scripts.values():  # each command resolves to a callable
         module, func = target.split(":")
         __import__(module)
         assert callable(getattr(sys.modules[module], func))
+
+
+#: Where an installed copy looks for the demo bundle when nothing names another one.
+FIND_BUNDLE = """
+import json, tokenizer_tap
+from tokenizer_tap.hub import demo_models, require_demo_models
+print(json.dumps({"package": tokenizer_tap.__file__, "found": str(demo_models()),
+                  "folder": str(require_demo_models())}))
+"""
+
+
+def test_the_wheel_carries_the_demo_bundle_and_an_install_finds_it(wheel: Path, tmp_path: Path) -> None:
+    """`pip install .` (not editable) runs the demo models too: the bundle is package data, found from any folder."""
+    bundle = ROOT / "models" / "demo"
+    shipped = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()}
+    assert {"tap/config.json", "chat/config.json", "metrics.json", "README.md"} <= shipped
+    assert any(name.startswith("gallery/") for name in shipped)
+    with zipfile.ZipFile(wheel) as z:
+        packed = {n.removeprefix("tokenizer_tap/demo_models/") for n in z.namelist()
+                  if n.startswith("tokenizer_tap/demo_models/")}
+    assert packed == shipped
+    target, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target",
+                           str(target), str(wheel)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    env = {k: v for k, v in os.environ.items() if k != "TAPCHAT_DEMO_MODELS"}  # conftest hides the bundle
+    done = subprocess.run([sys.executable, "-c", FIND_BUNDLE], capture_output=True, text=True, timeout=120,
+                          cwd=elsewhere, env={**env, "PYTHONPATH": str(target)})
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert Path(result["package"]).is_relative_to(target)  # the installed copy, not the checkout
+    installed = target / "tokenizer_tap" / "demo_models"
+    assert result["found"] == result["folder"] == str(installed)
+    assert (installed / "tap" / "config.json").is_file() and (installed / "chat" / "config.json").is_file()

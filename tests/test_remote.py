@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from assistant.generation import GenerationSettings
+from assistant.decoding import GenerationSettings, Request
 from assistant.remote import ServerError, ServerLLM
 
 MODELS = json.dumps({"object": "list", "data": [{"id": "base", "object": "model"}]})
@@ -63,8 +63,7 @@ def client(httpd: ThreadingHTTPServer, model: str | None = "base") -> ServerLLM:
 def stream(httpd: ThreadingHTTPServer, *events: str) -> tuple[ServerLLM, object]:
     httpd.replies["/v1/completions"] = (200, "".join(e + "\n\n" for e in events))
     llm = client(httpd)
-    return llm, llm.join([1, 2, 3], None, GenerationSettings(max_new_tokens=8), image_key=None,
-                         cancel=threading.Event(), max_context=None)
+    return llm, llm.join(Request([1, 2, 3], None, GenerationSettings(max_new_tokens=8), ""))
 
 
 def test_a_well_formed_stream_is_read_to_its_end(server) -> None:

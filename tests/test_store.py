@@ -17,8 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from assistant import rle, store
+from assistant import store
 from assistant.store import ChatStore, NotFoundError, StoreError
+from tokenizer_tap import rle
+from tokenizer_tap.prompts import Prompt
+from tokenizer_tap.region import Region
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\nfake image one"
@@ -31,10 +34,15 @@ def chat(tmp_path: Path) -> Iterator[ChatStore]:
         yield s
 
 
-def _region(chat: ChatStore, owner: str, conv: str, sha: str, **kw) -> int:
-    args = {"image_sha": sha, "prompt": {"points": [[10, 20, 1]]}, "mask": None, "box": [1, 2, 30, 40],
-            "concept": "dog", "prob": 0.9, "iou": 0.8, "caption": "a dog"} | kw
-    return chat.add_region(owner, conv, **args)
+def _region(chat: ChatStore, owner: str, conv: str, sha: str, mask: np.ndarray | None = None, **kw) -> int:
+    """Store a region (a 2x2 square on a 5x4 image unless `mask`); `kw` overrides its fields."""
+    if mask is None:
+        mask = np.zeros((4, 5), bool)
+        mask[1:3, 2:4] = True
+    region = Region.from_mask(mask, [("dog", 0.9)], "a dog", iou=0.8, prompt=Prompt.point(10, 20))
+    for name, value in kw.items():
+        setattr(region, name, value)
+    return chat.add_region(owner, conv, region, image_sha=sha)
 
 
 def _rows(chat: ChatStore, sql: str, *params) -> list[tuple]:
@@ -194,30 +202,34 @@ def test_region_numbers_are_stable_and_never_reused(chat: ChatStore) -> None:
     sha = chat.add_image("alice", PNG, width=5, height=4, format="png")
     conv = chat.create_conversation("alice")
     mask = np.zeros((4, 5), bool)
-    mask[1:3, 2:4] = True
+    mask[1:3, 1:4] = True
     assert [_region(chat, "alice", conv, sha, mask=mask) for _ in range(3)] == [1, 2, 3]
     chat.remove_region("alice", conv, 2)
     assert _region(chat, "alice", conv, sha) == 4
     chat.remove_region("alice", conv, 4)  # removing the highest number must not free it
-    assert _region(chat, "alice", conv, sha, mask=rle.encode(mask), prob=None, box=None) == 5
+    assert _region(chat, "alice", conv, sha, encoded=rle.encode(mask), concepts=[]) == 5
     regions = chat.get_conversation("alice", conv).regions
     assert [(r.number, r.removed) for r in regions] == [(1, False), (2, True), (3, False), (4, True), (5, False)]
     first = regions[0]
-    assert np.array_equal(rle.decode(first.mask), mask)
-    assert (first.prompt, first.box, first.concept, first.prob, first.iou, first.caption) == (
-        {"points": [[10, 20, 1]]}, [1, 2, 30, 40], "dog", 0.9, 0.8, "a dog")
-    assert (regions[4].prob, regions[4].box, regions[3].mask) == (None, None, None)
+    assert first.encoded is not None and first._mask is None  # read back encoded: decoded only when drawn
+    assert (first.box, first.size, first.area, first.image) == ((1, 1, 4, 3), (5, 4), 6 / 20, sha)
+    assert np.array_equal(first.mask, mask)
+    assert (first.prompt, first.concept, first.concept_prob, first.iou, first.caption) == (
+        Prompt.point(10, 20), "dog", 0.9, 0.8, "a dog")
+    assert (regions[4].concept, regions[4].concept_prob) == ("", 0.0)
     with pytest.raises(NotFoundError, match="region not found"):
         chat.remove_region("alice", conv, 9)
-    bad = ({"mask": {"size": [4, 5], "counts": [3]}}, {"box": [1, 2, 3]}, {"prob": float("nan")},
-           {"prompt": {"points": object()}}, {"image_sha": "0" * 64}, {"concept": 5})
+    bad = ({"encoded": {"size": [4, 5], "counts": [3]}}, {"box": (1, 2, 3)}, {"concepts": [("dog", float("nan"))]},
+           {"prompt": None}, {"concepts": [(5, 0.5)]})
     for kwargs in bad:
         with pytest.raises(StoreError):
             _region(chat, "alice", conv, sha, **kwargs)
-    assert _region(chat, "alice", conv, sha, prompt={"points": np.array([[1.5, 2]])}, box=np.array([0, 1, 2, 3]),
-                   prob=np.float32(0.5)) == 6  # failed adds did not take a number; numpy values are fine
+    with pytest.raises(StoreError):
+        _region(chat, "alice", conv, "0" * 64)
+    assert _region(chat, "alice", conv, sha, box=np.array([0, 1, 2, 3]),
+                   concepts=[("dog", np.float32(0.5))]) == 6  # failed adds did not take a number; numpy is fine
     last = chat.get_conversation("alice", conv).regions[-1]
-    assert (last.prompt, last.box, last.prob) == ({"points": [[1.5, 2.0]]}, [0, 1, 2, 3], 0.5)
+    assert (last.box, last.concept_prob) == ((0, 1, 2, 3), 0.5)
 
 
 # messages

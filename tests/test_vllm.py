@@ -25,11 +25,12 @@ import pytest
 import torch
 
 from assistant.batching import Batcher
-from assistant.engine import Assistant, GenerationError
-from assistant.generation import CachedPrefix, GenerationSettings
+from assistant.decoding import CachedPrefix, GenerationSettings, Request
+from assistant.engine import Assistant
 from assistant.llm import TinyPhi
 from assistant.model import ChatModel, merge_checkpoint
 from assistant.remote import ServerError, ServerLLM
+from assistant.reply import GenerationError
 from assistant.store import ChatStore
 from tokenizer_tap.prompts import Prompt
 
@@ -115,8 +116,7 @@ def remote(merged, server) -> Assistant:
 
 def greedy_ids(decoder, chat: ChatModel, ids: list[int], visual, text=None, settings=GREEDY) -> list[int]:
     """Every token a decoder (in-process batcher or server) gives for one prompt."""
-    member = decoder.join(ids, visual, settings, prefix=CachedPrefix(chat_cache()), image_key="k",
-                          cancel=threading.Event(), max_context=None, text=text)
+    member = decoder.join(Request(ids, visual, settings, text or "", "k", CachedPrefix(chat_cache())))
     out = []
     while (t := decoder.next(member)) is not None:
         out.append(t)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from assistant.grounding import parse_line
 from assistant.llm import load_tokenizer
+from assistant.template import parse_line
 from eval import short_answer
 from eval.spec import RunInputs
 from finetune import world_chat as wc

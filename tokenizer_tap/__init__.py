@@ -9,8 +9,9 @@ from .build import build_tap
 from .config import PRESETS, TAPConfig, get_config
 from .errors import CheckpointError, ImageError, PromptError, TapError, WeightsNotFoundError
 from .image_io import load_image
-from .predictor import Region, TapPredictor
+from .predictor import TapPredictor
 from .prompts import Prompt
+from .region import Region
 
 __all__ = ["build_tap", "TAPConfig", "PRESETS", "get_config", "TapPredictor", "Region", "Prompt", "load_image",
            "TapError", "ImageError", "PromptError", "CheckpointError", "WeightsNotFoundError"]

@@ -23,7 +23,7 @@ from .errors import TapError, WeightsNotFoundError
 from .hub import demo_models, require_demo_models, tokenizer_path
 from .image_io import load_image
 from .modeling import TAP
-from .options import add_region_options, arg_type, positive_int, region_prompts
+from .options import add_demo_models_option, add_region_options, arg_type, positive_int, region_prompts
 from .parity import run_parity
 from .predictor import TapPredictor
 from .visualize import draw_regions
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tiny", action="store_true", help="tiny random-weight model: needs no download (tests)")
     d.add_argument("--demo", action="store_true", help="the bundled demo TAP, trained on synthetic scenes (the "
                    "default where the official weights are absent; models/demo/README.md)")
+    add_demo_models_option(d)
     d.add_argument("--device", default="auto")
     d.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     d.add_argument("--top-k", type=arg_type(positive_int), default=3, help="concepts per region in --json output")
@@ -72,8 +73,9 @@ def load_predictor(args: argparse.Namespace):
     if args.tiny:
         return TapPredictor.random(device=args.device, dtype=args.dtype)
     if args.demo:
-        return TapPredictor.from_pretrained(require_demo_models() / "tap", device=args.device, dtype=args.dtype)
-    bundle = demo_models()
+        return TapPredictor.from_pretrained(require_demo_models(args.demo_models) / "tap", device=args.device,
+                                            dtype=args.dtype)
+    bundle = demo_models(args.demo_models)
     try:
         return TapPredictor.from_pretrained(args.model, args.checkpoint, concepts=args.concepts,
                                             tokenizer=args.tokenizer, device=args.device, dtype=args.dtype)

@@ -9,6 +9,7 @@ import functools
 import hashlib
 import os
 import socket
+from importlib import resources
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -20,25 +21,41 @@ TOKENIZER_MD5 = "eeec4125e9c7560836b4873b6f8e3025"
 TOKENIZER_REPOS = ("TinyLlama/TinyLlama-1.1B-Chat-v1.0", "hf-internal-testing/llama-tokenizer")
 
 
-#: The demo models bundled with the project (`make demo-models`, models/demo/README.md): a TAP and a small chat model
-#: trained on synthetic scenes, run where the public weights are absent. TAPCHAT_DEMO_MODELS names another bundle.
-DEMO_MODELS = Path(__file__).resolve().parents[1] / "models" / "demo"
+#: A checkout keeps the demo bundle here (`make demo-models`, models/demo/README.md): a TAP and a small chat model
+#: trained on synthetic scenes, run where the public weights are absent.
+CHECKOUT_DEMO_MODELS = Path(__file__).resolve().parents[1] / "models" / "demo"
+#: An installed copy carries it as package data under this name (pyproject.toml maps models/demo onto it).
+PACKAGED_DEMO_MODELS = "demo_models"
 
 
-def demo_models() -> Path | None:
-    """The demo bundle (`tap/` + `chat/`), or None where there is none (not built, or an install without it)."""
-    folder = Path(os.environ.get("TAPCHAT_DEMO_MODELS") or DEMO_MODELS)
-    complete = all((folder / part / "config.json").is_file() for part in ("tap", "chat"))
-    return folder if complete else None
+def default_demo_models() -> Path:
+    """The bundle this copy of the code ships with: installed, the package data (`pip install .` puts models/demo
+    there, so a wheel runs the demo models too); in a checkout, models/demo."""
+    packaged = Path(str(resources.files(__package__) / PACKAGED_DEMO_MODELS))
+    return packaged if packaged.is_dir() else CHECKOUT_DEMO_MODELS
 
 
-def require_demo_models() -> Path:
+def demo_models_folder(folder: str | Path | None = None) -> Path:
+    """Where to look for the demo bundle: `folder` (`--demo-models`), else $TAPCHAT_DEMO_MODELS, else the bundle
+    shipped with the code."""
+    return Path(folder or os.environ.get("TAPCHAT_DEMO_MODELS") or default_demo_models()).expanduser()
+
+
+def demo_models(folder: str | Path | None = None) -> Path | None:
+    """The demo bundle (`tap/` + `chat/`) at `demo_models_folder(folder)`, or None where there is none (not built,
+    removed, or a path that holds none)."""
+    found = demo_models_folder(folder)
+    complete = all((found / part / "config.json").is_file() for part in ("tap", "chat"))
+    return found if complete else None
+
+
+def require_demo_models(folder: str | Path | None = None) -> Path:
     """The demo bundle, or the error `--demo` gives where there is none."""
-    folder = demo_models()
-    if folder is None:
-        raise WeightsNotFoundError(f"no demo models at {os.environ.get('TAPCHAT_DEMO_MODELS') or DEMO_MODELS} "
+    found = demo_models(folder)
+    if found is None:
+        raise WeightsNotFoundError(f"no demo models at {demo_models_folder(folder)} "
                                    "(`make demo-models` builds them)")
-    return folder
+    return found
 
 
 @functools.lru_cache(maxsize=1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from .prompts import Prompt, parse_box, parse_point, parse_stroke
@@ -53,3 +54,11 @@ def region_prompts(args: argparse.Namespace) -> list[Prompt]:
     prompts = [Prompt.point(x, y, negatives) for x, y in args.point]
     prompts += [Prompt(points=negatives, labels=(0,) * len(negatives), box=b, kind="box") for b in args.box]
     return prompts + [Prompt.scribble(s) for s in args.scribble]
+
+
+def add_demo_models_option(parser: argparse.ArgumentParser) -> None:
+    """--demo-models PATH: the bundle `--demo` (and the fallback where weights are absent) runs, for every CLI that
+    takes `--demo`; without it, $TAPCHAT_DEMO_MODELS, else the one shipped with the code (`hub.demo_models`)."""
+    parser.add_argument("--demo-models", type=Path, default=None, metavar="PATH",
+                        help="the demo bundle to run (default: $TAPCHAT_DEMO_MODELS, else the one shipped with "
+                             "the package: models/demo in a checkout)")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,51 +24,9 @@ from .hub import checkpoint_path, concepts_path, tokenizer_path
 from .image_io import MAX_PIXELS, ImageSource, load_image
 from .modeling import TAP, route
 from .prompts import Prompt
+from .region import Region
 from .text_tokenizer import TextTokenizer
-from .transforms import ResizeInfo, mask_bbox, preprocess, upscale_masks
-
-
-@dataclass
-class Region:
-    """What TAP says about one prompt. `mask` is at original image size; `iou` is the raw predicted IoU."""
-
-    mask: np.ndarray
-    iou: float
-    mask_index: int
-    concepts: list[tuple[str, float]]
-    caption: str
-    sem_token: np.ndarray  # (256,) float32: the routed semantic token, reusable as an LLM region feature
-    prompt: Prompt | None = None
-
-    @property
-    def concept(self) -> str:
-        return self.concepts[0][0] if self.concepts else ""
-
-    @property
-    def concept_prob(self) -> float:
-        return self.concepts[0][1] if self.concepts else 0.0
-
-    @property
-    def area(self) -> float:
-        """Fraction of the image covered by the mask."""
-        return float(self.mask.mean()) if self.mask.size else 0.0
-
-    @property
-    def bbox(self) -> tuple[int, int, int, int] | None:
-        """Tight (x1, y1, x2, y2) box of the mask, exclusive end; None for an empty mask."""
-        return mask_bbox(self.mask)
-
-    def describe(self) -> str:
-        """The official demo's line `concept (iou, prob): caption`, with control characters blanked for display."""
-        caption = "".join(" " if unicodedata.category(c) == "Cc" else c for c in self.caption)
-        return f"{self.concept} ({self.iou:.2f}, {self.concept_prob:.2f}): {caption}"
-
-    def to_dict(self) -> dict:
-        return {"concept": self.concept, "concepts": [[n, round(p, 4)] for n, p in self.concepts],
-                "iou": round(self.iou, 4), "mask_index": self.mask_index, "caption": self.caption,
-                "bbox": self.bbox, "area": round(self.area, 5),
-                "prompt": None if self.prompt is None else {"points": self.prompt.points, "labels": self.prompt.labels,
-                                                            "box": self.prompt.box}}
+from .transforms import ResizeInfo, preprocess, upscale_masks
 
 
 @dataclass
@@ -274,8 +231,9 @@ class TapPredictor:
         captions = (self.caption(out["sem_tokens"][sel], max_new_tokens, temperature) if caption
                     else [""] * len(keep))
         sem = out["sem_tokens"][sel].float().cpu().numpy()
-        return [Region(masks[j], float(out["iou"][i]), int(out["index"][i]), concepts[j], captions[j], sem[j],
-                       prompts[i]) for j, i in enumerate(keep)]
+        return [Region.from_mask(masks[j], concepts[j], captions[j], iou=float(out["iou"][i]),
+                                 mask_index=int(out["index"][i]), sem_token=sem[j], prompt=prompts[i])
+                for j, i in enumerate(keep)]
 
     def decode_rows(self, image: _Image, rows: list[np.ndarray]) -> dict[str, torch.Tensor]:
         """Tensor-level twin of `predict`: original-pixel (K, 3) rows -> routed low-res outputs, in input order.

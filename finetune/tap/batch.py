@@ -18,7 +18,7 @@ from tokenizer_tap.text_tokenizer import TextTokenizer
 from tokenizer_tap.transforms import PAD_BGR, ResizeInfo
 
 from .priors import Priors
-from .records import ImageSample, RegionAnn
+from .samples import ImageSample, RegionAnn
 
 
 @dataclass

@@ -25,7 +25,7 @@ from tokenizer_tap.predictor import TapPredictor
 from tokenizer_tap.prompts import Prompt
 from tokenizer_tap.transforms import ResizeInfo, upscale_masks
 
-from .records import RegionDataset
+from .samples import RegionDataset
 
 
 @dataclass

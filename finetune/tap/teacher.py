@@ -1,21 +1,14 @@
 """`tap-priors`: the CLIP teacher that turns SA-1B masks into SemanticSA-1B concept priors (the paper's §3.1).
 
-For every mask, V_C = the CLIP image embedding of the masked segment, stored raw (fp16; training normalises it).
-For the vocabulary, T_C = CLIP text embeddings of every concept name, averaged over the prompt templates, and stored
-as the official concept-file matrix (normalised, times the CLIP logit scale), so P_target = softmax(V_C . T_C / tau)
-is computed at training time (`priors.target_log_probs`).
+For every mask, V_C = the CLIP image embedding of the masked segment, stored raw (fp16; training normalises it;
+`segments.py` says how a segment is cropped). For the vocabulary, T_C = CLIP text embeddings of every concept name,
+averaged over the prompt templates, and stored as the official concept-file matrix (normalised, times the CLIP
+logit scale), so P_target = softmax(V_C . T_C / tau) is computed at training time (`priors.target_log_probs`).
 
-The segment crop (`segment_crop`): the square centred on the mask's tight box, with side = the box's longer side
-plus `CROP_MARGIN` on each side, so a long thin mask is never cut the way CLIP's own centre crop would cut it;
-pixels outside the mask (or outside the image) get the teacher's mean colour, which normalises to zero and so
-carries no signal; then a bicubic resize to the teacher's input size and its mean/std normalisation. The box comes
-from the mask itself, not the annotation, so the crop and the mask always agree.
-
-Backends: open_clip (`MODEL[:PRETRAINED]`, e.g. the paper's `EVA02-E-14-plus:laion2b_s9b_b144k`), or transformers
-CLIP (`hf:openai/clip-vit-large-patch14`, or a folder written by `save_pretrained`). Work is split into shards (one
-SA-1B `.tar`, or `--shard-size` images of a folder in sorted order); shard s belongs to rank s % world, so any
-number of processes (`accelerate launch` / `torchrun`, which set RANK and WORLD_SIZE) can share a run, and a shard
-already on disk is never recomputed, so a run can be stopped and started again.
+The teacher is open_clip or transformers CLIP (`clip_teacher.py`). Work is split into shards (one SA-1B `.tar`, or
+`--shard-size` images of a folder in sorted order); shard s belongs to rank s % world, so any number of processes
+(`accelerate launch` / `torchrun`, which set RANK and WORLD_SIZE) can share a run, and a shard already on disk is
+never recomputed, so a run can be stopped and started again.
 """
 
 from __future__ import annotations
@@ -25,227 +18,27 @@ import json
 import os
 import sys
 import time
-from abc import ABC, abstractmethod
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from functools import cached_property
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from tokenizer_tap.checkpoint import load_concepts
-from tokenizer_tap.errors import WeightsNotFoundError
 
+from .clip_teacher import DEFAULT_CLIP, ClipTeacher, load_teacher
 from .priors import PriorsWriter
-from .records import BadRecords, RegionDataset, open_sa1b
+from .sa1b import open_sa1b
+from .samples import BadRecords, RegionDataset
+from .segments import ShardStats, embed_shard, segment_crop
 
-#: OpenAI CLIP's normalisation, shared by EVA-CLIP and most open_clip / transformers CLIP weights.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+#: The command's interface; the teacher and the embedding pass are its modules' own, and importable from here too.
+__all__ = ["DEFAULT_TEMPLATES", "Shard", "add_arguments", "check_templates", "compute_priors", "concept_matrix",
+           "embed_shard", "list_shards", "load_teacher", "rank_and_world", "read_concept_names", "run", "segment_crop"]
+
 #: The paper's prompt templates for concept names.
 DEFAULT_TEMPLATES = ("a {}", "a photo of a {}")
-DEFAULT_CLIP = "EVA02-E-14-plus:laion2b_s9b_b144k"
-#: Context around a segment, as a fraction of its box's longer side, on each side.
-CROP_MARGIN = 0.1
-
-
-# ------------------------------------------------------------------------------------------------ crops
-def mean_colour(mean: Sequence[float]) -> np.ndarray:
-    """The teacher's mean colour as uint8 RGB: the fill that normalises to (about) zero."""
-    return np.clip(np.round(np.asarray(mean, dtype=np.float64) * 255), 0, 255).astype(np.uint8)
-
-
-def segment_crop(image: np.ndarray, mask: np.ndarray, fill: np.ndarray,
-                 margin: float = CROP_MARGIN) -> np.ndarray | None:
-    """The square (side, side, 3) uint8 crop around `mask` with everything outside it set to `fill`; None if the
-    mask is empty. See the module docstring for why it is square and filled."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
-        return None
-    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-    side = max(1, int(np.ceil(max(y1 - y0, x1 - x0) * (1 + 2 * margin))))
-    top, left = (y0 + y1 - side) // 2, (x0 + x1 - side) // 2
-    crop = np.empty((side, side, 3), np.uint8)
-    crop[:] = fill
-    h, w = mask.shape
-    iy0, iy1, ix0, ix1 = max(top, 0), min(top + side, h), max(left, 0), min(left + side, w)
-    inside = mask[iy0:iy1, ix0:ix1]
-    crop[iy0 - top:iy1 - top, ix0 - left:ix1 - left][inside] = image[iy0:iy1, ix0:ix1][inside]
-    return crop
-
-
-def resize_square(image: np.ndarray | Image.Image, size: int) -> np.ndarray:
-    """CLIP's geometry: bicubic resize of the shorter side to `size`, then the centre `size` x `size` crop."""
-    pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
-    pil = pil.convert("RGB")
-    w, h = pil.size
-    if (w, h) != (size, size):
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        pil = pil.resize((nw, nh), Image.Resampling.BICUBIC)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        pil = pil.crop((left, top, left + size, top + size))
-    return np.asarray(pil, dtype=np.uint8)
-
-
-# ----------------------------------------------------------------------------------------------- teachers
-class ClipTeacher(ABC):
-    """What `tap-priors` needs of a CLIP: image and text embeddings (unnormalised), the logit scale, and the
-    image geometry. Subclasses provide the two forward passes."""
-
-    description: str  # the manifest's `teacher`, e.g. "open_clip:EVA02-E-14-plus:laion2b_s9b_b144k"
-    image_size: int
-    mean: tuple[float, ...] = CLIP_MEAN
-    std: tuple[float, ...] = CLIP_STD
-    logit_scale: float  # exp(logit_scale): the inverse softmax temperature (~100 for trained CLIPs)
-
-    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
-        self.device, self.dtype = device, dtype
-
-    @abstractmethod
-    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(N, D) embeddings of normalised (N, 3, S, S) pixels."""
-
-    @abstractmethod
-    def _text_features(self, texts: list[str]) -> torch.Tensor:
-        """(N, D) embeddings of texts."""
-
-    def _autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
-
-    @property
-    def fill(self) -> np.ndarray:
-        return mean_colour(self.mean)
-
-    @cached_property
-    def dim(self) -> int:
-        """The embedding width, probed once (backends do not all expose it the same way)."""
-        return int(self.encode_texts(["a"]).shape[-1])
-
-    def encode_images(self, images: Sequence[np.ndarray | Image.Image]) -> torch.Tensor:
-        """(N, D) float32 embeddings (CPU) of RGB images (uint8 arrays or PIL), preprocessed CLIP's way."""
-        if not images:
-            return torch.zeros(0, self.dim)
-        batch = torch.from_numpy(np.stack([resize_square(im, self.image_size) for im in images]))
-        pixels = batch.to(self.device).permute(0, 3, 1, 2).float().div_(255)
-        mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
-        with torch.inference_mode(), self._autocast():
-            return self._image_features((pixels - mean) / std).float().cpu()
-
-    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """(N, D) float32 text embeddings (CPU)."""
-        with torch.inference_mode(), self._autocast():
-            return self._text_features(list(texts)).float().cpu()
-
-
-class HfClipTeacher(ClipTeacher):
-    """transformers `CLIPModel` from the hub or a local `save_pretrained` folder (with its tokenizer). Mean/std come
-    from the folder's `preprocessor_config.json` when it has one, else OpenAI's (what hub CLIPs use)."""
-
-    def __init__(self, source: str, device: torch.device, dtype: torch.dtype) -> None:
-        super().__init__(device, dtype)
-        from transformers import AutoTokenizer, CLIPModel
-        try:
-            self.model = CLIPModel.from_pretrained(source).eval().requires_grad_(False).to(device)
-            self.tokenizer = AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError) as exc:
-            raise WeightsNotFoundError(f"CLIP {source!r}: not a transformers CLIP folder and not available from "
-                                       f"the hub: {exc}") from None
-        config = self.model.config
-        self.description = f"hf:{source}"
-        self.image_size = int(config.vision_config.image_size)
-        self.max_length = int(config.text_config.max_position_embeddings)
-        self.logit_scale = float(self.model.logit_scale.exp())
-        processor = Path(source) / "preprocessor_config.json"
-        if processor.is_file():
-            meta = json.loads(processor.read_text())
-            self.mean = tuple(meta.get("image_mean", CLIP_MEAN))
-            self.std = tuple(meta.get("image_std", CLIP_STD))
-
-    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        pooled = self.model.vision_model(pixel_values=pixels).pooler_output
-        return self.model.visual_projection(pooled)
-
-    def _text_features(self, texts: list[str]) -> torch.Tensor:
-        tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                                return_tensors="pt").to(self.device)
-        pooled = self.model.text_model(input_ids=tokens["input_ids"],
-                                       attention_mask=tokens["attention_mask"]).pooler_output
-        return self.model.text_projection(pooled)
-
-
-class OpenClipTeacher(ClipTeacher):
-    """open_clip (`open-clip-torch`): any of its model names, with an optional pretrained tag."""
-
-    def __init__(self, name: str, pretrained: str, device: torch.device, dtype: torch.dtype) -> None:
-        super().__init__(device, dtype)
-        try:
-            import open_clip
-        except Exception as exc:  # a broken torchvision makes the import fail in many ways
-            raise ValueError(
-                f"--clip {name}: the open_clip backend is unavailable ({type(exc).__name__}: {exc}). Install "
-                "`open-clip-torch` (it needs a working torchvision), or use a transformers CLIP: "
-                "--clip hf:openai/clip-vit-large-patch14 or a folder saved with save_pretrained") from None
-        try:
-            model = open_clip.create_model(name, pretrained=pretrained or None, device=device)
-        except RuntimeError as exc:  # unknown model name or pretrained tag, failed download
-            raise ValueError(f"--clip {name}:{pretrained}: open_clip cannot build it: {exc}") from None
-        self.model = model.eval().requires_grad_(False)
-        self.tokenizer = open_clip.get_tokenizer(name)
-        self.description = f"open_clip:{name}" + (f":{pretrained}" if pretrained else "")
-        visual = self.model.visual
-        size = getattr(visual, "image_size", 224)
-        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
-        cfg = getattr(visual, "preprocess_cfg", None) or {}
-        self.mean = tuple(cfg.get("mean") or getattr(visual, "image_mean", None) or CLIP_MEAN)
-        self.std = tuple(cfg.get("std") or getattr(visual, "image_std", None) or CLIP_STD)
-        self.logit_scale = float(self.model.logit_scale.exp())
-
-    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(pixels)
-
-    def _text_features(self, texts: list[str]) -> torch.Tensor:
-        return self.model.encode_text(self.tokenizer(texts).to(self.device))
-
-
-def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
-    """`auto`: this process's GPU (LOCAL_RANK) with bf16 autocast, else the CPU in fp32."""
-    if device == "auto":
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        device = f"cuda:{local % max(1, torch.cuda.device_count())}" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r}: not a device (auto, cpu, cuda, cuda:1, ...)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA GPU is available here (use --device cpu or auto)")
-    if dtype not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"--dtype {dtype!r}: choose auto, bf16 or fp32")
-    bf16 = dtype == "bf16" or (dtype == "auto" and dev.type == "cuda")
-    return dev, torch.bfloat16 if bf16 else torch.float32
-
-
-def load_teacher(spec: str, device: str = "auto", dtype: str = "auto") -> ClipTeacher:
-    """`hf:NAME` or an existing folder -> transformers CLIP; `[open_clip:]MODEL[:PRETRAINED]` -> open_clip."""
-    dev, dt = resolve_device(device, dtype)
-    if spec.startswith("hf:"):
-        return HfClipTeacher(spec[3:], dev, dt)
-    if Path(spec).is_dir():
-        return HfClipTeacher(spec, dev, dt)
-    spec = spec.removeprefix("open_clip:")
-    if spec.startswith(("hf-hub:", "local-dir:")):  # open_clip's own schemes carry the weights in the name
-        return OpenClipTeacher(spec, "", dev, dt)
-    name, _, pretrained = spec.partition(":")
-    if not name:
-        raise ValueError(f"--clip needs a model, e.g. {DEFAULT_CLIP} or hf:openai/clip-vit-large-patch14")
-    return OpenClipTeacher(name, pretrained, dev, dt)
 
 
 # ----------------------------------------------------------------------------------------------- concepts
@@ -278,6 +71,7 @@ def concept_matrix(teacher: ClipTeacher, names: Sequence[str], templates: Sequen
 
 
 def check_templates(templates: Sequence[str]) -> None:
+    """Refuse a template without `{}`: it would give every concept the same text embedding."""
     bad = [t for t in templates if "{}" not in t]
     if not templates or bad:
         raise ValueError(f"--templates: every template needs a {{}} for the concept name (got {list(templates)})")
@@ -327,93 +121,6 @@ def rank_and_world() -> tuple[int, int]:
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"RANK {rank} is not in [0, WORLD_SIZE={world})")
     return rank, world
-
-
-# ---------------------------------------------------------------------------------------------- embedding
-@dataclass
-class ShardStats:
-    images: int = 0
-    masks: int = 0
-    empty_masks: int = 0  # nothing to embed (an empty or missing mask): skipped
-    unreadable_images: int = 0  # the dataset returned None (its BadRecords says why)
-
-    def add(self, other: ShardStats) -> None:
-        for f in ("images", "masks", "empty_masks", "unreadable_images"):
-            setattr(self, f, getattr(self, f) + getattr(other, f))
-
-
-@dataclass
-class _Crops:
-    keys: list[str] = field(default_factory=list)
-    crops: list[np.ndarray] = field(default_factory=list)
-    stats: ShardStats = field(default_factory=ShardStats)
-
-
-def _image_crops(dataset: RegionDataset, index: int, size: int, fill: np.ndarray) -> _Crops:
-    """One image's segment crops, already at the teacher's size (so the worker threads do the resizing)."""
-    out = _Crops()
-    sample = dataset[index]
-    if sample is None:
-        out.stats.unreadable_images = 1
-        return out
-    out.stats.images = 1
-    for region in sample.regions:
-        crop = None if region.mask is None else segment_crop(sample.image, region.mask, fill)
-        if crop is None:
-            out.stats.empty_masks += 1
-            continue
-        out.keys.append(region.key)
-        out.crops.append(resize_square(crop, size))
-    return out
-
-
-def _prefetch(fn: Callable[[int], Any], items: Iterable[int], workers: int) -> Iterator[Any]:
-    """`map(fn, items)` in order, `workers` threads ahead (bounded, so crops never pile up in memory)."""
-    if workers <= 0:
-        yield from map(fn, items)
-        return
-    with ThreadPoolExecutor(workers) as pool:
-        pending: deque = deque()
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
-def embed_shard(teacher: ClipTeacher, dataset: RegionDataset, indices: Iterable[int], batch_size: int = 64,
-                workers: int = 0, progress: Callable[[ShardStats], None] | None = None,
-                ) -> tuple[list[str], torch.Tensor, ShardStats]:
-    """The mask keys, (N, D) fp16 embeddings and counts of the images `indices` of `dataset`."""
-    keys: list[str] = []
-    chunks: list[torch.Tensor] = []
-    stats = ShardStats()
-    pending_keys: list[str] = []
-    pending: list[np.ndarray] = []
-
-    def flush() -> None:
-        chunks.append(teacher.encode_images(pending).half())
-        keys.extend(pending_keys)
-        stats.masks += len(pending)
-        pending.clear()
-        pending_keys.clear()
-
-    def crops_of(i: int) -> _Crops:
-        return _image_crops(dataset, i, teacher.image_size, teacher.fill)
-
-    for item in _prefetch(crops_of, indices, workers):
-        stats.add(item.stats)
-        for key, crop in zip(item.keys, item.crops):
-            pending_keys.append(key)
-            pending.append(crop)
-            if len(pending) >= batch_size:
-                flush()
-        if progress is not None:
-            progress(stats)
-    if pending:
-        flush()
-    return keys, torch.cat(chunks) if chunks else torch.zeros(0, teacher.dim, dtype=torch.float16), stats
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

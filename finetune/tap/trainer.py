@@ -31,7 +31,8 @@ from .config import DROP_PATH, TapTrainConfig
 from .mae import init_from_mae
 from .model import TapTrainModel
 from .priors import Priors
-from .records import BadRecords, RegionDataset, open_coco, open_regions, open_vg_captions
+from .records import open_coco, open_regions, open_vg_captions
+from .samples import BadRecords, RegionDataset
 
 log = logging.getLogger("tapchat.finetune")
 

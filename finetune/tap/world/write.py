@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..coco_rle import encode_rle
 from ..priors import PriorsWriter, mask_key
-from ..records import encode_rle
 from .canvas import PALETTE
 from .scene import CONCEPTS, EVAL_BASE, SPLITS, Scene, render
 

@@ -1,16 +1,24 @@
-"""Token generation: sampling settings, the fixed-batch decode loop and per-conversation prefix KV caches.
+"""Decoding: sampling settings, choosing the next token, per-conversation KV prefixes, and the one decode loop.
 
-The loops are our own rather than `generate()` because a conversation's KV cache must outlive one call: a
-follow-up question extends the cache of the previous turn instead of re-running the image prefix (about 1100
-positions in tapchat mode; `resume` works out what is left to compute). Cancellation is checked before every
-forward step, so `cancel.set()` stops the model within one token.
+Live chat, benchmark batches and the LLM-server path all read their tokens through `run`. A *lane* computes them:
+`batching.Batcher` (this process: continuous batching over one `ChatModel`) or `remote.ServerLLM` (a vLLM server).
+Both take a `Request`, and answer `next(member)` with a token id or None once the answer ended; `leave(member)`
+hands back the member's KV prefix. `run` joins requests (at most `window` in flight), reads them round robin, and
+yields typed events: a `Token`, then one `End` per request.
+
+The loop is our own rather than `generate()` because a conversation's KV cache must outlive one call: a follow-up
+question extends the cache of the previous turn instead of re-running the image prefix (about 1100 positions in
+tapchat mode; `resume` works out what is left to compute).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Hashable, Iterator
+from collections import deque
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from transformers import DynamicCache
@@ -42,6 +50,7 @@ class GenerationSettings:
             raise ValueError("repetition_penalty must be between 0.5 and 3")
 
     def to_dict(self) -> dict:
+        """Every field as a plain dict: stored with each answer, and how a copy with one field changed is made."""
         return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
                 "repetition_penalty": self.repetition_penalty, "seed": self.seed, "allowed_tokens": self.allowed_tokens}
 
@@ -80,6 +89,7 @@ class CachedPrefix:
 
     @property
     def nbytes(self) -> int:
+        """Memory held by the cached keys and values (what `PrefixCache` budgets by)."""
         total = 0
         for layer in self.cache.layers:
             for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
@@ -97,6 +107,7 @@ class CachedPrefix:
         return n
 
     def truncate(self, n: int) -> None:
+        """Keep the first `n` positions (cache and items alike), so a prompt can extend the part it shares."""
         if n < len(self.items):
             self.cache.crop(n - len(self.items))  # transformers 5: a negative count of positions to drop
             del self.items[n:]
@@ -115,13 +126,16 @@ class PrefixCache:
         return self._entries.pop(key) or CachedPrefix(DynamicCache())
 
     def put(self, key: str, entry: CachedPrefix) -> None:
+        """Keep `entry` for `key`, evicting least recently used ones to fit; one over the whole budget is not kept."""
         self._entries.put(key, entry)  # over budget: oldest first; an entry alone over it is not kept
 
     def drop(self, key: str) -> None:
+        """Forget `key`'s cache (after an undo, a failed turn or a delete); an absent key is fine."""
         self._entries.pop(key)
 
     @property
     def nbytes(self) -> int:
+        """Bytes held by all entries now (at most `max_bytes`)."""
         return self._entries.size
 
     def __len__(self) -> int:
@@ -137,52 +151,6 @@ def sequence_items(ids: list[int], image_key: str | None, num_visual: int) -> li
         else:
             items.append(tok)
     return items
-
-
-def decode(model: ChatModel, sequences: list[list[int]], visuals: list[torch.Tensor | None],
-           settings: GenerationSettings, *, cancel: threading.Event | None = None,
-           max_context: int | None = None) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row of a fixed batch, step by step, until all rows end, a limit is hit or
-    `cancel` is set (benchmarks' single-turn questions; conversations go through `batching.Batcher`).
-
-    A batch whose rows start with the same tokens (same image, same template) computes that shared part once
-    (see `_prefill_shared`).
-    """
-    generator = None
-    if settings.seed is not None:
-        generator = torch.Generator(device=model.device).manual_seed(settings.seed)
-    cache = DynamicCache()
-    seen = [[t for t in s if t >= 0] for s in sequences]  # the whole prompt counts for the repetition penalty
-    past = 0
-    if len(sequences) > 1:
-        sequences, visuals, past = _prefill_shared(model, sequences, visuals, cache)
-    embeds, mask, positions = model.embed(sequences, visuals, past=past)
-    done = torch.zeros(len(sequences), dtype=torch.bool, device=model.device)
-    limit = settings.max_new_tokens
-    if max_context is not None:
-        limit = min(limit, max_context - int(positions.max()) - 1)
-    step_input: dict = {"embeds": embeds}
-    with torch.inference_mode():
-        for _ in range(max(limit, 0)):
-            if cancel is not None and cancel.is_set():
-                return
-            if "embeds" in step_input:
-                logits = model.forward_embeds(step_input["embeds"], mask, positions, cache)
-            else:
-                out = model.llm(input_ids=step_input["ids"], attention_mask=mask, position_ids=positions,
-                                cache=cache, use_cache=True, logits_to_keep=1)
-                logits = out.logits[:, -1].float()
-            token = next_tokens(logits, seen, settings, generator)
-            token = torch.where(done, torch.full_like(token, model.eos_id), token)
-            yield token
-            done |= token == model.eos_id
-            if bool(done.all()):
-                return
-            for row, t in enumerate(token.tolist()):
-                seen[row].append(t)
-            step_input = {"ids": token[:, None]}
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            positions = positions[:, -1:] + 1
 
 
 def resume(model: ChatModel, ids: list[int], visual: torch.Tensor | None, prefix: CachedPrefix,
@@ -214,29 +182,83 @@ def _split(ids: list[int], n: int, num_visual: int) -> tuple[int, int]:
     return len(ids), pos
 
 
-def _prefill_shared(model: ChatModel, sequences: list[list[int]], visuals: list[torch.Tensor | None],
-                    cache: DynamicCache) -> tuple[list[list[int]], list[torch.Tensor | None], int]:
-    """Run the rows' common leading tokens once per distinct image and give every row its copy.
+@dataclass(eq=False)
+class Request:
+    """One prompt to answer: its token ids (and image features), how to sample, and where it may resume."""
 
-    Benchmark prompts share the system text and template and often the image: the ~1100 positions up to the
-    question are computed once per distinct image (all such prefixes have the same length, so they run as one
-    unpadded batch) instead of once per question. The rows' remaining tokens follow after per-row padding that
-    the mask hides (positions continue from the mask), so each row sees exactly what it would see alone.
-    Returns the rows' remaining tokens, their visuals and the shared length in positions.
+    ids: list[int]
+    visual: torch.Tensor | None
+    settings: GenerationSettings
+    text: str  # the prompt as text: a server without prompt embeddings is sent this
+    image_key: str | None = None
+    prefix: CachedPrefix | None = None  # a conversation's cached prefix to extend (local lane)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    max_context: int | None = None
+    keep_prefix: bool = True  # False: nothing extends the answer's KV cache later (benchmark questions)
+    shared: CachedPrefix | None = None  # a prompt start computed once for several requests (not copied per request)
+    shared_tokens: int = 0  # how many of `ids` it holds
+
+
+@dataclass(frozen=True)
+class Token:
+    """Request `index` produced `token` (never EOS)."""
+
+    index: int
+    token: int
+
+
+@dataclass(frozen=True)
+class End:
+    """Request `index` ended: "eos", "limit" (max_new_tokens or the context) or "cancelled".
+
+    `prefix` holds the prompt and every token fed back (the next turn's KV cache; None from a server)."""
+
+    index: int
+    reason: str
+    prefix: CachedPrefix | None
+
+
+class Lane(Protocol):
+    def join_many(self, requests: list[Request]) -> list[Any]:
+        """Start answering `requests`; returns the member handles that `next` and `leave` take."""
+        ...
+
+    def next(self, member: Any) -> int | None:
+        """The member's next token id, blocking until it is computed; None once its answer has ended."""
+        ...
+
+    def leave(self, member: Any) -> CachedPrefix | None:
+        """Take the member out of the lane (also mid-answer); its KV prefix, or None where it lives on a server."""
+        ...
+
+
+def run(lane: Lane, requests: Sequence[Request], *, eos_id: int, lock: Any = None,
+        window: int | None = None) -> Iterator[Token | End]:
+    """Answer `requests` on `lane`, yielding each token as it comes and one `End` per request.
+
+    `lock` (the engine's model lock) is held while a member leaves; `window` bounds the requests in flight. A reader
+    that stops early, or an error, takes every member still in flight out of the lane.
     """
-    n = 0
-    first = sequences[0]
-    while all(len(s) > n + 1 and s[n] == first[n] for s in sequences):  # leave >= 1 token per row
-        n += 1
-    if n < 16:  # not worth a separate forward
-        return sequences, visuals, 0
-    has_image = IMAGE_TOKEN in first[:n]
-    groups: dict[int, int] = {}  # distinct image tensor -> its row in the prefix batch
-    rows = [groups.setdefault(id(v), len(groups)) if has_image else 0 for v in visuals]
-    distinct = list({id(v): v for v in visuals}.values()) if has_image else [None]
-    embeds, mask, positions = model.embed([first[:n]] * len(distinct), distinct)
-    with torch.inference_mode():
-        model.forward_embeds(embeds, mask, positions, cache)
-    cache.batch_select_indices(torch.tensor(rows, device=embeds.device))
-    rest = [s[n:] for s in sequences]
-    return rest, [v if IMAGE_TOKEN in r else None for v, r in zip(visuals, rest)], embeds.shape[1]
+    waiting = deque(enumerate(requests))
+    live: dict[int, Any] = {}
+    guard = lock if lock is not None else contextlib.nullcontext()
+    try:
+        while waiting or live:
+            joining = [waiting.popleft() for _ in range(min(len(waiting), (window or len(requests)) - len(live)))]
+            if joining:  # together: the lane admits them to its batch in one copy
+                live.update(zip([i for i, _ in joining], lane.join_many([r for _, r in joining]), strict=True))
+            for index in list(live):
+                token = lane.next(live[index])
+                if token is not None and token != eos_id:
+                    yield Token(index, token)
+                    continue
+                with guard:
+                    prefix = lane.leave(live.pop(index))
+                reason = "eos" if token == eos_id else \
+                    "cancelled" if requests[index].cancel.is_set() else "limit"
+                yield End(index, reason, prefix)
+    finally:
+        if live:
+            with guard:
+                for member in live.values():
+                    lane.leave(member)
