@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from finetune.tap.world import Region
+    from finetune.tap.world import Annotation
 
 GALLERY_SIZE = 256
 GALLERY_SCAN = 64
@@ -49,7 +49,7 @@ def gallery(bundle: Path, seed: int, count: int = 4) -> list[dict]:
     return items
 
 
-def prompt(region: Region) -> dict:
+def prompt(region: Annotation) -> dict:
     """The gallery's prompt for an object: a click where the object is one piece (a sun, a cloud), a box where it is
     made of parts (a click on a house lands on its wall or a window, and a part is as right an answer as the whole,
     as for SAM; the box says which is meant)."""

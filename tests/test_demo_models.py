@@ -27,7 +27,7 @@ from finetune.demo import MAX_BUNDLE_MB
 from finetune.demo_bundle import prompt
 from finetune.demo_eval import TARGETS, caption_named
 from finetune.demo_readme import cell
-from finetune.tap.world import Region
+from finetune.tap.world import Annotation
 from tokenizer_tap import cli as tap_cli
 from tokenizer_tap.config import folder_config
 from tokenizer_tap.prompts import Prompt
@@ -149,10 +149,10 @@ def test_gallery_holds_held_out_scenes_with_a_click_and_a_known_answer(built, tm
 def test_gallery_clicks_a_one_piece_object_and_boxes_one_made_of_parts() -> None:
     mask = np.zeros((16, 16), bool)
     mask[4:8, 2:10] = True
-    sun = Region(1, "sun", "yellow", "object", mask)
+    sun = Annotation(1, "sun", "yellow", "object", mask)
     x, y = prompt(sun)["point"]
     assert [x, y] == [round(v) for v in sun.point()] and mask[y, x]
-    house = Region(2, "house", "red", "object", mask, parts=[3, 4])
+    house = Annotation(2, "house", "red", "object", mask, parts=[3, 4])
     assert prompt(house) == {"box": [2, 4, 10, 8]}
 
 

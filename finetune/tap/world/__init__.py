@@ -36,7 +36,7 @@ from .scene import (
     MIN_OCCLUSION,
     PLACES,
     SPLITS,
-    Region,
+    Annotation,
     Scene,
     describe,
     image_id,
@@ -59,7 +59,7 @@ from .write import (
 
 __all__ = [
     "BRIGHT", "CHUNK", "CONCEPTS", "EVAL_BASE", "FORMAT", "GROUND", "LOGIT_SCALE", "MIN_AREA", "MIN_OCCLUSION",
-    "PALETTE", "PLACES", "SHAPES", "SKIES", "SPLITS", "Canvas", "Region", "Scene", "Thing", "add_arguments",
+    "PALETTE", "PLACES", "SHAPES", "SKIES", "SPLITS", "Annotation", "Canvas", "Scene", "Thing", "add_arguments",
     "concept_vectors", "describe", "draw_scene", "export_instances", "image_id", "load_labels", "make_world",
     "mask_box", "render", "run", "sa1b_record", "world_entry",
 ]

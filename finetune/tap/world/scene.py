@@ -37,7 +37,7 @@ def mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
 
 
 @dataclass
-class Region:
+class Annotation:
     """One annotation: a visible mask and what the world knows about it."""
 
     id: int
@@ -81,7 +81,7 @@ class Scene:
 
     image_id: int
     image: np.ndarray  # (H, W, 3) uint8 as drawn (the file is its JPEG)
-    regions: list[Region]
+    regions: list[Annotation]
 
 
 def image_id(split: str, index: int) -> int:
@@ -89,7 +89,7 @@ def image_id(split: str, index: int) -> int:
     return index + 1 + (EVAL_BASE if split == "eval" else 0)
 
 
-def hides(a: Region, b_full: np.ndarray, b_full_box: tuple[int, int, int, int]) -> bool:
+def hides(a: Annotation, b_full: np.ndarray, b_full_box: tuple[int, int, int, int]) -> bool:
     """Whether a covers at least `MIN_OCCLUSION` pixels of what b would show alone ("a in front of b")."""
     x1, y1 = max(a.box[0], b_full_box[0]), max(a.box[1], b_full_box[1])
     x2, y2 = min(a.box[2], b_full_box[2]), min(a.box[3], b_full_box[3])
@@ -98,7 +98,7 @@ def hides(a: Region, b_full: np.ndarray, b_full_box: tuple[int, int, int, int]) 
     return int(np.count_nonzero(a.mask[y1:y2, x1:x2] & b_full[y1:y2, x1:x2])) >= MIN_OCCLUSION
 
 
-def relations(a: Region, b: Region, a_hides_b: bool, b_hides_a: bool) -> list[str]:
+def relations(a: Annotation, b: Annotation, a_hides_b: bool, b_hides_a: bool) -> list[str]:
     """What holds of a with respect to b: strict box separation for left of / right of / above / below, and
     occlusion for in front of / behind."""
     (ax1, ay1, ax2, ay2), (bx1, by1, bx2, by2) = a.box, b.box
@@ -112,14 +112,14 @@ def article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-def noun(r: Region, colour: bool = True, size: str = "") -> str:
+def noun(r: Annotation, colour: bool = True, size: str = "") -> str:
     """How a caption names a region: size, colour and concept (a person is named by the shirt's colour)."""
     if r.concept == "person":
         return " ".join(w for w in (size, "person") if w) + (f" in {r.colour}" if colour and r.colour else "")
     return " ".join(w for w in (size, r.colour if colour else "", r.concept) if w)
 
 
-def describe(r: Region, by_id: dict[int, Region], rng: np.random.Generator) -> str:
+def describe(r: Annotation, by_id: dict[int, Annotation], rng: np.random.Generator) -> str:
     """A short grounded caption from a small grammar: colour + concept, a size word when the concept repeats, and
     often a true relation to another object; parts name their object, stuff its colour."""
     if r.kind == "part" and r.part_of is not None:
@@ -148,8 +148,8 @@ def render(seed: int, split: str, index: int, size: int = 256) -> Scene:
     image = np.clip(np.asarray(canvas.image, float) + grain, 0, 255).round().astype(np.uint8)
     labels = np.asarray(canvas.labels)
     iid = image_id(split, index)
-    regions: list[Region] = []
-    made: dict[int, Region] = {}  # id(thing) -> its region
+    regions: list[Annotation] = []
+    made: dict[int, Annotation] = {}  # id(thing) -> its region
     for thing in things:
         lut = np.zeros(256, bool)
         lut[thing.pieces] = True
@@ -159,7 +159,7 @@ def render(seed: int, split: str, index: int, size: int = 256) -> Scene:
             continue  # hidden, a speck, or a part that is all that shows of its object
         if thing.parent is not None and parent is None:
             continue  # the object itself was dropped
-        region = Region(iid * 1000 + len(regions) + 1, thing.concept, thing.colour, thing.kind, mask,
+        region = Annotation(iid * 1000 + len(regions) + 1, thing.concept, thing.colour, thing.kind, mask,
                         parent.id if parent is not None else None)
         if parent is not None:
             parent.parts.append(region.id)
