@@ -199,7 +199,7 @@ class Batcher:
         if not self.members:
             return
         model, members = self.model, self.members
-        self.largest = max(self.largest, sum(m is not None for m in members))
+        self.largest = max(self.largest, len(members) - members.count(None))
         ids = torch.tensor([[m.last if m is not None else model.eos_id] for m in members], device=model.device)
         mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         positions = mask.sum(-1, keepdim=True) - 1
@@ -215,6 +215,10 @@ class Batcher:
             return
         self.mask = mask
         logits = out.logits[:, -1].float()
+        if len(members) == 1:  # one conversation answering alone: the common case, kept short
+            members[0].prefix.items.append(members[0].last)
+            members[0].choose(logits, model.eos_id)
+            return
         # rows that sample alike (same settings, no seeded generator of their own) choose in one call
         groups: dict[object, list[int]] = {}
         for row, m in enumerate(members):
