@@ -273,11 +273,12 @@ class Assistant:
                      batch_size: int = 16) -> list[str]:
         """Single-turn answers to many questions, `batch_size` in flight at a time, through the one decode loop.
 
-        Questions about the same image share their prefix (system text, template, image): it is computed once and
-        each question extends a copy of it.
+        Questions about the same image share their prefix (system text, template, image): it is computed once, and
+        the questions are prefilled on top of it as one block.
         """
         settings = settings or GenerationSettings()
-        requests = [self._single_turn(item, settings, keys) for keys in [{}] for item in items]
+        keys: dict[int, str] = {}  # image object -> content key: each image is hashed and encoded once per call
+        requests = [self._single_turn(item, settings, keys) for item in items]
         # same image together (their shared prefix is computed once), then similar lengths (least padding)
         order = sorted(range(len(requests)), key=lambda i: (id(requests[i].visual), len(requests[i].ids)))
         if isinstance(self.decoder, Batcher):
