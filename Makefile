@@ -56,6 +56,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_tokenizer.py
+	$(PY) bench/bench_find.py
 	$(PY) bench/bench_assistant.py
 	$(PY) bench/bench_app.py
 	$(PY) bench/bench_finetune.py

@@ -1,4 +1,4 @@
-"""Named endpoints for `gradio_client` (`/segment`, `/chat`, `/ask_region`, history operations).
+"""Named endpoints for `gradio_client` (`/segment`, `/find`, `/chat`, `/ask_region`, history operations).
 
 The owner is the logged-in user with --auth; without it, each client session is its own anonymous owner, so two
 clients never see each other's chats. Refusals arrive as `gradio_client` errors carrying the plain message.
@@ -8,6 +8,7 @@ clients never see each other's chats. Refusals arrive as `gradio_client` errors 
     cid = c.predict(api_name="/new_chat")
     c.predict(cid, handle_file("photo.jpg"), api_name="/set_image")
     c.predict(cid, {"points": [[120, 340]]}, api_name="/segment")
+    c.predict(cid, "cars", api_name="/find")  # every car: {"regions": [...], "found": {"car": 3}}
     for text in c.submit(cid, "What is <region1>?", api_name="/chat"):
         print(text)
 """
@@ -81,6 +82,13 @@ class ChatAPI:
         return region_json(self.service.add_region(self.who(request), conversation_id, Prompt.from_dict(prompt)))
 
     @api_errors
+    def find(self, conversation_id: str, query: str, request: gr.Request) -> dict:
+        """Make every instance of what `query` names ("car", "cars and people") a numbered region; returns
+        {"regions": [each as /segment returns it], "found": {"car": 3}} (an instance already a region keeps its
+        number; a concept with no instance counts 0)."""
+        return self.service.find(self.who(request), conversation_id, query).to_dict()
+
+    @api_errors
     def remove_region(self, conversation_id: str, number: int, request: gr.Request) -> dict:
         """Remove a region (its number is never reused); returns the chat."""
         self.service.remove_region(self.who(request), conversation_id, int(number))
@@ -99,7 +107,7 @@ class ChatAPI:
     @api_errors
     def chat(self, conversation_id: str, message: str, temperature: float = 0.0, max_new_tokens: int = 256,
              request: gr.Request = None) -> Iterator[str]:
-        """Ask; streams the answer so far (mention regions as <region1>)."""
+        """Ask; streams the answer so far (mention regions as <region1>). /open gives its TAP check `note`."""
         owner = self.who(request)
         yield from self._stream(self.service.stream(owner, conversation_id, message, temperature, max_new_tokens))
 
@@ -129,7 +137,8 @@ class ChatAPI:
     @api_errors
     def ask_region(self, image: FileData, prompts: list, question: str, temperature: float = 0.0,
                    max_new_tokens: int = 256, request: gr.Request = None) -> dict:
-        """One call: a new chat with this image and these region prompts, and the answer to one question."""
+        """One call: a new chat with this image and these region prompts, and the answer to one question (with
+        `note`: where the answer disagrees with what TAP sees in a region it cites; "" when nothing does)."""
         if not isinstance(prompts, list):
             raise UserError("prompts must be a list of region prompts.")
         parsed = [Prompt.from_dict(p) for p in prompts]
@@ -184,7 +193,7 @@ def lane(options: dict[str, Any], service: ChatService) -> dict[str, Any]:
 #: The API at a glance: endpoint name, method, and its queue settings.
 ENDPOINTS: list[tuple[str, str, dict[str, Any]]] = [
     ("new_chat", "new_chat", {}), ("set_image", "set_image", TAP), ("segment", "segment", TAP),
-    ("remove_region", "remove_region", {}), ("segment_everything", "segment_everything", TAP),
+    ("find", "find", TAP), ("remove_region", "remove_region", {}), ("segment_everything", "segment_everything", TAP),
     ("adopt", "adopt", TAP), ("chat", "chat", LLM), ("regenerate", "regenerate", LLM),
     ("stop", "stop", {"queue": False}), ("undo", "undo", {}), ("clear", "clear", {}),
     ("ask_region", "ask_region", LLM), ("history", "history", {}), ("open", "open_chat", {}),

@@ -14,6 +14,7 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
+from assistant.template import MENTION_RE
 from tokenizer_tap.prompts import Prompt
 
 from . import api
@@ -26,8 +27,8 @@ log = logging.getLogger("tapchat.app")
 MODES = ["Point +", "Point −", "Box (2 clicks)"]
 
 
-NEW_OUTPUTS = 8  # cid, image, chips, chat, focus, title, editor, corner
-IMAGE_OUTPUTS = 9  # cid, image, chips, chat, focus, editor, corner, history_ds, history_ids
+NEW_OUTPUTS = 9  # cid, image, chips, chat, focus, title, editor, corner, find status
+IMAGE_OUTPUTS = 10  # cid, image, chips, chat, focus, editor, corner, history_ds, history_ids, find status
 REGION_OUTPUTS = 4  # image, chips, focus, corner
 
 
@@ -69,7 +70,7 @@ class Handlers:
     @staticmethod
     def empty_chat() -> tuple:
         """The NEW_OUTPUTS values of a page with no chat open."""
-        return "", None, gr.Dataset(samples=[]), [], None, "", gr.update(value=None), None
+        return "", None, gr.Dataset(samples=[]), [], None, "", gr.update(value=None), None, ""
 
     # owner and history
     def on_load(self, tok: str, request: gr.Request):
@@ -90,7 +91,7 @@ class Handlers:
         conv_id = ids[index]
         snap = self.service.snapshot(who, conv_id)
         overlay, chip_ds, messages = self.view(who, conv_id)
-        return conv_id, overlay, chip_ds, messages, None, snap.title, _editor_value(snap.image), None
+        return conv_id, overlay, chip_ds, messages, None, snap.title, _editor_value(snap.image), None, ""
 
     def on_rename(self, who: str, conv_id: str, new_title: str, query: str):
         """Retitle the open chat, then redraw the history list for the current search."""
@@ -122,7 +123,8 @@ class Handlers:
             return (gr.skip(), *self.view(who, conv_id)[:1], *(gr.skip() for _ in range(IMAGE_OUTPUTS - 2)))
         conv_id = snap.conversation_id
         overlay, chip_ds, messages = self.view(who, conv_id)
-        return (conv_id, overlay, chip_ds, messages, None, _editor_value(snap.image), None, *self.history_view(who))
+        return (conv_id, overlay, chip_ds, messages, None, _editor_value(snap.image), None, *self.history_view(who),
+                "")
 
     def on_click(self, who: str, conv_id: str, how: str, first: list[float] | None, evt: gr.SelectData):
         """A click on the image: a positive or negative point, or a box corner (the first corner is only remembered)."""
@@ -164,6 +166,21 @@ class Handlers:
         overlay, chip_ds, _ = self.view(who, conv_id)
         return overlay, chip_ds, None
 
+    def on_remove_all(self, who: str, conv_id: str):
+        """Remove every region of the image at once (the Find status goes with them)."""
+        if not conv_id or not self.service.remove_regions(who, conv_id):
+            raise UserError("There is no region to remove.")
+        overlay, chip_ds, _ = self.view(who, conv_id)
+        return overlay, chip_ds, None, ""
+
+    def on_find(self, who: str, conv_id: str, query: str):
+        """Every instance of what the Find box names becomes a region chip, standing out in the overlay; the status
+        says how many of each concept ("3 × car", "0 × dog")."""
+        found = self.service.find(who, conv_id, query)
+        chip_ds = gr.Dataset(samples=chip_samples(self.service.region_views(who, conv_id)))
+        overlay = self.service.overlay(who, conv_id, [r.number for r in found.regions])
+        return overlay, chip_ds, None, f"Found: {found.summary}"
+
     def on_everything(self, who: str, conv_id: str):
         """Segment everything and show the candidates (with a toast when none is confident)."""
         found = self.service.segment_everything(who, conv_id)
@@ -186,7 +203,7 @@ class Handlers:
             self.service.add_region(who, conv_id, Prompt.from_dict(p))
         overlay, chip_ds, messages = self.view(who, conv_id)
         return (conv_id, overlay, chip_ds, messages, None, _editor_value(snap.image), None,
-                *self.history_view(who), ex["question"])
+                *self.history_view(who), "", ex["question"])
 
     # chat
     def answer(self, who: str, conv_id: str, start: Callable[[], Any]):
@@ -196,7 +213,8 @@ class Handlers:
         except UserError as exc:
             gr.Warning(str(exc))
             return
-        yield self.chat_view(who, conv_id, streaming=True), gr.Textbox(value="", submit_btn=False, stop_btn="Stop")
+        yield (self.chat_view(who, conv_id, streaming=True), gr.Textbox(value="", submit_btn=False, stop_btn="Stop"),
+               gr.skip())
         try:
             said, before = "", None
             for piece in stream:  # drawn from the pieces themselves: earlier messages are read once
@@ -204,7 +222,8 @@ class Handlers:
                     snap = self.service.snapshot(who, conv_id, image=False)
                     before, writing, regions = snap.turns[:-1], snap.turns[-1], snap.regions
                 said += piece
-                yield chat_messages([*before, replace(writing, answer=said)], regions, streaming=True), gr.skip()
+                yield (chat_messages([*before, replace(writing, answer=said)], regions, streaming=True), gr.skip(),
+                       gr.skip())
         except UserError as exc:
             gr.Warning(str(exc))
         except Exception as exc:
@@ -212,7 +231,17 @@ class Handlers:
             gr.Warning(f"The model failed mid-answer ({type(exc).__name__}); what it said so far is kept.")
         finally:
             stream.cancel()
-        yield self.chat_view(who, conv_id), gr.Textbox(submit_btn="Send", stop_btn=False)
+        messages, overlay = self.answered(who, conv_id)
+        yield messages, gr.Textbox(submit_btn="Send", stop_btn=False), overlay
+
+    def answered(self, who: str, conv_id: str) -> tuple:
+        """(chat, overlay) once an answer ends: the regions it cites stand out in the overlay, so what the answer
+        says is seen on the image (all plain again when it cites none; untouched when the image has no regions)."""
+        snap = self.service.snapshot(who, conv_id, image=False)
+        said = (snap.turns[-1].answer or "") if snap.turns else ""
+        cited = {int(n) for n in MENTION_RE.findall(said)} & {r.number for r in snap.regions}
+        overlay = self.service.overlay(who, conv_id, cited) if snap.regions else gr.skip()
+        return chat_messages(snap.turns, snap.regions), overlay
 
     def on_send(self, who: str, conv_id: str, text: str, temp: float, n: int):
         """Stream the answer to the message (refused when empty); with no chat open it starts a text-only one."""
@@ -220,9 +249,8 @@ class Handlers:
             gr.Warning("Type a question first.")
             return
         conv_id = conv_id or self.service.new_chat(who)  # a question with no image starts a text-only chat
-        for messages, box in self.answer(who, conv_id,
-                                         lambda: self.service.stream(who, conv_id, text, temp, int(n))):
-            yield conv_id, messages, box
+        for out in self.answer(who, conv_id, lambda: self.service.stream(who, conv_id, text, temp, int(n))):
+            yield conv_id, *out
 
     def on_regenerate(self, who: str, conv_id: str, temp: float, n: int):
         """Stream a new answer to the last question, whose old answer is undone first."""

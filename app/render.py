@@ -59,8 +59,15 @@ def chat_messages(turns: Sequence[Turn], regions: Sequence[Region], streaming: b
         if not turn.complete:
             live = streaming and i == len(turns) - 1
             text = (text + " ▌") if live else (text + " *(stopped)*")
+        elif turn.note:
+            text += note_html(turn.note, colours)
         out.append({"role": "assistant", "content": text})
     return out
+
+
+def note_html(note: str, colours: dict[int, str]) -> str:
+    """The answer check's note under an answer: small muted text, so it reads as a remark, not as the answer."""
+    return f'<br><span class="tap-note" style="font-size: 0.85em; opacity: 0.7">⚠ {message_html(note, colours)}</span>'
 
 
 def chip_samples(regions: Sequence[Region]) -> list[list[str]]:

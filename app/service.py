@@ -10,7 +10,7 @@ import hashlib
 import io
 import json
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from assistant.decoding import GenerationSettings
 from assistant.engine import Assistant
 from assistant.reply import ReplyStream
 from assistant.session import Session
-from assistant.template import Turn
+from assistant.template import Turn, counts_text
 from tokenizer_tap.image_io import decode_image
 from tokenizer_tap.prompts import Prompt
 from tokenizer_tap.region import Region
@@ -48,15 +48,33 @@ class ChatSnapshot:
     turns: list[Turn]
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON for the API: image size (not pixels), regions as `region_json`, each turn as two messages."""
+        """JSON for the API: image size (not pixels), regions as `region_json`, each turn as two messages (the answer
+        with its `note`: where it disagrees with TAP, "" when nothing does)."""
         messages = []
         for t in self.turns:
             messages += [{"role": "user", "text": t.text, "complete": True, "regions": list(t.regions)},
                          {"role": "assistant", "text": t.answer or "", "complete": t.complete,
-                          "regions": list(t.regions)}]
+                          "regions": list(t.regions), "note": t.note}]
         return {"conversation_id": self.conversation_id, "title": self.title,
                 "image_size": None if self.image is None else [int(self.image.shape[1]), int(self.image.shape[0])],
                 "regions": [region_json(r) for r in self.regions], "messages": messages}
+
+
+@dataclass(frozen=True)
+class Found:
+    """What a Find turned up: every instance as a numbered region of the chat, and how many of each concept."""
+
+    regions: list[Region]
+    counts: dict[str, int]
+
+    @property
+    def summary(self) -> str:
+        """'3 × car, 0 × dog': the page's status line."""
+        return counts_text(self.counts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON for the API: the regions as `/segment` returns one, and the count per concept."""
+        return {"regions": [region_json(r) for r in self.regions], "found": dict(self.counts)}
 
 
 class ChatService:
@@ -137,6 +155,25 @@ class ChatService:
         self.session(owner, cid).remove_region(int(number))
 
     @friendly
+    def remove_regions(self, owner: str, cid: str) -> list[int]:
+        """Remove every region of the current image (turns that mentioned them stay); returns their numbers."""
+        chat = self.session(owner, cid)
+        numbers = [r.number for r in chat.current_regions()]
+        for number in numbers:
+            chat.remove_region(number)
+        return numbers
+
+    @friendly
+    def find(self, owner: str, cid: str, query: str) -> Found:
+        """Every instance of the concepts `query` names ("car", "cars and people") as regions of the chat, numbered
+        like clicked ones (an instance already a region keeps its number), with the count per concept."""
+        chat = self.session(owner, cid)
+        if chat.image_key is None:
+            raise UserError("Upload an image first.")
+        regions = chat.find(query)
+        return Found(regions, self.bot.find_counts(query, regions))
+
+    @friendly
     def segment_everything(self, owner: str, cid: str) -> list[Region]:
         """TAP's top regions for the whole image, numbered from 1 in this list (adopt one to make it a region)."""
         chat = self.session(owner, cid)
@@ -168,8 +205,9 @@ class ChatService:
         return self.session(owner, cid).current_regions()
 
     @friendly
-    def overlay(self, owner: str, cid: str, focus: int | None = None) -> Image.Image | None:
-        """The current image with every active region tinted, outlined and numbered; `focus` stands out."""
+    def overlay(self, owner: str, cid: str, focus: int | Collection[int] | None = None) -> Image.Image | None:
+        """The current image with every active region tinted, outlined and numbered; `focus` (one or several)
+        stands out."""
         return self.session(owner, cid).overlay(focus)
 
     # ------------------------------------------------------------------------------------------ chatting
@@ -238,7 +276,8 @@ class ChatService:
         regions = [region_json(self.add_region(owner, cid, p)) for p in prompts]
         stream = self.stream(owner, cid, question, temperature, max_new_tokens)
         answer = stream.text()
-        return {"conversation_id": cid, "regions": regions, "answer": answer, "complete": stream.reply.complete}
+        return {"conversation_id": cid, "regions": regions, "answer": answer, "note": stream.reply.note,
+                "complete": stream.reply.complete}
 
 
 def _read_upload(path: str | Path, max_mb: int) -> bytes:
@@ -269,4 +308,5 @@ def _markdown(snap: ChatSnapshot, annotated: bool) -> str:
     for t in snap.turns:
         note = "" if t.complete else " *(stopped)*"
         lines += [f"**You:** {t.text}", "", f"**TAP-Chat:** {t.answer or ''}{note}", ""]
+        lines += [f"> ⚠ {t.note}", ""] if t.note else []
     return "\n".join(lines)

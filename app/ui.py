@@ -125,8 +125,14 @@ def _image_panel(p: SimpleNamespace, examples: list[dict[str, Any]]) -> None:
             p.scribble_btn = gr.Button("Use scribble as a region", elem_id="use_scribble")
     p.chips = gr.Dataset(components=[gr.Textbox(visible=False)], samples=[], type="index",
                          label="Regions — click one to mention it", elem_id="chips")
+    with gr.Row(equal_height=True):
+        p.find_box = gr.Textbox(placeholder="Find every… e.g. car, or cars and people", show_label=False,
+                                elem_id="find", scale=3)
+        p.find_btn = gr.Button("Find", size="sm", elem_id="find_btn", scale=0, min_width=60)
+        p.find_status = gr.Markdown("", elem_id="find_status")
     with gr.Row():
         p.remove_btn = gr.Button("Remove selected region", size="sm", elem_id="remove_region")
+        p.remove_all_btn = gr.Button("Remove all", size="sm", elem_id="remove_all")
         p.everything_btn = gr.Button("Segment everything", size="sm", elem_id="everything")
     with gr.Accordion("Segment everything — click a mask to adopt it", open=False) as p.everything_box:
         p.candidates = gr.AnnotatedImage(elem_id="candidates", height=360)
@@ -163,9 +169,12 @@ HISTORY = {**PRIVATE, "concurrency_id": "history"}
 
 def wire(demo: gr.Blocks, p: SimpleNamespace, h: Handlers) -> None:
     """The event table: (event, handler, inputs, outputs, options, shown as toasts on failure)."""
-    new_outputs = [p.cid, p.image, p.chips, p.chat, p.focus, p.title, p.editor, p.corner]
-    image_outputs = [p.cid, p.image, p.chips, p.chat, p.focus, p.editor, p.corner, p.history_ds, p.history_ids]
+    # a new chat or image clears the Find status: what was found belongs to the image it was found on
+    new_outputs = [p.cid, p.image, p.chips, p.chat, p.focus, p.title, p.editor, p.corner, p.find_status]
+    image_outputs = [p.cid, p.image, p.chips, p.chat, p.focus, p.editor, p.corner, p.history_ds, p.history_ids,
+                     p.find_status]
     region_outputs = [p.image, p.chips, p.focus, p.corner]
+    found_outputs = [p.image, p.chips, p.focus, p.find_status]
     history = [p.history_ds, p.history_ids]
     show = gr.Row(visible=True)
     hide = gr.Row(visible=False)
@@ -193,6 +202,9 @@ def wire(demo: gr.Blocks, p: SimpleNamespace, h: Handlers) -> None:
         (p.focus_in.change, h.on_focus, [p.owner, p.cid, p.focus_in], [p.image, p.focus],
          {**PRIVATE, "trigger_mode": "always_last"}, True),
         (p.remove_btn.click, h.on_remove, [p.owner, p.cid, p.focus], [p.image, p.chips, p.focus], PRIVATE, True),
+        (p.remove_all_btn.click, h.on_remove_all, [p.owner, p.cid], found_outputs, PRIVATE, True),
+        (p.find_box.submit, h.on_find, [p.owner, p.cid, p.find_box], found_outputs, TAP, True),
+        (p.find_btn.click, h.on_find, [p.owner, p.cid, p.find_box], found_outputs, TAP, True),
         (p.everything_btn.click, h.on_everything, [p.owner, p.cid], [p.candidates, p.everything_box], TAP, True),
         (p.candidates.select, h.on_adopt, [p.owner, p.cid], [p.image, p.chips, p.focus], TAP, True),
         # chat; Stop sets the answer's cancel event: the engine checks it before every token, so generation ends
@@ -209,9 +221,10 @@ def wire(demo: gr.Blocks, p: SimpleNamespace, h: Handlers) -> None:
         event(toasts(n)(handler) if toast else handler, inputs, outputs, **options)
     # answers stream (their errors are handled inside `answer`), then the chat list is redrawn
     llm = api.lane(LLM, h.service)
-    send = p.msg.submit(h.on_send, [p.owner, p.cid, p.msg, p.temperature, p.max_tokens], [p.cid, p.chat, p.msg],
-                        **llm)
-    regen = p.regen_btn.click(h.on_regenerate, [p.owner, p.cid, p.temperature, p.max_tokens], [p.chat, p.msg],
-                              **llm)
+    # the overlay is redrawn when an answer ends: the regions it cites stand out
+    send = p.msg.submit(h.on_send, [p.owner, p.cid, p.msg, p.temperature, p.max_tokens],
+                        [p.cid, p.chat, p.msg, p.image], **llm)
+    regen = p.regen_btn.click(h.on_regenerate, [p.owner, p.cid, p.temperature, p.max_tokens],
+                              [p.chat, p.msg, p.image], **llm)
     for event in (send, regen):
         event.then(h.history_view, [p.owner], history, queue=False, **PRIVATE)

@@ -25,13 +25,14 @@ from .model import merge_checkpoint
 from .options import add_model_options
 from .session import Session
 from .store import ChatStore
-from .template import ConversationError
+from .template import ConversationError, found_line
 from .template import line as region_line
 
 HELP = """commands:
   /point X,Y [-X,Y ...]   add a region from a point (a leading '-' marks a negative point)
   /box X1,Y1,X2,Y2        add a region from a box
   /scribble X,Y X,Y ...   add a region from a stroke
+  /find QUERY             every instance of what QUERY names ("car", "cars and people") as regions, with counts
   /regions                list this conversation's regions
   /remove N               remove <regionN>
   /image PATH             switch to another image (later questions refer to it)
@@ -87,8 +88,8 @@ def chat(args: argparse.Namespace) -> int:
         answers = []
         for question in args.ask:
             reply = bot.ask(conv, question, settings) if args.json else _print_stream(bot, conv, question, settings)
-            answers.append({"question": question, "answer": reply.text, "complete": reply.complete,
-                            "dropped_turns": reply.dropped_turns})
+            answers.append({"question": question, "answer": reply.text, "note": reply.note,
+                            "complete": reply.complete, "dropped_turns": reply.dropped_turns})
         if args.json:
             regions = [{"id": f"<region{r.number}>", "line": region_line(r)} for r in conv.active_regions()]
             print(json.dumps({"conversation": conv.id, "regions": regions, "turns": answers}, indent=1))
@@ -105,6 +106,7 @@ def repl(bot, conv: Session, settings) -> int:
                                                                    [parse_point(n[1:]) for n in a[1:]])),
         "box": lambda a: _add(bot, state["conv"], Prompt.from_box(*parse_box(a[0]))),
         "scribble": lambda a: _add(bot, state["conv"], Prompt.scribble(parse_stroke(" ".join(a)))),
+        "find": lambda a: _find(bot, state["conv"], " ".join(a)),
         "regions": lambda a: _list_regions(state["conv"]),
         "remove": lambda a: bot.remove_region(state["conv"], int(a[0])),
         "image": lambda a: print(f"image set ({bot.set_image(state['conv'], a[0])[:8]})"),
@@ -157,6 +159,8 @@ def _print_stream(bot, conv: Session, question: str, settings):
     finally:
         print()
     reply = stream.reply
+    if reply.note:
+        print(f"⚠ {reply.note}")
     if reply.dropped_turns:
         print(f"[{reply.dropped_turns} oldest turn(s) left out to fit the context]", file=sys.stderr)
     return reply
@@ -168,6 +172,15 @@ def _add(bot, conv: Session, prompt: Prompt) -> None:
 
 def _region_text(entry) -> str:
     return region_line(entry)
+
+
+def _find(bot: Assistant, conv: Session, query: str) -> None:
+    """Print each instance found (number, concept, score, pixel box) and the count per concept."""
+    found = conv.find(query)
+    for r in found:
+        box = "" if r.box is None else " box " + ",".join(map(str, r.box))
+        print(f"{r.ref} {r.concept} {r.concept_prob:.2f}{box}")
+    print(found_line(bot.find_counts(query, found)))
 
 
 def _list_regions(conv: Session) -> None:

@@ -35,6 +35,7 @@ class ChatConfig:
     template: str = "bunny"
     max_context: int = 2048  # Phi-2's positions: visual tokens + prompt + answer must fit
     scene_regions: int | None = None  # top-K segment-everything regions when a turn has none; None: mode default
+    find_grounding: bool | None = None  # find every instance of the concepts a question names; None: mode default
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -52,6 +53,12 @@ class ChatConfig:
         if self.scene_regions is not None:
             return self.scene_regions
         return 5 if self.mode == "grounded" else 0
+
+    @property
+    def finds(self) -> bool:
+        """Whether questions are find-grounded by default: in grounded mode (Phi-2 reads region lines zero-shot),
+        and for a tapchat model whose config says it was trained on find-grounded turns."""
+        return self.find_grounding if self.find_grounding is not None else self.mode == "grounded"
 
     def tap_location(self, folder: str | Path) -> str:
         """`tap_model`, or the folder it names relative to the checkpoint `folder` when there is one."""

@@ -26,6 +26,7 @@ from tokenizer_tap.image_io import DecodedImage, ImageSource, load_image
 from tokenizer_tap.predictor import TapPredictor
 from tokenizer_tap.prompts import Prompt
 from tokenizer_tap.region import Region
+from tokenizer_tap.vocabulary import concepts_in, match_query
 
 from . import loading
 from .batching import Batcher
@@ -186,14 +187,15 @@ class Assistant:
         """Same as `conv.undo`: forget the last `turns` exchanges (in the store too) and return them."""
         return conv.undo(turns)
 
-    def ask(self, conv: Session, text: str, settings: GenerationSettings | None = None) -> Reply:
+    def ask(self, conv: Session, text: str, settings: GenerationSettings | None = None,
+            find: bool | None = None) -> Reply:
         """Same as `conv.ask`: blocks until the whole answer is written; the `Reply` has the text and its costs."""
-        return conv.ask(text, settings)
+        return conv.ask(text, settings, find)
 
     def stream(self, conv: Session, text: str, settings: GenerationSettings | None = None,
-               cancel: threading.Event | None = None) -> ReplyStream:
+               cancel: threading.Event | None = None, find: bool | None = None) -> ReplyStream:
         """Same as `conv.stream`: iterate for text pieces; set `cancel` (or call `cancel()`) to stop early."""
-        return conv.stream(text, settings, cancel)
+        return conv.stream(text, settings, cancel, find)
 
     def candidates(self, conv: Session, max_regions: int = 16, **options) -> list[Region]:
         """Same as `conv.candidates`: the current image's segment-everything regions, to `adopt` from."""
@@ -229,6 +231,24 @@ class Assistant:
         with self._lock:
             self._ensure_image(session)
             return self.predictor.segment_everything(key=session.image_key, max_regions=max_regions, **options)
+
+    def find(self, session: Session, query: str, **options: Any) -> list[Region]:
+        """TAP's instances of the concepts `query` names on the session's image, best first (`TapPredictor.find`:
+        the image's grid is decoded once, later queries only rank it)."""
+        with self._lock:
+            self._ensure_image(session)
+            return self.predictor.find(query, key=session.image_key, **options)
+
+    def concepts_in(self, text: str) -> list[str]:
+        """The vocabulary concepts a question names: what a find-grounded turn looks for."""
+        projector = self.predictor.model.concept_projector
+        return concepts_in(text, projector.names) if projector.loaded else []
+
+    def find_counts(self, query: str, found: Sequence[Region]) -> dict[str, int]:
+        """Instances per concept `query` names, in query order, zeros included ("0 × dog" says it was looked for);
+        UnknownConceptError as `find` for a query naming nothing known."""
+        names = match_query(query, self.predictor.model.concept_projector.names)
+        return {name: sum(r.concept == name for r in found) for name in names}
 
     def scene_regions(self, session: Session) -> list[Region]:
         """TAP's top segment-everything regions as `<sceneN>` lines (cached per image); none if disabled."""
@@ -270,15 +290,16 @@ class Assistant:
 
     # -------------------------------------------------------------------------------------------- batches
     def answer_batch(self, items: Sequence[BatchItem], settings: GenerationSettings | None = None, *,
-                     batch_size: int = 16) -> list[str]:
+                     batch_size: int = 16, find: bool = False) -> list[str]:
         """Single-turn answers to many questions, `batch_size` in flight at a time, through the one decode loop.
 
         Questions about the same image share their prefix (system text, template, image): it is computed once, and
-        the questions are prefilled on top of it as one block.
+        the questions are prefilled on top of it as one block. `find` grounds each question's concepts with every
+        instance TAP finds; off by default, so benchmark prompts stay as the paper's.
         """
         settings = settings or GenerationSettings()
         keys: dict[int, str] = {}  # image object -> content key: each image is hashed and encoded once per call
-        requests = [self._single_turn(item, settings, keys) for item in items]
+        requests = [self._single_turn(item, settings, keys, find) for item in items]
         # same image together (their shared prefix is computed once), then similar lengths (least padding)
         order = sorted(range(len(requests)), key=lambda i: (id(requests[i].visual), len(requests[i].ids)))
         if isinstance(self.decoder, Batcher):
@@ -289,7 +310,8 @@ class Assistant:
                 rows[order[event.index]].append(event.token)
         return [self.chat.tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
 
-    def _single_turn(self, item: BatchItem, settings: GenerationSettings, keys: dict[int, str]) -> Request:
+    def _single_turn(self, item: BatchItem, settings: GenerationSettings, keys: dict[int, str],
+                     find: bool) -> Request:
         """A benchmark question as a decode request (a conversation of one turn, never stored)."""
         conv = Session(self, uuid.uuid4().hex, "batch")  # never stored or registered
         if item.image is not None:
@@ -297,13 +319,12 @@ class Assistant:
                 if id(item.image) not in keys or not self.predictor.is_cached(keys[id(item.image)]):
                     keys[id(item.image)] = self.predictor.set_image(item.image)
                 conv.image_key = keys[id(item.image)]
-        regions = [self.predict(conv, p) for p in item.prompts]
-        for number, region in enumerate(regions, 1):
-            region.number = number
-        grounded = regions or self.scene_regions(conv)
+        regions = [conv.keep(self.predict(conv, p)) for p in item.prompts]  # numbered as a chat numbers them
+        question = clean_message(item.question)  # may carry its own region lines: its mentions are not checked
+        grounded, found = conv.add_found(question, regions, find)
         visual = self.mode == "tapchat" and conv.image_key is not None
-        plan = plan_prompt([], conv.image_key, clean_message(item.question), grounded, visual=visual, count=self.count,
-                           max_context=self.config.max_context, max_new_tokens=settings.max_new_tokens)
+        plan = plan_prompt([], conv.image_key, question, grounded, visual=visual, count=self.count,
+                           max_context=self.config.max_context, max_new_tokens=settings.max_new_tokens, found=found)
         with self._lock:
             vis = self._visual_tokens(conv.image_key) if visual else None
         run_settings = GenerationSettings(**{**settings.to_dict(), "max_new_tokens": plan.max_new_tokens})

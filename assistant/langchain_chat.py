@@ -168,7 +168,8 @@ class TapChatModel(BaseChatModel):
         rest = final[sent:] if final.startswith(text[:sent]) else ""
         usage = UsageMetadata(input_tokens=reply.prompt_tokens, output_tokens=reply.new_tokens,
                               total_tokens=reply.prompt_tokens + reply.new_tokens)
-        meta = {"model_name": bot.model_id, "dropped_turns": reply.dropped_turns, "regions": reply.regions}
+        meta = {"model_name": bot.model_id, "dropped_turns": reply.dropped_turns, "regions": reply.regions,
+                "note": reply.note}
         yield self._chunk(rest, run_manager, response_metadata=meta, usage_metadata=usage, chunk_position="last")
 
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
@@ -307,7 +308,8 @@ class TapChatMessageHistory(BaseChatMessageHistory):
 
     Only text is kept here: images and regions belong to the Assistant's own turns (with their masks), so a message's
     image blocks and regions are not stored by `add_messages`. AI messages carry `additional_kwargs["complete"]`:
-    False for answers that were stopped or cut off (TapChatModel leaves those out of the prompt).
+    False for answers that were stopped or cut off (TapChatModel leaves those out of the prompt), and
+    `additional_kwargs["note"]`: the answer check's note ("" for none; never put back into a prompt).
     """
 
     def __init__(self, store: ChatStore, owner: str, conversation_id: str) -> None:
@@ -316,10 +318,10 @@ class TapChatMessageHistory(BaseChatMessageHistory):
 
     @property
     def messages(self) -> list[BaseMessage]:  # type: ignore[override]
-        """Read from the store on every access: text only, AI messages carrying `complete`."""
+        """Read from the store on every access: text only, AI messages carrying `complete` and `note`."""
         record = self.store.get_conversation(self.owner, self.conversation_id)
         return [HumanMessage(content=m.text) if m.role == "user"
-                else AIMessage(content=m.text, additional_kwargs={"complete": m.complete})
+                else AIMessage(content=m.text, additional_kwargs={"complete": m.complete, "note": m.note or ""})
                 for m in record.messages]
 
     def add_messages(self, messages: Sequence[BaseMessage]) -> None:

@@ -25,6 +25,7 @@ class Reply:
     first_token_s: float | None = None
     total_s: float = 0.0
     regions: list[int] = field(default_factory=list)
+    note: str = ""  # where a complete answer disagrees with TAP about a cited region ("TAP sees ... here")
 
 
 class ReplyStream:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,6 +20,7 @@ from tokenizer_tap.prompts import Prompt
 from tokenizer_tap.region import Region
 from tokenizer_tap.visualize import anchor, annotate, colour, tint
 
+from .check import check_answer
 from .decoding import End, GenerationSettings
 from .remote import ServerError
 from .reply import GenerationError, Reply, ReplyStream
@@ -86,8 +87,9 @@ class Session:
         """The current image's pixels (read-only, shared by every redraw), or None without a stored image."""
         return None if self.image_sha is None else self.bot.pixels(self.image_sha)
 
-    def overlay(self, focus: int | None = None) -> Image.Image | None:
-        """The current image with every active region tinted, outlined and numbered; `focus` stands out.
+    def overlay(self, focus: int | Collection[int] | None = None) -> Image.Image | None:
+        """The current image with every active region tinted, outlined and numbered; `focus` (one region or several:
+        those an answer cites) stands out.
 
         The tinted image is kept: a click that adds a region tints only the new mask onto it.
         """
@@ -97,11 +99,11 @@ class Session:
         regions = self.current_regions()
         masks = [r.mask for r in regions]
         cols = [colour(r.number - 1) for r in regions]
-        if focus in {r.number for r in regions}:
-            i = next(i for i, r in enumerate(regions) if r.number == focus)
-            rest = [j for j in range(len(regions)) if j != i]
+        focused = {focus} if isinstance(focus, int) else set(focus or ())
+        if picked := [i for i, r in enumerate(regions) if r.number in focused]:
+            rest = [j for j in range(len(regions)) if j not in picked]
             base = tint(tint(image, [masks[j] for j in rest], [cols[j] for j in rest], alpha=0.15),
-                        [masks[i]], [cols[i]], alpha=0.6)
+                        [masks[i] for i in picked], [cols[i] for i in picked], alpha=0.6)
         else:
             sha, drawn, base = self._tinted
             if sha != self.image_sha or len(drawn) > len(masks) or any(a is not b for a, b in zip(drawn, masks)):
@@ -144,14 +146,25 @@ class Session:
 
     def add_region(self, prompt: Prompt) -> Region:
         """Segment, label and caption a region of the current image; it gets the next `<regionN>` id."""
-        region = self._segment(prompt)
+        return self.keep(self._segment(prompt))
+
+    def find(self, query: str, **options: Any) -> list[Region]:
+        """Every instance of the concepts `query` names ("cars", "cars and people") on the current image, as regions
+        of the chat, best first: numbered like clicked ones; an instance already a region keeps its number.
+
+        `options` go to `TapPredictor.find` (min_score, max_instances, ...).
+        """
+        if self.image_key is None:
+            raise ConversationError("add an image before finding")
+        found = self.bot.find(self, query, **options)
         with self.lock:
-            region.number = self.next_number()
-            if self.bot.store is not None:
-                region.number = self.bot.store.add_region(self.owner, self.id, region, image_sha=self.image_sha)
-            self.regions[region.number] = region
-            self.new_regions.append(region.number)
-        return region
+            known = [r for r in self.current_regions() if r.kind == "region"]
+        out = []
+        for region in found:
+            same = next((r for r in known if r.box == region.box and r.concept == region.concept), None)
+            region.kind = "region"
+            out.append(same or self.keep(region))
+        return out
 
     def refine_region(self, number: int, prompt: Prompt) -> Region:
         """Re-segment a region with a new prompt (say, plus a negative point), keeping its number.
@@ -220,22 +233,27 @@ class Session:
         return self.add_region(Prompt(p.points, p.labels, p.box, kind="everything"))
 
     # ------------------------------------------------------------------------------------------ answering
-    def ask(self, text: str, settings: GenerationSettings | None = None) -> Reply:
+    def ask(self, text: str, settings: GenerationSettings | None = None, find: bool | None = None) -> Reply:
         """Answer `text` and return the finished `Reply` (blocks; `stream` gives the pieces as they come)."""
-        stream = self.stream(text, settings)
+        stream = self.stream(text, settings, find=find)
         stream.text()
         return stream.reply
 
     def stream(self, text: str, settings: GenerationSettings | None = None,
-               cancel: threading.Event | None = None) -> ReplyStream:
-        """Start answering; validation errors raise here, before anything is stored. One answer at a time."""
+               cancel: threading.Event | None = None, find: bool | None = None) -> ReplyStream:
+        """Start answering; validation errors raise here, before anything is stored. One answer at a time.
+
+        `find`: ground the concepts the question names with every instance TAP finds (they become regions of the
+        chat); None follows the model (`ChatConfig.finds`), False keeps a benchmark's prompt as the paper's.
+        """
         settings = settings or GenerationSettings()
         cancel = cancel or threading.Event()
         text = clean_message(text)
-        grounded = self._turn_grounding(text)
+        grounded, found = self.grounding(text, self.bot.config.finds if find is None else find)
         visual = self.bot.mode == "tapchat" and self.image_key is not None
         plan = plan_prompt(self.turns, self.image_key, text, grounded, visual=visual, count=self.bot.count,
-                           max_context=self.bot.config.max_context, max_new_tokens=settings.max_new_tokens)
+                           max_context=self.bot.config.max_context, max_new_tokens=settings.max_new_tokens,
+                           found=found)
         reply = Reply(dropped_turns=plan.dropped_turns, regions=plan.region_numbers)
         run = GenerationSettings(**{**settings.to_dict(), "max_new_tokens": plan.max_new_tokens})
         return ReplyStream(self._generate(text, plan, run, settings, reply, cancel, visual), reply, cancel)
@@ -253,10 +271,10 @@ class Session:
         cancel.set()
         return True
 
-    def replay(self, text: str, answer: str, complete: bool = True) -> None:
+    def replay(self, text: str, answer: str, complete: bool = True, find: bool | None = None) -> None:
         """Record an earlier exchange as a finished turn, its prompt built exactly as `stream` builds it."""
         text = clean_message(text)
-        prompt = user_prompt(text, self._turn_grounding(text))
+        prompt = user_prompt(text, *self.grounding(text, self.bot.config.finds if find is None else find))
         with self.lock:
             self.turns.append(Turn(prompt, answer.strip(), text, self.image_key, self.turn_regions(text), complete))
             self.new_regions.clear()
@@ -299,17 +317,37 @@ class Session:
             raise ConversationError("no history store is attached")
         return self.bot.store
 
-    def _turn_grounding(self, text: str) -> list[Region]:
-        """The region lines a turn carries: its regions', or the scene's when it has none."""
+    def grounding(self, text: str, find: bool) -> tuple[list[Region], dict[str, int] | None]:
+        """The regions a turn carries: its own, with `find` every instance of each concept the text names (and the
+        count per concept: `found`, None when it names none), or the scene's when it has neither."""
         with self.lock:
             numbers = self.turn_regions(text)
             stale = [n for n in numbers if self.regions[n].image != self.image_key]
             if stale:
                 raise ConversationError(f"<region{stale[0]}> belongs to an earlier image; add it again on this one")
             grounded = [self.regions[n] for n in numbers]
-        if not grounded and self.image_key is not None:
+        return self.add_found(text, grounded, find)
+
+    def add_found(self, text: str, grounded: list[Region], find: bool) -> tuple[list[Region], dict[str, int] | None]:
+        """`grounded` plus, with `find`, every instance of each concept `text` names (and the counts; None when it
+        names none), or the scene's regions when there is nothing to ground in."""
+        concepts = self.bot.concepts_in(text) if find and self.image_key is not None else []
+        found = {concept: self.find(concept) for concept in concepts}
+        for instances in found.values():
+            grounded += [r for r in instances if r.number not in {g.number for g in grounded}]
+        if not grounded and not found and self.image_key is not None:
             grounded = self.bot.scene_regions(self)
-        return grounded
+        return grounded, {concept: len(instances) for concept, instances in found.items()} or None
+
+    def keep(self, region: Region) -> Region:
+        """Number a new region of the current image (in the store too); the next turn carries it."""
+        with self.lock:
+            region.number, region.image = self.next_number(), self.image_key
+            if self.bot.store is not None:
+                region.number = self.bot.store.add_region(self.owner, self.id, region, image_sha=self.image_sha)
+            self.regions[region.number] = region
+            self.new_regions.append(region.number)
+        return region
 
     def _segment(self, prompt: Prompt) -> Region:
         """TAP's region for `prompt` on the current image (not yet numbered)."""
@@ -383,14 +421,25 @@ class Session:
             raise GenerationError(f"{cause}; the partial answer was kept") from exc
         reply.cancelled = cancel.is_set() and not reply.complete
         reply.total_s = time.monotonic() - start
-        self._finish(turn, reply, ids)
+        self._finish(turn, reply, ids, plan.regions)
 
-    def _finish(self, turn: Turn, reply: Reply, ids: list[int]) -> None:
-        """Record the answer (complete or not) in the reply, the conversation and the store."""
+    def _finish(self, turn: Turn, reply: Reply, ids: list[int], grounded: Sequence[Region] = ()) -> None:
+        """Record the answer (complete or not) in the reply, the conversation and the store; a complete one is
+        checked against what TAP says of the regions it cites (`grounded`: those the turn carries)."""
         self._running = None
         reply.new_tokens = len(ids)
         reply.text = turn.answer = self.bot.chat.tokenizer.decode(ids, skip_special_tokens=True).strip()
         turn.complete = reply.complete
+        if reply.complete:
+            reply.note = turn.note = self.check(reply.text, grounded)
         if self.bot.store is not None and turn.message_id is not None:
-            self.bot.store.update_message(self.owner, turn.message_id, reply.text, complete=reply.complete)
+            self.bot.store.update_message(self.owner, turn.message_id, reply.text, complete=reply.complete,
+                                          note=turn.note or None)
+
+    def check(self, answer: str, grounded: Sequence[Region] = ()) -> str:
+        """The answer check's note ("" when all agrees) for `answer`, against the turn's regions and the current
+        image's others; it sits beside the answer and never enters a prompt."""
+        regions = {r.ref: r for r in [*self.current_regions(), *grounded]}
+        names = self.bot.predictor.model.concept_projector.names
+        return "; ".join(check_answer(answer, regions.values(), names))
 

@@ -281,10 +281,12 @@ class ChatStore:
         assert cur.lastrowid is not None
         return cur.lastrowid
 
-    def update_message(self, owner: str, message_id: int, text: str, *, complete: bool) -> None:
-        """Replace a message's text: periodic saves while an answer streams, then the final one."""
+    def update_message(self, owner: str, message_id: int, text: str, *, complete: bool,
+                       note: str | None = None) -> None:
+        """Replace a message's text (and note): periodic saves while an answer streams, then the final one."""
         owner = check_owner(owner)
         text = check_text(text, "text", MAX_TEXT)
+        note = check_label(note, "note")
         if not isinstance(complete, bool):
             raise StoreError("complete must be a bool")
         if not isinstance(message_id, int) or isinstance(message_id, bool):
@@ -295,8 +297,8 @@ class ChatStore:
             if row is None:
                 raise NotFoundError("message not found")
             now = self._now()
-            conn.execute("UPDATE messages SET text = ?, complete = ?, updated = ? WHERE id = ?",
-                         (text, int(complete), now, message_id))
+            conn.execute("UPDATE messages SET text = ?, complete = ?, note = ?, updated = ? WHERE id = ?",
+                         (text, int(complete), note, now, message_id))
             self._touch(conn, row[0], now)
 
     def truncate(self, owner: str, conv_id: str, keep: int) -> int:

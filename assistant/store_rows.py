@@ -77,6 +77,7 @@ class MessageRecord:
     complete: bool
     created: str
     updated: str
+    note: str | None = None  # assistant answers: where the answer disagrees with TAP (the answer check)
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ class ConversationRecord:
                 turns.append(pending)
             elif pending is not None:
                 pending.answer, pending.complete, pending.message_id = m.text, m.complete, m.id
+                pending.note = m.note or ""
                 pending = None
         return turns
 
@@ -164,8 +166,13 @@ def _v1_initial(db: Database) -> None:
     db["messages"].enable_fts(["text"], create_triggers=True)
 
 
+def _v2_message_note(db: Database) -> None:
+    """Version 2: an answer's note from the answer check (NULL: none), added in place to existing rows."""
+    db["messages"].add_column("note", str)
+
+
 # Applied in order; the database's PRAGMA user_version counts how many have run. Only ever append.
-MIGRATIONS: list[Callable[[Database], None]] = [_v1_initial]
+MIGRATIONS: list[Callable[[Database], None]] = [_v1_initial, _v2_message_note]
 
 
 # rows out of the database
@@ -183,7 +190,7 @@ def message_from_row(row: sqlite3.Row) -> MessageRecord:
     return MessageRecord(id=row["id"], idx=row["idx"], role=row["role"], text=row["text"], prompt=row["prompt"],
                          image_sha=row["image_sha"], regions=json.loads(row["regions"]), model=row["model"],
                          settings=json.loads(row["settings"]), complete=bool(row["complete"]),
-                         created=row["created"], updated=row["updated"])
+                         created=row["created"], updated=row["updated"], note=row["note"])
 
 
 def region_from_row(row: sqlite3.Row) -> Region:

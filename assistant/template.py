@@ -38,6 +38,7 @@ class Turn:
     regions: list[int] = field(default_factory=list)  # the `<regionN>` numbers it carries
     complete: bool = True
     message_id: int | None = None  # the stored answer, when a store is attached
+    note: str = ""  # where the answer disagrees with TAP about a cited region (check.py); never in a prompt
 
 
 def render(turns: Sequence[Turn], *, image: bool = True, system: str = SYSTEM) -> str:
@@ -76,16 +77,29 @@ MAX_CAPTION = 120
 LINE_RE = re.compile(
     r'^<(?P<kind>region|scene)(?P<number>\d+)>: (?P<concept>.*) \((?P<prob>\d\.\d\d)\), '
     r'box \[(?P<box>\d+,\d+,\d+,\d+)\] '
-    r'on a 0-999 grid, (?P<area><1|\d+)% of image, "(?P<caption>[^"]*)"$')
+    r'on a 0-999 grid, (?:(?P<place>[a-z ]+), )?(?P<area><1|\d+)% of image, "(?P<caption>[^"]*)"$')
 
 
-def line(region: Region) -> str:
-    """The grounding line of a region (its `number`, `kind`, concept, box, area and caption)."""
+def line(region: Region, position: bool = False) -> str:
+    """The grounding line of a region (its `number`, `kind`, concept, box, area and caption); with `position`, the
+    coarse position word ("top left") after the box, as find-grounded turns write it."""
     area = 100.0 * region.area
     share = "<1" if area < 1 else str(round(area))
+    where = f"{region.position}, " if position and region.position else ""
     return (f"{region.ref}: {_clean(region.concept, 60) or 'object'} ({region.concept_prob:.2f}), "
-            f"box [{','.join(map(str, grid_box(region)))}] on a 0-999 grid, {share}% of image, "
+            f"box [{','.join(map(str, grid_box(region)))}] on a 0-999 grid, {where}{share}% of image, "
             f'"{_clean(region.caption, MAX_CAPTION)}"')
+
+
+def found_line(found: dict[str, int]) -> str:
+    """'found: 2 × car, 0 × dog': how many instances of each concept a question names TAP found (none is grounding
+    too: it says the concept was looked for)."""
+    return "found: " + counts_text(found)
+
+
+def counts_text(found: dict[str, int]) -> str:
+    """'2 × car, 0 × dog': instances per concept, the one wording a grounding line, the app and the CLI share."""
+    return ", ".join(f"{n} × {concept}" for concept, n in found.items())
 
 
 def grid_box(region: Region) -> tuple[int, int, int, int]:
@@ -121,9 +135,14 @@ def parse_line(text: str) -> Region:
                   size=(GRID, GRID), number=int(m["number"]), kind=m["kind"])
 
 
-def grounding_block(regions: list[Region]) -> str:
-    """The lines for the regions a turn mentions or adds, one per line: user regions by number, then scene ones."""
-    return "\n".join(line(r) for r in sorted(regions, key=lambda r: (r.kind != "region", r.number)))
+def grounding_block(regions: list[Region], found: dict[str, int] | None = None) -> str:
+    """The lines for the regions a turn mentions or adds, one per line: user regions by number, then scene ones.
+
+    A find-grounded turn (`found`: instances per concept the question names) writes each line with its position
+    word and ends with the counts.
+    """
+    lines = [line(r, position=found is not None) for r in sorted(regions, key=lambda r: (r.kind != "region", r.number))]
+    return "\n".join(lines + ([found_line(found)] if found else []))
 
 
 MENTION_RE = re.compile(r"<region(\d+)>")
@@ -144,6 +163,7 @@ class PromptPlan:
     kept_turns: int
     dropped_turns: int  # history turns left out to fit the context (image switches are not counted)
     max_new_tokens: int
+    regions: tuple[Region, ...] = ()  # the regions whose lines the turn carries (the answer check reads them)
 
 
 def clean_message(text: str) -> str:
@@ -159,21 +179,23 @@ def clean_message(text: str) -> str:
     return text
 
 
-def user_prompt(text: str, regions: list[Region]) -> str:
-    """A turn as the model sees it: the regions' grounding lines, then the text (only the text without regions)."""
-    block = grounding_block(regions)
+def user_prompt(text: str, regions: list[Region], found: dict[str, int] | None = None) -> str:
+    """A turn as the model sees it: the regions' grounding lines (and find counts), then the text (only the text
+    without regions)."""
+    block = grounding_block(regions, found)
     return f"{block}\n{text}" if block else text
 
 
 def plan_prompt(turns: Sequence[Turn], image: str | None, user_text: str, regions: list[Region], *, visual: bool,
-                count: Callable[[str], int], max_context: int, max_new_tokens: int) -> PromptPlan:
+                count: Callable[[str], int], max_context: int, max_new_tokens: int,
+                found: dict[str, int] | None = None) -> PromptPlan:
     """Fit the history (`turns`, with `image` the current image) and the new turn into `max_context` positions,
-    dropping the oldest turns first.
+    dropping the oldest turns first. `found`: the find counts of a find-grounded turn (`grounding_block`).
 
     `count(text)` gives the positions a rendered prompt occupies (visual tokens included). At least
     min(max_new_tokens, max_context // 8) positions are kept free for the answer.
     """
-    prompt = user_prompt(user_text, regions)
+    prompt = user_prompt(user_text, regions, found)
     history = [t for t in turns if t.complete and t.image == image]
     with_image = visual and image is not None
     reserve = min(max_new_tokens, max_context // 8)
@@ -182,6 +204,6 @@ def plan_prompt(turns: Sequence[Turn], image: str | None, user_text: str, region
         used = count(text)
         if used + reserve <= max_context:
             return PromptPlan(text, prompt, [r.number for r in regions], len(history) - start, start,
-                              min(max_new_tokens, max_context - used))
+                              min(max_new_tokens, max_context - used), tuple(regions))
     raise ConversationError(f"the message and its regions need {used} of the model's {max_context} positions; "
                             "shorten the message or mention fewer regions")

@@ -67,6 +67,17 @@ def emit(results: dict, path: Path | None) -> None:
         path.write_text(text)
 
 
+def per_dtype(run: Callable[[argparse.Namespace, str], dict], args: argparse.Namespace) -> list[dict]:
+    """`run(args, dtype)` for each of `args.dtypes`, each in a fresh process: one precision's allocations and
+    thread pools never colour the next one's timings."""
+    ctx = multiprocessing.get_context("spawn")
+    results = []
+    for dtype in args.dtypes.split(","):
+        with ctx.Pool(1) as pool:
+            results.append(pool.apply(run, (args, dtype)))
+    return results
+
+
 def run_one(args: argparse.Namespace, dtype: str) -> dict:
     """All measurements for one dtype (runs in its own process)."""
     import torch
@@ -243,11 +254,7 @@ def main() -> None:
 
     import torch
 
-    ctx = multiprocessing.get_context("spawn")
-    results = []
-    for dtype in args.dtypes.split(","):
-        with ctx.Pool(1) as pool:
-            results.append(pool.apply(run_one, (args, dtype)))
+    results = per_dtype(run_one, args)
     if any(r["encoder_calls_during_clicks"] for r in results):
         sys.exit("the image encoder ran during clicks: the feature cache is broken")
     print(f"{args.model}, random weights, device {args.device}, {args.threads} threads, torch {torch.__version__}, "

@@ -76,7 +76,7 @@ def answerer(args: argparse.Namespace, device: str, annotations: Any = None):
     bot = load(Assistant, args).assistant
     if args.likelihood and not module.CHOICES:
         sys.exit(f"--likelihood is for the multiple-choice benchmarks ({', '.join(multiple_choice())})")
-    return ChatAnswerer(bot, args.max_new_tokens, module.CHOICES if args.likelihood else "")
+    return ChatAnswerer(bot, args.max_new_tokens, module.CHOICES if args.likelihood else "", args.find)
 
 
 def multiple_choice() -> list[str]:
@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--choices", type=Path, help=CHOICES_HELP)
     r.add_argument("--likelihood", action="store_true",
                    help="seed/mmbench: answer with the most likely option letter instead of generating text")
+    r.add_argument("--find", action="store_true",
+                   help="ground each question's concepts in every instance TAP finds (counts, positions); off by "
+                        "default so scores stay comparable with the paper's")
     r.add_argument("--limit", type=int, default=0)
     r.add_argument("--batch-size", type=int, default=16)
     r.add_argument("--max-new-tokens", type=int, default=None, help="default 128 (chat), the decoder's own (TAP)")

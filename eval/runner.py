@@ -49,6 +49,7 @@ class ChatAnswerer:
     bot: Assistant
     max_new_tokens: int = 128
     choices: str = ""  # e.g. "ABCD": answer with the most likely of these letters (one token), not free text
+    find: bool = False  # ground each question's concepts in every instance TAP finds (off: the paper's prompts)
 
     @property
     def model_id(self) -> str:
@@ -59,7 +60,7 @@ class ChatAnswerer:
         if self.choices:
             settings = GenerationSettings(max_new_tokens=1, allowed_tokens=letter_tokens(self.bot, self.choices))
         return self.bot.answer_batch([BatchItem(image, q.text) for q, image in items], settings,
-                                     batch_size=batch_size)
+                                     batch_size=batch_size, find=self.find)
 
 
 def letter_tokens(bot: Assistant, letters: str) -> tuple[int, ...]:

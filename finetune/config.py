@@ -39,6 +39,8 @@ class ModelConfig:
     lora_dropout: float = 0.05
     quantization: str = "none"  # 4bit: QLoRA (NF4 base, LoRA in 16 bits)
     seed: int = 0
+    find_grounding: bool | None = None  # the saved model's `ChatConfig.find_grounding`: set when the data has
+    # find-grounded turns, so the app grounds questions as the model learnt them (None: keep the init's)
 
 
 @dataclass

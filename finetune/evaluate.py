@@ -33,13 +33,14 @@ class BlankImages:
 
 
 def accuracy(checkpoint: str | Path, questions: str | Path, *, blank_images: bool = False,
-             max_new_tokens: int = 6) -> dict[str, float]:
-    """Overall and per-kind exact match, loading the checkpoint exactly as the assistant and the app do."""
+             max_new_tokens: int = 6, find: bool = False) -> dict[str, float]:
+    """Overall and per-kind exact match, loading the checkpoint exactly as the assistant and the app do; `find`
+    grounds each question's concepts in every instance TAP finds."""
     bot = load(Assistant, LoadOptions(chat_checkpoint=checkpoint, device="cpu", dtype="float32")).assistant
     asked, annotations, bad = short_answer.load_run(RunInputs(questions=Path(questions)))
     if bad:
         raise ValueError(f"{questions}: {len(bad)} bad records, e.g. {next(iter(bad.items()))}")
-    answerer = ChatAnswerer(bot, max_new_tokens=max_new_tokens)
+    answerer = ChatAnswerer(bot, max_new_tokens=max_new_tokens, find=find)
     with tempfile.TemporaryDirectory() as tmp:
         answers = Path(tmp) / "answers.jsonl"
         run(BlankImages(answerer) if blank_images else answerer, asked, Path(questions).parent, answers,

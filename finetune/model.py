@@ -43,6 +43,8 @@ def build_chat(config: TrainConfig, device: torch.device, dtype: torch.dtype) ->
     if m.init:
         if chat.encoder_state:
             tap.image_encoder.load_state_dict(chat.encoder_state, strict=False)
+        if m.find_grounding is not None:
+            chat.config = chat.config.with_(find_grounding=m.find_grounding)
         return chat, tap
     tiny = TinyPhi(**m.tiny_llm) if m.llm == TINY_LLM else None
     hidden = tiny.hidden_size if tiny is not None else _hidden_size(m.llm)
@@ -51,7 +53,8 @@ def build_chat(config: TrainConfig, device: torch.device, dtype: torch.dtype) ->
                                                        out_dim=hidden,
                                                        grid=tap.config.grid_size, **m.projector),
                              lora=(LoraSettings(r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout)
-                                   if config.trainable.llm == "lora" else None))
+                                   if config.trainable.llm == "lora" else None),
+                             find_grounding=m.find_grounding)
     chat = ChatModel.create(chat_config, dtype=dtype, device=device, quantization=m.quantization, seed=m.seed,
                             tiny=tiny, tokenizer=m.tokenizer or None)
     return chat, tap

@@ -17,12 +17,11 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from assistant.template import line as region_line
-from tokenizer_tap.region import Region
+from tokenizer_tap.region import PLACES, Region
 
 SIZE = 256
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
-PLACES = ("top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right")
 COUNTS = ("one", "two", "three")
 
 

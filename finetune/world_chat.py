@@ -3,8 +3,10 @@
 Everything is read off `world.json`, so every answer is true of its image:
 - `chat_captions.json` (chat stage 1): the image alone, answered with a scene caption that lists its objects;
 - `chat_train.json` (chat stage 2): multi-turn conversations about colour, count, position, relations and regions.
-  A region turn starts with the region line the assistant itself writes for a click (`grounding.line`), built
-  from the annotation (concept, box, area, caption) as TAP would report it, so the model learns to read those lines;
+  A region turn starts with the region line the assistant itself writes for a click (`template.line`), built
+  from the annotation (concept, box, area, caption) as TAP would report it, so the model learns to read those lines.
+  With `find`, most questions that name concepts are find-grounded as the engine grounds them: every instance of
+  each named concept as a numbered line with its position word, then the counts ("found: 2 × car");
 - `chat_eval.json`: the eval split's questions in the `short-answer` benchmark's layout, one per kind and image;
 - `tokenizer.json`: a byte-level BPE trained on the text above and the chat template (the demo model's own).
 
@@ -26,14 +28,17 @@ from typing import Any
 import numpy as np
 
 from assistant.llm import EOS_TEXT
-from assistant.template import Turn, line, render, render_pretrain
+from assistant.template import Turn, line, render, render_pretrain, user_prompt
 from tokenizer_tap.region import Region
+from tokenizer_tap.vocabulary import concepts_in
 
 KINDS = ("colour", "count", "position", "relation", "region")
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above",
             "in front of": "behind", "behind": "in front of"}
 PLURALS = {"bush": "bushes", "person": "people", "leaves": "leaves", "grass": "grass"}
 COUNT_MAX = 9  # counts are answered with one digit
+FIND_SHARE = 0.8  # find-grounded share of the questions that name concepts: the rest keep the model answering
+# without find grounding (switched off per request, as benchmarks do)
 Obj = dict[str, Any]
 
 
@@ -89,13 +94,32 @@ def scene_caption(entry: dict) -> str:
     return text + "."
 
 
-def region_line(obj: Obj, entry: dict, rng: np.random.Generator) -> str:
-    """The line the assistant writes for a click on `obj` (score drawn, as TAP's varies)."""
+def annotation_region(obj: Obj, entry: dict, rng: np.random.Generator, number: int = 1) -> Region:
+    """`obj` as TAP would report it, numbered `number` (score drawn, as TAP's varies)."""
     x, y, w, h = obj["bbox"]
     size = entry["width"] * entry["height"]
-    region = Region([(obj["concept"], float(rng.uniform(0.5, 1.0)))], obj["caption"], box=(x, y, x + w, y + h),
-                    area=obj["area"] / size, size=(entry["width"], entry["height"]), number=1)
-    return line(region)
+    return Region([(obj["concept"], float(rng.uniform(0.5, 1.0)))], obj["caption"], box=(x, y, x + w, y + h),
+                  area=obj["area"] / size, size=(entry["width"], entry["height"]), number=number)
+
+
+def region_line(obj: Obj, entry: dict, rng: np.random.Generator) -> str:
+    """The line the assistant writes for a click on `obj`."""
+    return line(annotation_region(obj, entry, rng))
+
+
+def find_grounded(question: str, entry: dict, names: Sequence[str], numbers: dict[int, int],
+                  rng: np.random.Generator) -> str:
+    """`question` as a find-grounded turn: every instance of each concept of `names` it names, numbered as the
+    conversation numbers regions (`numbers`: annotation id -> number, shared by its turns), then the counts."""
+    regions, found = [], {}
+    for concept in concepts_in(question, names):
+        instances = [o for o in entry["objects"] if o["concept"] == concept]
+        found[concept] = len(instances)
+        for i in rng.permutation(len(instances)):  # TAP's score order, not the scene's
+            o = instances[i]
+            number = numbers.setdefault(o["id"], max(numbers.values(), default=0) + 1)
+            regions.append(annotation_region(o, entry, rng, number))
+    return user_prompt(question, regions, found) if found else question
 
 
 def questions(entry: dict, rng: np.random.Generator, absent: Sequence[str] = ()) -> dict[str, list[tuple[str, str]]]:
@@ -141,33 +165,50 @@ def questions(entry: dict, rng: np.random.Generator, absent: Sequence[str] = ())
 
 
 def conversation(entry: dict, qs: dict[str, list[tuple[str, str]]], rng: np.random.Generator,
-                 turns: int) -> list[tuple[str, str]]:
+                 turns: int, find_names: Sequence[str] = ()) -> list[tuple[str, str]]:
     """Up to `turns` (question, answer) pairs, each of a kind drawn evenly (relations, the most numerous, would
-    otherwise crowd out the rest), plus one region description (a caption answer)."""
+    otherwise crowd out the rest), plus one region description (a caption answer).
+
+    With `find_names` (the world's concepts), `FIND_SHARE` of the questions naming them are find-grounded, and
+    regions are numbered through the conversation as the app numbers them (a click is a new region).
+    """
     pools = {k: [qs[k][i] for i in rng.permutation(len(qs[k]))] for k in KINDS if qs[k]}
     picked = []
     while pools and len(picked) < turns:
         kind = sorted(pools)[int(rng.integers(len(pools)))]
-        picked.append(pools[kind].pop())
+        picked.append((kind, *pools[kind].pop()))
         if not pools[kind]:
             del pools[kind]
     described = [o for o in entry["objects"] if o["caption"]]
     if described:
         o = described[int(rng.integers(len(described)))]
         picked.insert(int(rng.integers(len(picked) + 1)),
-                      (f"{region_line(o, entry, rng)}\nDescribe <region1>.", o["caption"]))
-    return picked
+                      ("region", f"{region_line(o, entry, rng)}\nDescribe <region1>.", o["caption"]))
+    if not find_names:
+        return [(q, a) for _, q, a in picked]
+    numbers: dict[int, int] = {}  # annotation id (a click: -its turn) -> region number
+    out = []
+    for k, (kind, q, a) in enumerate(picked):
+        if kind == "region":
+            numbers[-1 - k] = max(numbers.values(), default=0) + 1
+            out.append((q.replace("<region1>", f"<region{numbers[-1 - k]}>"), a))
+        else:
+            out.append((find_grounded(q, entry, find_names, numbers, rng) if rng.random() < FIND_SHARE else q, a))
+    return out
 
 
 TURNS = 10  # short-answer turns per training conversation (the shipped demo models were trained with 10)
 
 
-def make_chat_data(world: str | Path, *, seed: int = 0, turns: int = TURNS, vocab_size: int = 1024) -> dict[str, Path]:
-    """Write the chat files and the tokenizer into the world folder; returns their paths by name."""
+def make_chat_data(world: str | Path, *, seed: int = 0, turns: int = TURNS, vocab_size: int = 1024,
+                   find: bool = False) -> dict[str, Path]:
+    """Write the chat files and the tokenizer into the world folder; returns their paths by name. `find`: training
+    conversations carry find-grounded turns (`conversation`); the held-out questions are the same either way."""
     world = Path(world)
     data = json.loads((world / "world.json").read_text())
     objects = sorted({o["concept"] for split in data["splits"].values() for e in split for o in e["objects"]
                       if o["kind"] == "object"})
+    every = sorted({o["concept"] for split in data["splits"].values() for e in split for o in e["objects"]})
     captions, train, evaluation = [], [], []
     for i, entry in enumerate(data["splits"].get("train", [])):
         rng = np.random.default_rng([seed, 0, i])
@@ -175,7 +216,7 @@ def make_chat_data(world: str | Path, *, seed: int = 0, turns: int = TURNS, voca
         captions.append({"id": f"cap-{entry['image_id']}", "image": image,
                          "conversations": [{"from": "human", "value": "<image>"},
                                            {"from": "gpt", "value": scene_caption(entry)}]})
-        pairs = conversation(entry, questions(entry, rng, objects), rng, turns)
+        pairs = conversation(entry, questions(entry, rng, objects), rng, turns, every if find else ())
         conv = []
         for k, (q, a) in enumerate(pairs):
             conv += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + q}, {"from": "gpt", "value": a}]
@@ -225,6 +266,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--turns", type=int, default=TURNS, help="short-answer turns per training conversation")
     parser.add_argument("--vocab-size", type=int, default=1024, help="entries of the BPE tokenizer")
+    parser.add_argument("--find-turns", action="store_true",
+                        help="ground most questions that name concepts as `find` does (every instance, counts)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -233,6 +276,6 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     for key, path in make_chat_data(args.world, seed=args.seed, turns=args.turns,
-                                    vocab_size=args.vocab_size).items():
+                                    vocab_size=args.vocab_size, find=args.find_turns).items():
         print(f"{key}: {path}")
     return 0

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT.parent / "shared" / "reference"
 FIXTURE_A = REFERENCE / "tap-parity" / "A"
 LLAMA_TOKENIZER = REFERENCE / "tap-parity" / "text_tokenizer.model"
+DEMO = ROOT / "models" / "demo"  # the shipped demo models
 
 
 # Never touch the network or the user's HF cache: an empty, offline cache. Set at import, before any test module
@@ -103,12 +104,24 @@ def photo() -> np.ndarray:
     return img
 
 
+@pytest.fixture(scope="session")
+def cars_scene(tmp_path_factory) -> Path:
+    """Held-out world scene 91 (seed 0) as a PNG: exactly 3 cars, all of which the demo TAP finds (test_find_chat)."""
+    from PIL import Image
+
+    from finetune.tap.world import render
+    path = tmp_path_factory.mktemp("scenes") / "cars.png"
+    Image.fromarray(render(0, "eval", 91).image).save(path)
+    return path
+
+
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
 @pytest.fixture(scope="module")
 def app_server(tmp_path_factory):
-    """Start the app in-process with tiny models: `start(auth=None) -> (url, service)`; all closed after the module."""
+    """Start the app in-process with tiny models (`demo=True`: the shipped demo models, whose TAP knows what it
+    sees): `start(auth=None, demo=False) -> (url, service)`; all closed after the module."""
     import socket
 
     from app.cli import build_app, launch
@@ -118,13 +131,14 @@ def app_server(tmp_path_factory):
 
     started = []
 
-    def start(auth: list[tuple[str, str]] | None = None):
+    def start(auth: list[tuple[str, str]] | None = None, demo: bool = False):
         data = tmp_path_factory.mktemp("app")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        config = AppConfig(port=port, data_dir=data, auth=auth or [], tiny=True, everything_grid=6)
-        bot = Assistant.tiny(store=ChatStore(config.db_path, config.image_dir))
+        config = AppConfig(port=port, data_dir=data, auth=auth or [], tiny=not demo, everything_grid=6)
+        store = ChatStore(config.db_path, config.image_dir)
+        bot = Assistant.demo(store=store, device="cpu", folder=DEMO) if demo else Assistant.tiny(store=store)
         demo, service, _ = build_app(config, bot)
         _, url, _ = launch(demo, config, prevent_thread_lock=True, quiet=True)
         started.append((demo, service))

@@ -32,8 +32,8 @@ def chat_with_image(client: Client) -> str:
 
 def test_endpoints_are_named_and_documented(client: Client) -> None:
     api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    for name in ["/new_chat", "/set_image", "/segment", "/remove_region", "/segment_everything", "/adopt", "/chat",
-                 "/stop", "/regenerate", "/undo", "/clear", "/ask_region", "/history", "/open", "/rename",
+    for name in ["/new_chat", "/set_image", "/segment", "/find", "/remove_region", "/segment_everything", "/adopt",
+                 "/chat", "/stop", "/regenerate", "/undo", "/clear", "/ask_region", "/history", "/open", "/rename",
                  "/delete", "/export"]:
         assert name in api, name
     assert [p["parameter_name"] for p in api["/chat"]["parameters"]] == [
@@ -53,6 +53,31 @@ def test_segment_returns_a_numbered_region(client: Client) -> None:
     snap = client.predict(cid, 1, api_name="/remove_region")
     assert [r["number"] for r in snap["regions"]] == [2]
     assert client.predict(cid, {"points": [[100, 100]]}, api_name="/segment")["number"] == 3  # never reused
+
+
+@pytest.fixture(scope="module")
+def demo_client(app_server) -> Client:
+    """A client of the app on the shipped demo models (their TAP finds the `cars_scene`'s 3 cars)."""
+    return Client(app_server(demo=True)[0], verbose=False)
+
+
+def test_find_returns_every_instance_as_numbered_regions(demo_client: Client, cars_scene: Path) -> None:
+    cid = demo_client.predict(api_name="/new_chat")
+    demo_client.predict(cid, handle_file(str(cars_scene)), api_name="/set_image")
+    sun = demo_client.predict(cid, {"points": [[66, 50]]}, api_name="/segment")
+    out = demo_client.predict(cid, "cars", api_name="/find")
+    assert out["found"] == {"car": 3}
+    assert sorted(r["number"] for r in out["regions"]) == [2, 3, 4]  # numbered after the clicked one
+    assert all(set(r) == set(sun) and r["concept"] == "car" and r["ref"] == f"<region{r['number']}>"
+               for r in out["regions"])  # each as /segment returns a region
+    assert demo_client.predict(cid, "car and balloon", api_name="/find")["found"] == {"car": 3, "balloon": 0}
+    with pytest.raises(AppError, match=r"^'unicorns' is not in the concept vocabulary \(\d+ names\); closest: "):
+        demo_client.predict(cid, "unicorns", api_name="/find")
+    regions = demo_client.predict(cid, api_name="/open")["regions"]
+    assert [r["number"] for r in regions] == [1, 2, 3, 4]  # the refused query changed nothing
+    stranger = Client(demo_client.src, verbose=False)
+    with pytest.raises(AppError, match="does not exist"):
+        stranger.predict(cid, "cars", api_name="/find")
 
 
 def test_chat_streams_and_is_stored(client: Client) -> None:
@@ -99,6 +124,18 @@ def test_ask_region_in_one_call(client: Client) -> None:
     assert [r["number"] for r in out["regions"]] == [1, 2]
     assert isinstance(out["answer"], str) and out["conversation_id"]
     assert out["conversation_id"] in [c["id"] for c in client.predict("", api_name="/history")]
+
+
+def test_the_answer_check_note_is_returned(client: Client, monkeypatch) -> None:
+    note = "TAP sees a white house here (<region1>)"
+    monkeypatch.setattr("assistant.session.check_answer", lambda *a: [note])  # the server runs in this process
+    cid = chat_with_image(client)
+    client.predict(cid, {"points": [[510, 270]]}, api_name="/segment")
+    list(client.submit(cid, "What is <region1>?", 0.0, 4, api_name="/chat"))
+    assert [m.get("note") for m in client.predict(cid, api_name="/open")["messages"]] == [None, note]
+    out = client.predict(handle_file(SCENE), [{"points": [[510, 270]]}], "What is <region1>?", 0.0, 4,
+                         api_name="/ask_region")
+    assert out["note"] == note
 
 
 def test_history_search_rename_export_delete(client: Client) -> None:

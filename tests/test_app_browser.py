@@ -367,3 +367,51 @@ def test_demo_models_name_each_gallery_click_and_answer_its_colour(browser, demo
     context.close()
     assert all(len(said) == 1 for _, said in answers), answers
     assert any(said == [truth] for truth, said in answers), answers
+
+
+def test_find_box_makes_every_car_a_chip_and_counts_them(browser, demo_server, cars_scene) -> None:
+    """Typing "car" in Find on a held-out scene with 3 cars: 3 numbered chips, "3 × car", a redrawn overlay; an
+    unknown word is a toast that changes nothing; "Remove all" clears the chips. (The answer to "How many cars?"
+    is not checked here: the demo chat model is not trained to count yet.)"""
+    from playwright.sync_api import expect
+    url, _ = demo_server
+    context = browser.new_context(viewport={"width": 1500, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT)
+    page.goto(url)
+    page.wait_for_selector("#image")
+    upload(page, str(cars_scene))
+    expect(page.locator("#history")).to_contain_text("New chat")
+    wait_image(page)
+    plain = overlay_src(page)
+    find = page.locator("#find textarea, #find input").first
+    find.fill("car")
+    find.press("Enter")
+    status, chips = page.locator("#find_status"), page.locator("#chips")
+    expect(status).to_contain_text("3 × car")
+    for n in (1, 2, 3):
+        expect(chips).to_contain_text(f"<region{n}> car")
+    expect(chips.locator(".gallery-item, button")).to_have_count(3)
+    page.wait_for_function("old => document.querySelector('#image img')?.src !== old", arg=plain)
+    shot(page, "find-cars")
+
+    find.fill("unicorns")
+    page.locator("#find_btn").click()
+    toast(page, "'unicorns' is not in the concept vocabulary")
+    expect(status).to_contain_text("3 × car")  # nothing else changed
+    expect(chips.locator(".gallery-item, button")).to_have_count(3)
+    find.fill("balloon")
+    page.locator("#find_btn").click()
+    expect(status).to_contain_text("0 × balloon")
+    expect(chips.locator(".gallery-item, button")).to_have_count(3)
+
+    page.locator("#remove_all").click()
+    expect(chips.locator(".gallery-item, button")).to_have_count(0)
+    expect(status).not_to_contain_text("×")
+    find.fill("cars")
+    find.press("Enter")
+    expect(chips).to_contain_text("<region4> car")  # numbers are never reused
+    expect(status).to_contain_text("3 × car")
+    page.locator("#new_chat").click()
+    expect(status).not_to_contain_text("×")  # a Find belongs to its chat
+    context.close()

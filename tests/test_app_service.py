@@ -10,9 +10,9 @@ import pytest
 
 from app.config import AppConfig
 from app.errors import UserError
-from app.handlers import scribble_stroke
+from app.handlers import Handlers, scribble_stroke
 from app.owners import AuthFileError, browser_owner, new_token, parse_credentials, pinned_secret, session_owner
-from app.render import chat_messages, message_html
+from app.render import chat_messages, message_html, region_json
 from app.service import ChatService
 from assistant.engine import Assistant
 from assistant.store import ChatStore
@@ -21,6 +21,7 @@ from tokenizer_tap.prompts import Prompt
 from tokenizer_tap.region import Region
 
 SCENE = Path(__file__).resolve().parents[1] / "examples" / "scene.jpg"
+DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +120,84 @@ def test_export_markdown_zip_has_the_annotated_image(service: ChatService) -> No
     assert "`<region1>`" in md and "**You:** Name <region1>." in md
     with pytest.raises(UserError, match="json or markdown"):
         service.export("ann", cid, "pdf")
+
+
+def test_an_answer_that_disagrees_with_tap_shows_and_returns_its_note(bot_factory, tmp_path: Path,
+                                                                       monkeypatch) -> None:
+    service = bot_factory(tmp_path)
+    cid = service.new_chat("ann")
+    service.set_image("ann", cid, SCENE)
+    region = service.click("ann", cid, 510, 270)
+    region.concepts, region.caption = [("house", 0.8)], "a white house"
+    said = "<region1> is a red house."
+    monkeypatch.setattr(service.bot.chat.tokenizer, "decode", lambda ids, **kw: said)  # the tiny model's answer
+    service.stream("ann", cid, "What is <region1>?", max_new_tokens=3).text()
+    note = "TAP sees a white house here (<region1>)"
+    snap = service.snapshot("ann", cid)
+    assert [m["note"] for m in snap.to_dict()["messages"][1:]] == [note]
+    shown = chat_messages(snap.turns, snap.regions)[1]["content"]
+    assert shown.index("is a red house.") < shown.index('class="tap-note"')  # under the answer
+    assert "⚠ TAP sees a white house here (" in shown
+    with zipfile.ZipFile(service.export("ann", cid, "markdown")) as zf:
+        assert f"> ⚠ {note}" in zf.read("chat.md").decode()
+    assert bot_factory(tmp_path).snapshot("ann", cid).to_dict()["messages"][1]["note"] == note  # from the store
+    monkeypatch.setattr("assistant.session.check_answer", lambda *a: ["TAP sees a dog here (<region1>)"])
+    out = service.ask_region("ann", SCENE, [Prompt.point(510, 270)], "What is <region1>?", max_new_tokens=2)
+    assert out["answer"] == said and out["note"] == "TAP sees a dog here (<region1>)"
+
+
+@pytest.fixture(scope="module")
+def demo_service(tmp_path_factory) -> ChatService:
+    """A service on the shipped demo models: their TAP finds the 3 cars of the `cars_scene`."""
+    config = AppConfig(data_dir=tmp_path_factory.mktemp("demo"))
+    store = ChatStore(config.db_path, config.image_dir)
+    return ChatService(Assistant.demo(store=store, device="cpu", folder=DEMO), config)
+
+
+def test_find_numbers_every_instance_like_a_click_and_counts_each_concept(demo_service: ChatService,
+                                                                         cars_scene: Path) -> None:
+    cid = demo_service.new_chat("ann")
+    demo_service.set_image("ann", cid, cars_scene)
+    sun = demo_service.click("ann", cid, 66, 50)  # the scene's sun: a region before the Find
+    assert sun.number == 1 and sun.concept != "car"
+    found = demo_service.find("ann", cid, "cars")
+    assert found.counts == {"car": 3} and found.summary == "3 × car"
+    assert sorted(r.number for r in found.regions) == [2, 3, 4] and {r.concept for r in found.regions} == {"car"}
+    assert found.to_dict() == {"regions": [region_json(r) for r in found.regions], "found": {"car": 3}}
+    again = demo_service.find("ann", cid, "Cars and balloons")  # found cars keep their numbers; none is a count
+    assert again.summary == "3 × car, 0 × balloon" and [r.number for r in again.regions] == [r.number for r in
+                                                                                              found.regions]
+    assert [r.number for r in demo_service.region_views("ann", cid)] == [1, 2, 3, 4]
+    with pytest.raises(UserError, match="'unicorns' is not in the concept vocabulary .*closest: "):
+        demo_service.find("ann", cid, "unicorns")
+    with pytest.raises(UserError, match="does not exist"):
+        demo_service.find("bob", cid, "cars")  # someone else's chat
+    assert [r.number for r in demo_service.region_views("ann", cid)] == [1, 2, 3, 4]  # refusals changed nothing
+    assert demo_service.remove_regions("ann", cid) == [1, 2, 3, 4] and demo_service.region_views("ann", cid) == []
+    assert sorted(r.number for r in demo_service.find("ann", cid, "car").regions) == [5, 6, 7]  # never reused
+    with pytest.raises(UserError, match="Upload an image first"):
+        demo_service.find("ann", demo_service.new_chat("ann"), "cars")
+
+
+def test_an_answer_citing_regions_makes_them_stand_out(service: ChatService, monkeypatch) -> None:
+    cid = service.new_chat("ann")
+    service.set_image("ann", cid, SCENE)
+    service.click("ann", cid, 510, 270)
+    service.click("ann", cid, 100, 100)
+    handlers = Handlers(service, False, [])
+    said = {"text": "It is <region2>."}
+    monkeypatch.setattr(service.bot.chat.tokenizer, "decode", lambda ids, **kw: said["text"])  # the tiny model's
+
+    def overlay_after(question: str) -> np.ndarray:
+        *_, (_, _, _, overlay) = handlers.on_send("ann", cid, question, 0.0, 3)
+        return np.asarray(overlay)
+
+    cited = overlay_after("Which one?")
+    assert np.array_equal(cited, np.asarray(service.overlay("ann", cid, {2})))
+    assert not np.array_equal(cited, np.asarray(service.overlay("ann", cid)))
+    assert not np.array_equal(cited, np.asarray(service.overlay("ann", cid, 1)))
+    said["text"] = "Nothing."
+    assert np.array_equal(overlay_after("And now?"), np.asarray(service.overlay("ann", cid)))  # plain again
 
 
 def test_everything_candidates_and_focus_overlay(service: ChatService) -> None:

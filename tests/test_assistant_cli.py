@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from assistant.cli import main
+
+DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
 
 
 @pytest.fixture
@@ -27,6 +30,16 @@ def test_one_shot_json_with_regions(image_file, capsys):
     assert len(out["turns"]) == 2 and all(t["complete"] for t in out["turns"])
 
 
+def test_the_answer_check_note_is_printed_after_the_answer(image_file, capsys, monkeypatch):
+    monkeypatch.setattr("assistant.session.check_answer", lambda *a: ["TAP sees a dog here (<region1>)"])
+    args = ["chat", str(image_file), "--tiny", "--point", "200,150", "--ask", "What is <region1>?",
+            "--max-new-tokens", "4"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.rstrip().endswith("\n⚠ TAP sees a dog here (<region1>)")
+    assert main([*args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["turns"][0]["note"] == "TAP sees a dog here (<region1>)"
+
+
 def test_repl_commands_and_history(image_file, tmp_path, monkeypatch, capsys):
     lines = iter(["/point 200,150 -20,20", "/regions", "What is <region1>?", "/box 1,2", "/nope", "/remove 7",
                   "/history", f"/export {tmp_path / 'out.json'}", "/image /no/such/file.png", "", "/quit"])
@@ -41,6 +54,26 @@ def test_repl_commands_and_history(image_file, tmp_path, monkeypatch, capsys):
     assert "1 record(s)" in out
     record, = json.loads((tmp_path / "out.json").read_text())
     assert record["conversations"][0]["value"].startswith("<image>\n<region1>: ")
+
+
+def test_repl_find_prints_each_instance_and_the_counts(cars_scene, monkeypatch, capsys):
+    lines = iter(["/point 66,50", "/find cars and balloons", "/find unicorns", "/find car", "/regions", "/help",
+                  "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", str(cars_scene), "--demo", "--demo-models", str(DEMO), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    first = out.index("found: 3 × car, 0 × balloon")
+    found = out[first - 3:first]
+    assert sorted(line.split()[0] for line in found) == ["<region2>", "<region3>", "<region4>"]  # after the click
+    for line in found:
+        ref, concept, score, box, xyxy = line.split()
+        assert concept == "car" and 0.5 <= float(score) <= 1 and box == "box" and len(xyxy.split(",")) == 4
+    error = out[first + 1]
+    assert error.startswith("error: 'unicorns' is not in the concept vocabulary") and "closest: " in error
+    again = out.index("found: 3 × car", first + 1)  # the REPL went on; the cars kept their numbers
+    assert out[again - 3:again] == found
+    assert sum(line.startswith("<region") and ": car (" in line for line in out) == 3  # /regions lists them once
+    assert any(line.strip().startswith("/find QUERY") for line in out)  # in /help
 
 
 def test_merge_command(tmp_path, capsys):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,6 +24,7 @@ from pydantic import ValidationError
 from assistant.decoding import GenerationSettings
 from assistant.engine import Assistant
 from assistant.langchain_chat import TapChatMessageHistory, TapChatModel
+from assistant.langchain_tools import find_tool
 from assistant.store import ChatStore, NotFoundError
 from assistant.template import parse_line
 from tokenizer_tap.prompts import Prompt
@@ -217,6 +219,7 @@ def test_a_new_image_starts_a_new_visual_context(model, bot, photo, b64):
                 human("And now <region2>?", other_b64, REGIONS[:1])]
     answer = model.invoke(messages)
     assert answer.content == live.text and answer.response_metadata["regions"] == live.regions == [2]
+    assert answer.response_metadata["note"] == live.note  # the answer check's note, as the live chat gives it
     with pytest.raises(ValueError, match="message 5: <region1> belongs to an earlier image"):
         model.invoke([*messages[:2], human("x", other_b64), AIMessage(content="y"), human("What about <region1>?")])
 
@@ -339,6 +342,10 @@ def test_history_round_trip(store):
     got = history.messages
     assert [(type(m), m.content) for m in got] == [(type(m), m.content) for m in sent] + [(HumanMessage, "Thanks")]
     assert [m.additional_kwargs.get("complete") for m in got if isinstance(m, AIMessage)] == [True, False]
+    ai = [m.id for m in store.get_conversation("alice", conv).messages if m.role == "assistant"]
+    store.update_message("alice", ai[0], "A dog.", complete=True, note="TAP sees a cat here (<region1>)")
+    assert [m.additional_kwargs["note"] for m in history.messages if isinstance(m, AIMessage)] == [
+        "TAP sees a cat here (<region1>)", ""]
     assert [m.role for m in store.get_conversation("alice", conv).messages] == ["user", "assistant"] * 2 + ["user"]
     with pytest.raises(ValueError, match="not SystemMessage"):
         history.add_messages([HumanMessage(content="kept?"), SystemMessage(content="no")])
@@ -365,6 +372,27 @@ def test_history_drives_a_chat(model, bot, store):
     assert [first.content, second.content] == ask(bot, None, [("Hi there", []), ("And then?", [])])
     assert [m.content for m in TapChatMessageHistory(store, "alice", conv).messages] == \
         ["Hi there", first.content, "And then?", second.content]
+
+
+def test_the_find_tool_makes_every_instance_a_region_of_the_chat(cars_scene: Path) -> None:
+    bot = Assistant.demo(device="cpu", folder=Path(__file__).resolve().parents[1] / "models" / "demo")
+    chat = bot.start(image=cars_scene)
+    chat.add_region(Prompt.point(66, 50))  # the scene's sun
+    tool = find_tool(chat)
+    assert tool.name == "find" and list(tool.args) == ["query"] and "<regionN>" in tool.description
+    out = json.loads(tool.invoke({"query": "cars and balloons"}))
+    assert out["found"] == {"car": 3, "balloon": 0}
+    assert sorted(r["number"] for r in out["regions"]) == [2, 3, 4]
+    assert all(r["concept"] == "car" and r["ref"] == f"<region{r['number']}>" and len(r["box"]) == 4
+               for r in out["regions"])
+    assert [r.number for r in chat.current_regions()] == [1, 2, 3, 4]  # the chat can now cite them
+    chat.ask("What is <region3>?", GenerationSettings(max_new_tokens=2))
+    assert "<region3>: car (" in chat.turns[-1].prompt  # a question can cite what the tool found
+    message = tool.invoke({"type": "tool_call", "id": "t1", "name": "find", "args": {"query": "unicorns"}})
+    assert isinstance(message, ToolMessage) and message.tool_call_id == "t1"
+    assert message.content.startswith("'unicorns' is not in the concept vocabulary") and "closest: " in message.content
+    assert tool.invoke("cars").startswith('{"found": {"car": 3}')  # a plain string query works too
+    assert find_tool(bot.start()).invoke("cars") == "add an image before finding"
 
 
 class TestTapChatModelStandard(ChatModelUnitTests):

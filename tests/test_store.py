@@ -57,7 +57,7 @@ def _rows(chat: ChatStore, sql: str, *params) -> list[tuple]:
 def test_schema_is_created_at_the_current_version(tmp_path: Path) -> None:
     ChatStore(tmp_path / "chat.db").close()
     conn = sqlite3.connect(tmp_path / "chat.db")
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(store.MIGRATIONS) == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(store.MIGRATIONS) == 2
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"owners", "conversations", "images", "messages", "regions", "messages_fts"} <= tables
@@ -94,12 +94,35 @@ def test_failed_migration_leaves_the_previous_version(tmp_path: Path, monkeypatc
         raise RuntimeError("disk on fire")
 
     monkeypatch.setattr(store, "MIGRATIONS", [*store.MIGRATIONS, broken])
-    with pytest.raises(StoreError, match="schema version 2 failed: disk on fire"):
+    with pytest.raises(StoreError, match="schema version 3 failed: disk on fire"):
         ChatStore(tmp_path / "chat.db")
     conn = sqlite3.connect(tmp_path / "chat.db")
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
     assert conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'half_done'").fetchone()[0] == 0
     conn.close()
+
+
+def test_a_version_1_database_gains_the_note_column_and_keeps_its_rows(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    with monkeypatch.context() as m:  # a database as the first release wrote it
+        m.setattr(store, "MIGRATIONS", store.MIGRATIONS[:1])
+        with ChatStore(tmp_path / "chat.db") as old:
+            conv = old.create_conversation("alice", "Old chat")
+            old.append_message("alice", conv, "user", "What is the walrus doing?")
+            mid = old.append_message("alice", conv, "assistant", "It is sleeping.")
+    with sqlite3.connect(tmp_path / "chat.db") as conn:
+        assert "note" not in {r[1] for r in conn.execute("PRAGMA table_info(messages)")}
+    with ChatStore(tmp_path / "chat.db") as chat:
+        record = chat.get_conversation("alice", conv)
+        assert [(m.text, m.note) for m in record.messages] == [("What is the walrus doing?", None),
+                                                               ("It is sleeping.", None)]
+        assert record.info.title == "Old chat" and [i.id for i in chat.search("alice", "walrus")] == [conv]
+        chat.update_message("alice", mid, "It is sleeping.", complete=True, note="TAP sees a seal here (<region1>)")
+        assert chat.get_conversation("alice", conv).messages[1].note == "TAP sees a seal here (<region1>)"
+        assert chat.get_conversation("alice", conv).turns()[0].note == "TAP sees a seal here (<region1>)"
+        assert [i.id for i in chat.search("alice", "sleeping")] == [conv]  # the search index still follows
+    with sqlite3.connect(tmp_path / "chat.db") as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(store.MIGRATIONS)
 
 
 # conversations

@@ -122,7 +122,40 @@ def test_tokenizer_round_trips_the_training_text(world: Path) -> None:
 
 def test_same_seed_same_files_and_cli(world: Path, tmp_path: Path) -> None:
     tw.make_world(tmp_path / "w", train=12, eval=4, seed=5, size=128, dim=64)
-    assert wc.run(argparse.Namespace(world=tmp_path / "w", seed=5, turns=wc.TURNS, vocab_size=1024)) == 0
+    assert wc.run(argparse.Namespace(world=tmp_path / "w", seed=5, turns=wc.TURNS, vocab_size=1024,
+                                     find_turns=False)) == 0
     for name in ("chat_captions.json", "chat_train.json", "chat_eval.json", "tokenizer.json"):
         assert (tmp_path / "w" / name).read_bytes() == (world / name).read_bytes(), name
-    assert wc.run(argparse.Namespace(world=tmp_path / "nowhere", seed=0, turns=6, vocab_size=1024)) == 2
+    assert wc.run(argparse.Namespace(world=tmp_path / "nowhere", seed=0, turns=6, vocab_size=1024,
+                                     find_turns=False)) == 2
+
+
+def test_find_turns_ground_every_instance_with_its_place_and_the_counts(world, tmp_path) -> None:
+    """`--find-turns`: questions naming concepts carry every instance's line (numbered through the conversation,
+    with the world's own position word) and "found: N × concept"; the held-out questions stay the same."""
+    folder = tmp_path / "world"
+    tw.make_world(folder, train=12, eval=4, seed=5, size=128, dim=64)
+    wc.make_chat_data(folder, seed=5, find=True)
+    assert (folder / "chat_eval.json").read_text() == (world / "chat_eval.json").read_text()
+    grounded = 0
+    for record in json.loads((folder / "chat_train.json").read_text()):
+        entry = entries(folder, "train")[record["image"]]
+        seen: dict[int, tuple[str, str]] = {}  # region number -> (concept, caption), the same in every turn
+        for turn in record["conversations"][::2]:
+            *lines, question = turn["value"].replace("<image>\n", "").split("\n")
+            if not lines or not lines[-1].startswith("found: "):
+                continue
+            grounded += 1
+            counts = dict(reversed(part.split(" × ")) for part in lines[-1].removeprefix("found: ").split(", "))
+            for concept, n in counts.items():
+                assert int(n) == sum(o["concept"] == concept for o in entry["objects"]), (question, concept)
+                assert concept in question or wc.plural(concept) in question
+            regions = [parse_line(text) for text in lines[:-1]]
+            assert len(regions) == sum(int(n) for n in counts.values())
+            for text, region in zip(lines[:-1], regions, strict=True):
+                match = [o for o in entry["objects"] if o["concept"] == region.concept
+                         and o["caption"] == region.caption and f", {o['position']}, " in text]
+                assert match, text
+                assert seen.setdefault(region.number, (region.concept, region.caption)) == (region.concept,
+                                                                                            region.caption)
+    assert grounded > 20

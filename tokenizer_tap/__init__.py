@@ -7,11 +7,11 @@ clicks into the model's inputs and its outputs into regions.
 
 from .build import build_tap
 from .config import PRESETS, TAPConfig, get_config
-from .errors import CheckpointError, ImageError, PromptError, TapError, WeightsNotFoundError
+from .errors import CheckpointError, ImageError, PromptError, TapError, UnknownConceptError, WeightsNotFoundError
 from .image_io import load_image
 from .predictor import TapPredictor
 from .prompts import Prompt
 from .region import Region
 
 __all__ = ["build_tap", "TAPConfig", "PRESETS", "get_config", "TapPredictor", "Region", "Prompt", "load_image",
-           "TapError", "ImageError", "PromptError", "CheckpointError", "WeightsNotFoundError"]
+           "TapError", "ImageError", "PromptError", "UnknownConceptError", "CheckpointError", "WeightsNotFoundError"]

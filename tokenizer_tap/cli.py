@@ -1,4 +1,4 @@
-"""Command line: `python -m tokenizer_tap {describe,convert,parity} ...`."""
+"""Command line: `python -m tokenizer_tap {describe,find,convert,parity} ...`."""
 
 from __future__ import annotations
 
@@ -26,7 +26,9 @@ from .modeling import TAP
 from .options import add_demo_models_option, add_region_options, arg_type, positive_int, region_prompts
 from .parity import run_parity
 from .predictor import TapPredictor
+from .region import Region
 from .visualize import draw_regions
+from .vocabulary import match_query
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,21 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("image")
     add_region_options(d, negatives=True)
     d.add_argument("--everything", action="store_true", help="also segment the whole scene")
-    d.add_argument("--model", default="tap_vit_l", help="tap_vit_b, tap_vit_l, tap_vit_h (default tap_vit_l)")
-    d.add_argument("--checkpoint", help="weights (.pkl/.safetensors/.pt) or a TAP checkpoint folder (tap-train); "
-                   "default: the official file from the hub")
-    d.add_argument("--concepts", default="merged_2560", help="merged_2560, lvis_1203, coco_80 or a .pkl path")
-    d.add_argument("--tokenizer", help="LLaMA tokenizer.model path; default: a verified hub copy")
-    d.add_argument("--tiny", action="store_true", help="tiny random-weight model: needs no download (tests)")
-    d.add_argument("--demo", action="store_true", help="the bundled demo TAP, trained on synthetic scenes (the "
-                   "default where the official weights are absent; models/demo/README.md)")
-    add_demo_models_option(d)
-    d.add_argument("--device", default="auto")
-    d.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    add_model_options(d)
     d.add_argument("--top-k", type=arg_type(positive_int), default=3, help="concepts per region in --json output")
     d.add_argument("--max-regions", type=arg_type(positive_int), default=12, help="regions kept by --everything")
     d.add_argument("--json", action="store_true", help="print JSON instead of text")
     d.add_argument("--out", help="write an overlay image with numbered regions here")
+
+    f = sub.add_parser("find", help="find every instance of the concepts a query names ('cars', 'cars and people')")
+    f.add_argument("image")
+    f.add_argument("query", help="concept names: any case, plural or singular, several joined by 'and' or commas")
+    add_model_options(f)
+    f.add_argument("--min-score", type=arg_type(score), default=0.5,
+                   help="least concept probability of an instance, 0-1 (default 0.5)")
+    f.add_argument("--max-instances", type=arg_type(positive_int), default=20, help="instances kept (default 20)")
+    f.add_argument("--json", action="store_true", help="print JSON: query, concepts, count, instances")
+    f.add_argument("--out", help="write an overlay image with numbered instances here")
 
     c = sub.add_parser("convert", help="convert between checkpoint forms: official .pkl, .safetensors, and a TAP "
                                        "checkpoint folder (what tap-train writes)")
@@ -66,6 +68,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("fixture")
     p.add_argument("--threads", type=int, default=2)
     return parser
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Which TAP runs: official weights, a checkpoint folder, the tiny random model or the demo, and where."""
+    parser.add_argument("--model", default="tap_vit_l", help="tap_vit_b, tap_vit_l, tap_vit_h (default tap_vit_l)")
+    parser.add_argument("--checkpoint", help="weights (.pkl/.safetensors/.pt) or a TAP checkpoint folder "
+                        "(tap-train); default: the official file from the hub")
+    parser.add_argument("--concepts", default="merged_2560", help="merged_2560, lvis_1203, coco_80 or a .pkl path")
+    parser.add_argument("--tokenizer", help="LLaMA tokenizer.model path; default: a verified hub copy")
+    parser.add_argument("--tiny", action="store_true", help="tiny random-weight model: needs no download (tests)")
+    parser.add_argument("--demo", action="store_true", help="the bundled demo TAP, trained on synthetic scenes (the "
+                        "default where the official weights are absent; models/demo/README.md)")
+    add_demo_models_option(parser)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+
+
+def score(text: str) -> float:
+    """A probability threshold in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"expected a number from 0 to 1, got {text!r}")
+    return value
+
+
+def check_out(path: str | None) -> None:
+    """Fail on a bad --out before any model work, not after it."""
+    if path:
+        out = Path(path)
+        if not out.parent.is_dir():
+            raise ValueError(f"--out: folder {out.parent} does not exist")
+        if out.suffix.lower() not in {".png", ".jpg", ".jpeg", ".webp"}:
+            raise ValueError("--out must end in .png, .jpg, .jpeg or .webp")
+
+
+def write_overlay(image: str, regions: list[Region], labels: list[str], path: str) -> None:
+    """The regions tinted over the image, each with its label, saved to `path`."""
+    draw_regions(load_image(image), [r.mask for r in regions], labels).save(path)
+    print(f"overlay written to {path}", file=sys.stderr)
 
 
 def load_predictor(args: argparse.Namespace):
@@ -88,12 +132,7 @@ def load_predictor(args: argparse.Namespace):
 
 
 def describe(args: argparse.Namespace) -> int:
-    if args.out:  # fail before any model work, not after it
-        out = Path(args.out)
-        if not out.parent.is_dir():
-            raise ValueError(f"--out: folder {out.parent} does not exist")
-        if out.suffix.lower() not in {".png", ".jpg", ".jpeg", ".webp"}:
-            raise ValueError("--out must end in .png, .jpg, .jpeg or .webp")
+    check_out(args.out)
     predictor = load_predictor(args)
     predictor.set_image(args.image)
     prompts = region_prompts(args)
@@ -110,10 +149,27 @@ def describe(args: argparse.Namespace) -> int:
         for i, r in enumerate(regions, 1):
             print(f"{i}. {r.describe()}")
     if args.out:
-        image = load_image(args.image)
-        draw_regions(image, [r.mask for r in regions], [f"{i} {r.concept}" for i, r in enumerate(regions, 1)]
-                     ).save(args.out)
-        print(f"overlay written to {args.out}", file=sys.stderr)
+        write_overlay(args.image, regions, [f"{i} {r.concept}" for i, r in enumerate(regions, 1)], args.out)
+    return 0
+
+
+def find(args: argparse.Namespace) -> int:
+    """Every instance the query names: a count per concept and a line per instance, or the JSON the issue fixes."""
+    check_out(args.out)
+    predictor = load_predictor(args)
+    concepts = match_query(args.query, predictor.model.concept_projector.names)  # fails before the image is read
+    found = predictor.find(args.query, args.image, min_score=args.min_score, max_instances=args.max_instances)
+    if args.json:
+        instances = [{"bbox": None if r.box is None else list(r.box), "concept": r.concept,
+                      "score": round(r.concept_prob, 4), "caption": r.caption} for r in found]
+        print(json.dumps({"query": args.query, "concepts": concepts, "count": len(found), "instances": instances},
+                         indent=1))
+    else:
+        print(", ".join(f"{sum(r.concept == c for r in found)} × {c}" for c in concepts))
+        for i, r in enumerate(found, 1):
+            print(f"{i}. {r.concept} {r.concept_prob:.2f} {list(r.box or ())}: {r.caption}")
+    if args.out:
+        write_overlay(args.image, found, [f"{i} {r.concept}" for i, r in enumerate(found, 1)], args.out)
     return 0
 
 
@@ -151,7 +207,7 @@ def parity(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"describe": describe, "convert": convert, "parity": parity}[args.command](args)
+        return {"describe": describe, "find": find, "convert": convert, "parity": parity}[args.command](args)
     except (TapError, ValueError, OSError) as exc:  # user-fixable: bad files, names, options
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -21,3 +21,11 @@ class CheckpointError(TapError, ValueError):
 
 class WeightsNotFoundError(TapError, FileNotFoundError):
     """A weights or tokenizer file is not available locally and could not be downloaded."""
+
+
+class UnknownConceptError(PromptError):
+    """A query names nothing in the concept vocabulary; `closest` holds the nearest names, for a "did you mean"."""
+
+    def __init__(self, message: str, closest: list[str]) -> None:
+        super().__init__(message)
+        self.closest = closest

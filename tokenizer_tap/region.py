@@ -20,6 +20,18 @@ from .rle import encode as rle_encode
 from .rle import validate as rle_validate
 from .transforms import mask_bbox
 
+#: Coarse positions: where a box's centre lies on a 3 x 3 grid of the image, row by row.
+PLACES = ("top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right")
+
+
+def place(box: tuple[int, int, int, int], width: int, height: int) -> str:
+    """The coarse position word of an (x1, y1, x2, y2) box on a width x height image ("top left" ... "bottom
+    right"): what a grounding line says next to the box and what the scene world answers to "Where is ...?"."""
+    x1, y1, x2, y2 = box
+    row = min(2, int(3 * (y1 + y2) / 2 / max(height, 1)))
+    col = min(2, int(3 * (x1 + x2) / 2 / max(width, 1)))
+    return PLACES[row * 3 + col]
+
 
 @dataclass
 class Region:
@@ -36,7 +48,8 @@ class Region:
     mask_index: int = 0
     sem_token: np.ndarray | None = field(default=None, repr=False, compare=False)  # (256,): an LLM region feature
     number: int = 0  # `<regionN>` (or `<sceneN>`) once in a conversation
-    kind: str = "region"  # "scene": an unprompted segment-everything region given as context
+    kind: str = "region"  # "scene": an unprompted segment-everything region given as context; "find": an instance
+    # `TapPredictor.find` returned for a query (its score is `concept_prob`: the query's concept comes first)
     image: str | None = None  # the image it belongs to: its content key (the stored sha for earlier images)
     removed: bool = False
     encoded: dict[str, Any] | None = field(default=None, repr=False)  # the mask as `rle` (what the store keeps)
@@ -81,6 +94,11 @@ class Region:
     @property
     def bbox(self) -> tuple[int, int, int, int] | None:
         return self.box
+
+    @property
+    def position(self) -> str:
+        """Where the region lies in its image, as a coarse position word (`place`); "" without a box."""
+        return "" if self.box is None else place(self.box, *self.size)
 
     @property
     def ref(self) -> str:

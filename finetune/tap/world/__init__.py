@@ -27,6 +27,8 @@ Modules, one idea each: `canvas` (image and label map drawn together, palette), 
 `scene` (regions, relations, captions: `render`) and `write` (the files above, instance exports, the CLI).
 """
 
+from tokenizer_tap.region import PLACES
+
 from .canvas import BRIGHT, PALETTE, Canvas, Thing
 from .draw import GROUND, SHAPES, SKIES, draw_scene
 from .scene import (
@@ -34,7 +36,6 @@ from .scene import (
     EVAL_BASE,
     MIN_AREA,
     MIN_OCCLUSION,
-    PLACES,
     SPLITS,
     Annotation,
     Scene,

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tokenizer_tap.region import place
+
 from .draw import draw_scene
 
 SPLITS = ("train", "eval")
@@ -27,7 +29,6 @@ CONCEPTS = (
     "sun", "cloud", "bird", "balloon",
     "circle", "square", "triangle", "star", "diamond", "ring", "crescent",
 )
-PLACES = ("top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right")
 
 
 def mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
@@ -64,8 +65,7 @@ class Annotation:
     def position(self) -> str:
         """Where the box centre lies on a 3 x 3 grid of the image ("top left" ... "bottom right")."""
         h, w = self.mask.shape
-        x1, y1, x2, y2 = self.box
-        return PLACES[min(2, int(3 * (y1 + y2) / 2 / h)) * 3 + min(2, int(3 * (x1 + x2) / 2 / w))]
+        return place(self.box, w, h)
 
     def point(self) -> list[float]:
         """The mask pixel nearest to the mask's centroid (inside it, also for rings and crescents)."""
