@@ -53,6 +53,8 @@ class Recipe:
     size: int = 256
     quick: bool = False
     steps: dict[str, int] = field(default_factory=lambda: {"tap_stage1": 4500, "tap_stage2": 4800})
+    chat_turns: int = 6  # short-answer turns per training conversation (`world-chat --turns`)
+    find_turns: bool = True  # training conversations carry find-grounded turns (`world-chat --find-turns`)
 
     @classmethod
     def smoke(cls, seed: int = 0, size: int = 256) -> Recipe:
@@ -102,6 +104,8 @@ STAGES = (
     Stage("chat_stage2", "chat", "demo_chat_stage2.yaml", ("chat_stage1",),
           {"data.path": "{world}/chat_train.json", **CHAT_DATA, "model.init": "{work}/chat_stage1"}),
 )
+#: The recipe's options of the chat data (`make_chat_data`), which only the chat stages learn from.
+CHAT_DATA_OPTIONS = ("chat_turns", "find_turns")
 #: The config key that a recipe's step count for a stage sets: TAP's schedule length, a cap on the chat's epochs.
 STEPS_KEY = {"tap": "steps", "chat": "max_steps"}
 #: The stages whose outputs the bundle packs: TAP after its last refit, the chat model after its last stage.
@@ -123,7 +127,7 @@ def build(out: Path, work: Path, recipe: Recipe, reuse: bool = False, command: s
     if world.exists():
         shutil.rmtree(world)
     make_world(world, recipe.train_images, recipe.eval_images, seed=recipe.seed, size=recipe.size, dim=256)
-    make_chat_data(world, seed=recipe.seed)
+    make_chat_data(world, seed=recipe.seed, turns=recipe.chat_turns, find=recipe.find_turns)
     timings = {"world": lap("world", start)}
     markers = train_stages(work, recipe, reuse)
     timings.update((name, marker["seconds"]) for name, marker in markers.items())
@@ -214,8 +218,10 @@ def stage_config(stage: str) -> Path:
 
 
 def stage_recipe(stage: str, recipe: dict) -> dict:
-    """What a stage's result depends on: the recipe (less the held-out size) and its config file as it reads now."""
-    trains = {k: v for k, v in recipe.items() if k != "eval_images"}
+    """What a stage's result depends on: the recipe (less the held-out size, and for TAP's stages less the chat
+    data's options, which TAP never reads) and its config file as it reads now."""
+    skip = {"eval_images", *(CHAT_DATA_OPTIONS if next(s for s in STAGES if s.name == stage).trainer == "tap" else ())}
+    trains = {k: v for k, v in recipe.items() if k not in skip}
     return {**trains, "config": hashlib.sha256(stage_config(stage).read_bytes()).hexdigest()[:16]}
 
 

@@ -15,6 +15,9 @@ from collections import Counter
 from pathlib import Path
 
 TARGETS = {"point_miou": 0.7, "concept_top1": 0.8, "caption_named": 0.8, "answers": 0.7}
+#: Issue 28's targets with find grounding, per kind of question, and for `find` itself (find_eval.py).
+FIND_TARGETS = {"count": 0.85, "position": 0.8, "colour": 0.75, "find_exact_count": 0.85, "find_recall": 0.9,
+                "find_precision": 0.9}
 ASKED_KINDS = ("colour", "count", "position")  # the answers target: their answers are not in the prompt
 IN_PROMPT_KINDS = ("region",)  # the question carries the region line: reported on its own line, marked
 #: `--verify`: re-measured held-out figures agree with metrics.json to within this (absolute): float32 kernels round
@@ -44,10 +47,13 @@ def kinds_accuracy(by_kind: dict[str, float], asked: Counter, kinds: tuple[str, 
 def evaluate_bundle(bundle: Path, world: Path, eval_images: int) -> dict:
     """Held-out scores: TAP's regions through `TapPredictor`, and the chat model's short answers, seeing and blind
     (`answers`: exact match over `ASKED_KINDS`; `answers_by_kind["overall"]` over all kinds)."""
-    from finetune.evaluate import accuracy  # heavy: `python -m finetune` imports this module for every command's parser
+    # heavy: `python -m finetune` imports this module for every command's parser
+    from assistant.config import ChatConfig
+    from finetune.evaluate import accuracy
     from finetune.tap.evaluate import evaluate_regions
+    from finetune.tap.find_eval import evaluate_find
     from finetune.tap.records import open_sa1b
-    from finetune.tap.world import load_labels
+    from finetune.tap.world import load_labels, render
     from tokenizer_tap.predictor import TapPredictor
 
     predictor = TapPredictor.from_pretrained(str(bundle / "tap"), device="cpu", dtype="float32")
@@ -62,12 +68,20 @@ def evaluate_bundle(bundle: Path, world: Path, eval_images: int) -> dict:
     seeing = accuracy(bundle / "chat", world / "chat_eval.json")
     blind = accuracy(bundle / "chat", world / "chat_eval.json", blank_images=True)
     asked = Counter(q["kind"] for q in json.loads((world / "chat_eval.json").read_text()))
-    return {**regions.to_dict(), "point_miou_by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
-            "caption_named": sum(named) / max(len(named), 1),
-            "caption_examples": dict(list(regions.captions.items())[:8]),
-            "answers": kinds_accuracy(seeing, asked, ASKED_KINDS),
-            "answers_blind": kinds_accuracy(blind, asked, ASKED_KINDS),
-            "answers_by_kind": seeing, "answers_blind_by_kind": blind, "questions_by_kind": dict(sorted(asked.items()))}
+    out = {**regions.to_dict(), "point_miou_by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
+           "caption_named": sum(named) / max(len(named), 1),
+           "caption_examples": dict(list(regions.captions.items())[:8]),
+           "answers": kinds_accuracy(seeing, asked, ASKED_KINDS),
+           "answers_blind": kinds_accuracy(blind, asked, ASKED_KINDS),
+           "answers_by_kind": seeing, "answers_blind_by_kind": blind, "questions_by_kind": dict(sorted(asked.items()))}
+    if ChatConfig.load(bundle / "chat").finds:  # a model trained on find-grounded turns: with and without them
+        out["answers_find_by_kind"] = accuracy(bundle / "chat", world / "chat_eval.json", find=True)
+        out["answers_find_blind_by_kind"] = accuracy(bundle / "chat", world / "chat_eval.json", blank_images=True,
+                                                     find=True)
+        drawn = json.loads((world / "world.json").read_text())  # the held-out scenes again, masks and all
+        out.update(evaluate_find(predictor, (render(drawn["seed"], "eval", i, drawn["size"])
+                                             for i in range(eval_images))))
+    return out
 
 
 def gallery_answers(bundle: Path) -> list[dict]:

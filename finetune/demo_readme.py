@@ -4,7 +4,7 @@ commits)."""
 
 from __future__ import annotations
 
-from finetune.demo_eval import ASKED_KINDS, CONCEPTS_NOTE, IN_PROMPT_KINDS, TARGETS, TOLERANCE
+from finetune.demo_eval import ASKED_KINDS, CONCEPTS_NOTE, FIND_TARGETS, IN_PROMPT_KINDS, TARGETS, TOLERANCE
 
 
 def cell(text: str) -> str:
@@ -16,6 +16,40 @@ def kinds_line(m: dict) -> str:
     kinds = [k for k in m["answers_by_kind"] if k != "overall"]
     return ", ".join(f"{k} {m['answers_by_kind'][k]:.3f} (blind {m['answers_blind_by_kind'].get(k, 0.0):.3f}"
                      f"{', answer in the prompt' if k in IN_PROMPT_KINDS else ''})" for k in kinds)
+
+
+def find_section(m: dict) -> list[str]:
+    """With and without find grounding, seeing and blind, per kind of question; then `find` itself. Empty for a
+    model not trained on find-grounded turns."""
+    if "answers_find_by_kind" not in m:
+        return []
+    plain, plain_blind = m["answers_by_kind"], m["answers_blind_by_kind"]
+    found, found_blind = m["answers_find_by_kind"], m["answers_find_blind_by_kind"]
+    kinds = [k for k in plain if k != "overall" and k not in IN_PROMPT_KINDS] + ["overall"]
+    rows = [f"| {k} | {plain[k]:.3f} | {plain_blind.get(k, 0.0):.3f} | {found.get(k, 0.0):.3f} | "
+            f"{found_blind.get(k, 0.0):.3f} | {'>= ' + str(FIND_TARGETS[k]) if k in FIND_TARGETS else ''} |"
+            for k in kinds]
+    finds = [("exact count per scene and concept", "find_exact_count"), ("instance recall", "find_recall"),
+             ("instance precision", "find_precision")]
+    return [
+        "## With find grounding",
+        "",
+        "A question that names concepts is answered with every instance TAP's `find` sees in the image: each "
+        "instance's region line with its position word, and the count per concept (`found: 2 × car`). Without: the "
+        "question alone, as benchmarks ask it. Blind: black images (where `find` finds nothing).",
+        "",
+        "| kind | without find | blind | with find | blind | target (with find) |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+        f"`find` itself, over {m['find_pairs']} held-out scene and object-concept pairs (each scene's object "
+        f"concepts and one it lacks; {m['find_instances']} instances, matched one to one at mask IoU 0.5):",
+        "",
+        "| metric | measured | target |",
+        "|---|---|---|",
+        *[f"| {name} | {m[key]:.3f} | >= {FIND_TARGETS[key]} |" for name, key in finds],
+        "",
+    ]
 
 
 def run_text(run: dict) -> str:
@@ -87,6 +121,7 @@ def readme(m: dict) -> str:
         f"Concepts: {m['labelled']} labelled regions, majority-class top-1 {m['majority']:.3f}; the concept head "
         f"learned from {CONCEPTS_NOTE} distillation.",
         "",
+        *find_section(m),
         "## The gallery, as the app answers it",
         "",
         "Held-out scenes (`gallery/`, the app's first examples): a click on the object (a box where it is made of "
