@@ -7,8 +7,8 @@ so every query finds the image's features cached (one more image warms up). On e
     and captions only. The target: a later query costs <= 10 % of the first.
 Random weights give every grid mask much the same top concept, so each query asks for that one (read off the
 warm-up image): first and later queries then find, upscale and caption the same instances, and differ by the grid
-pass alone - the worst case for the ratio, since a query that finds less costs less. `--min-score 0` keeps every
-mask whose top concept is the queried one (instances per query are reported beside the times).
+pass alone - the worst case for the ratio, since a query that finds less costs less. `--min-score 0` makes every
+mask whose top concept is the queried one a candidate (instances per query are reported beside the times).
 Random weights never end a caption early, so captions are capped at --typical-tokens (official captions run 5-7
 tokens + EOS, as in bench_tokenizer); later queries are also timed with --max-new-tokens captions and without any.
 

@@ -10,6 +10,7 @@ the true masks, greedily by mask IoU, a match needing IoU >= 0.5 (COCO's loosest
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -45,18 +46,31 @@ def matched(found: Sequence[np.ndarray], truth: Sequence[np.ndarray], threshold:
     return len(used_f)
 
 
-def queries(scene: Scene, concepts: Sequence[str]) -> list[tuple[str, list[np.ndarray]]]:
-    """(concept, true instance masks) for each object concept in the scene, then one of `concepts` it lacks (drawn
-    from the scene's id, so the same scene always asks the same)."""
-    present: dict[str, list[np.ndarray]] = {}
-    for r in scene.regions:
-        if r.kind == "object":
-            present.setdefault(r.concept, []).append(r.mask)
-    absent = sorted(set(concepts) - set(present))
-    out = list(present.items())
-    if absent:
-        out.append((absent[int(np.random.default_rng(scene.image_id).integers(len(absent)))], []))
-    return out
+@dataclass
+class Case:
+    """What one scene asks of `find`: its image and the true masks of each object concept in it (a scene's stuff and
+    parts are dropped as it is read, so many scenes fit in memory)."""
+
+    image_id: int
+    image: np.ndarray
+    objects: dict[str, list[np.ndarray]]
+
+    @classmethod
+    def of(cls, scene: Scene) -> Case:
+        objects: dict[str, list[np.ndarray]] = {}
+        for r in scene.regions:
+            if r.kind == "object":
+                objects.setdefault(r.concept, []).append(r.mask)
+        return cls(scene.image_id, scene.image, objects)
+
+    def queries(self, concepts: Sequence[str]) -> list[tuple[str, list[np.ndarray]]]:
+        """(concept, true masks) for each object concept present, then one of `concepts` absent (drawn from the
+        scene's id, so the same scene always asks the same)."""
+        absent = sorted(set(concepts) - set(self.objects))
+        out = list(self.objects.items())
+        if absent:
+            out.append((absent[int(np.random.default_rng(self.image_id).integers(len(absent)))], []))
+        return out
 
 
 def evaluate_find(predictor: TapPredictor, scenes: Iterable[Scene], concepts: Sequence[str] | None = None,
@@ -66,14 +80,13 @@ def evaluate_find(predictor: TapPredictor, scenes: Iterable[Scene], concepts: Se
     `concepts`: the object concepts an absent query is drawn from (default: every object concept of `scenes` that
     the predictor's vocabulary names). `find_options` go to `find` (captions are off: they do not change masks).
     """
-    scenes = list(scenes)
-    names = set(predictor.model.concept_projector.names)
+    cases = [Case.of(s) for s in scenes]
     if concepts is None:
-        concepts = sorted({r.concept for s in scenes for r in s.regions if r.kind == "object"} & names)
+        concepts = sorted({c for case in cases for c in case.objects} & set(predictor.model.concept_projector.names))
     pairs = exact = true = found = right = 0
-    for scene in scenes:
-        key = predictor.set_image(scene.image)
-        for concept, masks in queries(scene, concepts):
+    for case in cases:
+        key = predictor.set_image(case.image)
+        for concept, masks in case.queries(concepts):
             got = [r.mask for r in predictor.find(concept, key=key, caption=False, **find_options)]
             pairs += 1
             exact += len(got) == len(masks)
