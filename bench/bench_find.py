@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing; spawned workers inherit sys.path
 
-from bench.bench_tokenizer import DEFAULT_TOKENIZER, cpu_name, per_dtype, synthetic_image, timer  # noqa: E402
+from bench.bench_tokenizer import DEFAULT_TOKENIZER, cpu_name, model_parser, per_dtype, synthetic_image, timer  # noqa: E402
 
 
 def run_one(args: argparse.Namespace, dtype: str) -> dict:
@@ -87,11 +87,7 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tap_vit_b")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--threads", type=int, default=2)
+    parser = model_parser(__doc__)
     parser.add_argument("--images", type=int, default=3, help="images queried (one more warms up)")
     parser.add_argument("--queries", type=int, default=4, help="later queries per image")
     parser.add_argument("--min-score", type=float, default=0.0)

@@ -67,6 +67,16 @@ def emit(results: dict, path: Path | None) -> None:
         path.write_text(text)
 
 
+def model_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options every TAP bench shares: which model, where, in which precisions, on how many threads."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tap_vit_b")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--threads", type=int, default=2)
+    return parser
+
+
 def per_dtype(run: Callable[[argparse.Namespace, str], dict], args: argparse.Namespace) -> list[dict]:
     """`run(args, dtype)` for each of `args.dtypes`, each in a fresh process: one precision's allocations and
     thread pools never colour the next one's timings."""
@@ -236,11 +246,7 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tap_vit_b")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--threads", type=int, default=2)
+    parser = model_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=5, help="timed encoder runs (after one warm-up)")
     parser.add_argument("--clicks", type=int, default=10)
     parser.add_argument("--batch", type=int, default=64, help="prompts in the throughput call")
