@@ -19,6 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from .decoding import CachedPrefix, GenerationSettings, Request, next_tokens, resume, sequence_items
+from .kvcache import new_cache
 from .model import IMAGE_TOKEN, ChatModel
 
 
@@ -77,9 +78,9 @@ class Batcher:
                 if request.shared is not None:
                     groups.setdefault(len(request.shared.items), []).append(i)
                     continue
-                member = members[i] = self._member(request, request.prefix or CachedPrefix(DynamicCache()))
+                member = members[i] = self._member(request, request.prefix or CachedPrefix(new_cache()))
                 if self._prefill(member, request):
-                    own, member.prefix.cache = member.prefix.cache, DynamicCache()
+                    own, member.prefix.cache = member.prefix.cache, new_cache()
                     blocks.append(([member], own, torch.ones(1, own.get_seq_length(), dtype=torch.long,
                                                               device=self.model.device)))
             for rows in groups.values():
@@ -122,7 +123,7 @@ class Batcher:
         positions continuing right after the prefix, so a row computes what it would alone. Rows that end at
         their first token become holes when the block is admitted."""
         model, past = self.model, len(requests[0].shared.items)
-        cache = DynamicCache()
+        cache = new_cache()
         for i in range(len(requests[0].shared.cache.layers)):
             layers = [r.shared.cache.layers[i] for r in requests]
             cache.update(torch.cat([layer.keys for layer in layers]), torch.cat([layer.values for layer in layers]), i)
@@ -133,7 +134,7 @@ class Batcher:
             logits = model.forward_embeds(embeds, mask, positions, cache)
         members = []
         for row, request in enumerate(requests):
-            member = self._member(request, CachedPrefix(DynamicCache()))
+            member = self._member(request, CachedPrefix(new_cache()))
             member.keep = False  # its row is not a resumable prefix (the shared part is the caller's)
             if request.max_context is not None:
                 member.limit = min(member.limit, request.max_context - int(positions[row].max()) - 1)
@@ -150,14 +151,12 @@ class Batcher:
         model = self.model
         embeds, mask, positions = model.embed([ids for ids, _, _ in prompts],
                                               [vis if IMAGE_TOKEN in ids else None for ids, vis, _ in prompts])
-        cache = DynamicCache()
+        cache = new_cache()
         with torch.inference_mode():
             model.forward_embeds(embeds, mask, positions, cache)
         prefixes = []
         for row, (ids, _, key) in enumerate(prompts):
-            own = DynamicCache()
-            for i, layer in enumerate(cache.layers):
-                own.update(layer.keys[row:row + 1], layer.values[row:row + 1], i)
+            own = new_cache((layer.keys[row:row + 1], layer.values[row:row + 1]) for layer in cache.layers)
             prefixes.append(CachedPrefix(own, sequence_items(ids, key, model.num_visual_tokens)))
         return prefixes
 
@@ -236,7 +235,8 @@ class Batcher:
         longest, in one copy; a member that already ended is a hole in its block.
 
         Layer by layer, each layer's old tensors freed as soon as its new ones exist, so admitting costs one layer
-        of extra memory, not a second copy of the batch."""
+        of extra memory, not a second copy of the batch. The in-place cache adopts the joined tensors full: the
+        next step grows them into a buffer with room, once, and later steps write in place."""
         blocks = [([m if not m.ended else None for m in ms], c, mask) for ms, c, mask in blocks
                   if any(not m.ended for m in ms)]
         if not blocks:
@@ -264,9 +264,8 @@ class Batcher:
         row = next(i for i, m in enumerate(self.members) if m is member)
         if member.keep:
             pad = int((self.mask[row] == 0).sum())
-            member.prefix.cache = DynamicCache([(layer.keys[row:row + 1, :, pad:],
-                                                 layer.values[row:row + 1, :, pad:])
-                                                for layer in self.cache.layers])  # copied by DynamicCache
+            member.prefix.cache = new_cache((layer.keys[row:row + 1, :, pad:], layer.values[row:row + 1, :, pad:])
+                                            for layer in self.cache.layers)  # copied, exactly as long as the row
         self.members[row] = None
         keep = [r for r, m in enumerate(self.members) if m is not None]
         if not keep:

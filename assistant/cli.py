@@ -1,4 +1,5 @@
-"""Command line: `python -m assistant chat IMAGE` (streaming REPL or one-shot) and `python -m assistant merge`."""
+"""Command line: `python -m assistant chat IMAGE` (streaming REPL or one-shot), `python -m assistant merge` and
+`python -m assistant quantize`."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from .decoding import GenerationSettings
 from .engine import Assistant
 from .loading import load
 from .model import merge_checkpoint
-from .options import add_model_options
+from .options import WEIGHT_ONLY, add_model_options
+from .quantize import GROUP_SIZES, QuantScheme
 from .session import Session
 from .store import ChatStore
 from .template import ConversationError, found_line
@@ -45,7 +47,8 @@ anything else is a question; refer to regions as <region1>, <region2> ..."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of `chat` (a REPL, or one-shot with `--ask`) and `merge`; model options as `add_model_options`."""
+    """The parser of `chat` (a REPL, or one-shot with `--ask`), `merge` and `quantize`; model options as
+    `add_model_options`."""
     parser = argparse.ArgumentParser(prog="python -m assistant", description="TAP-Chat: chat about image regions.")
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("chat", help="chat about an image (REPL), or answer one --ask question")
@@ -63,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="fold a checkpoint's LoRA into Phi-2 and write a standalone folder")
     m.add_argument("src")
     m.add_argument("dst")
+    q = sub.add_parser("quantize", help="fold a checkpoint's LoRA in and write a folder of int8/int4 LLM weights "
+                                        "(CPU) that loads as saved, never quantising again")
+    q.add_argument("src")
+    q.add_argument("dst")
+    q.add_argument("--quantization", choices=WEIGHT_ONLY, default="int8")
+    q.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=QuantScheme.group_size,
+                   help="int4: inputs per scale and zero (smaller: closer to the full model, a little slower)")
     return parser
 
 
@@ -217,12 +227,19 @@ def merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def quantize(args: argparse.Namespace) -> int:
+    """The `quantize` command: `merge`, then the LLM's weights in int8/int4 (loads with `--chat-checkpoint DST`)."""
+    scheme = QuantScheme(args.quantization, group_size=args.group_size)
+    print(f"{args.quantization} checkpoint written to {merge_checkpoint(args.src, args.dst, scheme)}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m assistant`: errors a user can fix print one line and return 2 instead of a traceback."""
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
-        return {"chat": chat, "merge": merge}[args.command](args)
+        return {"chat": chat, "merge": merge, "quantize": quantize}[args.command](args)
     except (TapError, ValueError, OSError, ConversationError) as exc:  # user-fixable
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ from transformers import DynamicCache
 
 from tokenizer_tap.cache import BoundedCache
 
+from .kvcache import fit, new_cache
 from .model import IMAGE_TOKEN, ChatModel
 
 
@@ -89,13 +90,14 @@ class CachedPrefix:
 
     @property
     def nbytes(self) -> int:
-        """Memory held by the cached keys and values (what `PrefixCache` budgets by)."""
-        total = 0
+        """Memory held by the cached keys and values (what `PrefixCache` budgets by): whole buffers, unused
+        capacity included, each counted once."""
+        held = {}
         for layer in self.cache.layers:
-            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
-        return total
+            for t in (layer.keys, layer.values):
+                if t is not None:
+                    held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return sum(held.values())
 
     def common_prefix(self, items: list[Hashable]) -> int:
         """Length of the longest common prefix of the cached sequence and `items`."""
@@ -123,10 +125,13 @@ class PrefixCache:
 
     def take(self, key: str) -> CachedPrefix:
         """The entry for `key`, removed while in use (a failed turn then simply leaves no cache behind)."""
-        return self._entries.pop(key) or CachedPrefix(DynamicCache())
+        return self._entries.pop(key) or CachedPrefix(new_cache())
 
     def put(self, key: str, entry: CachedPrefix) -> None:
-        """Keep `entry` for `key`, evicting least recently used ones to fit; one over the whole budget is not kept."""
+        """Keep `entry` for `key`, evicting least recently used ones to fit; one over the whole budget is not kept.
+
+        Its cache is trimmed to what it holds first: no decoding slack stays allocated between turns."""
+        fit(entry.cache)
         self._entries.put(key, entry)  # over budget: oldest first; an entry alone over it is not kept
 
     def drop(self, key: str) -> None:

@@ -38,6 +38,7 @@ from .remote import ServerLLM
 from .reply import Reply, ReplyStream
 from .session import Session
 from .template import ConversationError, Turn, clean_message, plan_prompt
+from .warmup import Warmup
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,8 @@ class Assistant:
     """
 
     def __init__(self, predictor: TapPredictor, chat: ChatModel, store=None, *,
-                 cache_bytes: int = 2 << 30, model_id: str = "", llm_server: ServerLLM | None = None) -> None:
+                 cache_bytes: int = 2 << 30, model_id: str = "", llm_server: ServerLLM | None = None,
+                 warm_image_prefix: bool = True) -> None:
         self.predictor, self.chat, self.store = predictor, chat, store
         self.config: ChatConfig = chat.config
         self.model_id = model_id or f"{self.config.mode}:{self.config.tap_model}+{self.config.llm}"
@@ -73,6 +75,9 @@ class Assistant:
         self._last_tokens: tuple[str, list[int]] | None = None
         self._sessions: BoundedCache[tuple[str, str], Session] = BoundedCache("assistant.open_sessions", 256)
         self._pixels: BoundedCache[str, np.ndarray] = BoundedCache("assistant.decoded_images", 8)
+        # a new image's prompt start is computed while the user clicks or types (tapchat mode, local decoding)
+        self.warm_image_prefix = warm_image_prefix
+        self.warmup = Warmup(chat, self._lock, self.kv, self._visual_tokens)
         if chat.encoder_state:
             _load_encoder_blocks(predictor, chat.encoder_state)
 
@@ -150,7 +155,7 @@ class Assistant:
         """Delete a stored conversation, and its live session and KV prefix."""
         self._require_store().delete(owner, conv_id)
         self._sessions.pop((owner, conv_id))
-        self.kv.drop(conv_id)
+        self.warmup.forget(conv_id)
 
     def pixels(self, sha: str) -> np.ndarray:
         """A stored image, decoded once and kept for the few most recent images (every redraw needs it)."""
@@ -164,7 +169,7 @@ class Assistant:
     def forget(self, session: Session) -> None:
         """Drop a deleted conversation's live session and its KV prefix."""
         self._sessions.pop((session.owner, session.id))
-        self.kv.drop(session.id)
+        self.warmup.forget(session.id)
 
     # Thin aliases of the session's own methods (the README's first examples call them on the Assistant).
     def set_image(self, conv: Session, image: ImageSource) -> str:
@@ -268,12 +273,21 @@ class Assistant:
 
     def prepare(self, session: Session, text: str, visual: bool, settings: GenerationSettings,
                 cancel: threading.Event) -> Request:
-        """The decode request for a session's planned prompt, extending the KV prefix of its last turn."""
+        """The decode request for a session's planned prompt, extending the KV prefix of its last turn (or of its
+        image's warm-up, waited for here: outside the lock, which the warm-up takes per chunk)."""
+        self.warmup.wait(session)
         with self._lock:
             self._ensure_image(session)
             return Request(self._tokenize(text), self._visual_tokens(session.image_key) if visual else None,
                            settings, text, session.image_key, self.kv.take(session.id), cancel,
                            self.config.max_context)
+
+    def warm(self, session: Session) -> None:
+        """Start computing the prompt start every first question about the session's image shares, in the background
+        (`warmup.Warmup`), so that the question prefills only its own tokens. Only where it pays: tapchat mode
+        (grounded prompts have no image tokens) and local decoding (an LLM server caches prefixes itself)."""
+        if self.warm_image_prefix and self.mode == "tapchat" and isinstance(self.decoder, Batcher):
+            self.warmup.start(session)
 
     def decode(self, requests: Sequence[Request], window: int | None = None) -> Iterator[Token | End]:
         """The one decode loop (`decoding.run`) on this assistant's lane: local batching or the LLM server."""

@@ -1,4 +1,5 @@
-"""The language model: Phi-2 through transformers, its tokenizer, LoRA through peft, 4/8-bit through bitsandbytes.
+"""The language model: Phi-2 through transformers, its tokenizer, LoRA through peft, 4/8-bit through bitsandbytes,
+weight-only int8/int4 on the CPU through assistant/quantize.py.
 
 Phi-2's tokenizer has one special token, `<|endoftext|>` (id 50256), serving as BOS, EOS, UNK and pad; it adds no
 BOS. The tiny random model used for tests and `--tiny` keeps all of that, with a bundled byte-level BPE.
@@ -6,6 +7,7 @@ BOS. The tiny random model used for tests and `--tiny` keeps all of that, with a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,6 +17,9 @@ from transformers import PhiConfig, PhiForCausalLM, PreTrainedTokenizerFast
 from tokenizer_tap.errors import WeightsNotFoundError
 from tokenizer_tap.hub import hub_reachable
 
+from .options import BITSANDBYTES, QUANTIZATIONS, WEIGHT_ONLY
+from .quantize import QuantScheme, load_quantized, quantize_llm, stored_scheme
+
 DEFAULT_LLM = "microsoft/phi-2"
 TINY_LLM = "tiny-phi"
 TINY_TOKENIZER = Path(__file__).parent / "assets" / "tiny_chat_tokenizer.json"
@@ -22,7 +27,6 @@ EOS_TEXT = "<|endoftext|>"
 #: Files `from_pretrained("microsoft/phi-2")` needs; listed up front so an offline user gets every name at once.
 ESSENTIAL = ("config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
              "model.safetensors.index.json", "tokenizer.json", "vocab.json", "merges.txt")
-QUANTIZATIONS = ("none", "4bit", "8bit")
 
 
 @dataclass(frozen=True)
@@ -103,35 +107,64 @@ def quantization_config(kind: str, compute_dtype: torch.dtype):
 
 
 def load_llm(name: str | Path = DEFAULT_LLM, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-             quantization: str = "none", vocab_size: int | None = None, seed: int = 0,
-             tiny: TinyPhi | None = None) -> PhiForCausalLM:
-    """Phi-2 weights from the hub cache or a folder; `tiny-phi` builds seeded random weights instead."""
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(f"unknown quantization {quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
+             quantization: str = "none", vocab_size: int | None = None, seed: int = 0, tiny: TinyPhi | None = None,
+             adapt: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> torch.nn.Module:
+    """Phi-2 weights from the hub cache or a folder; `tiny-phi` builds seeded random weights instead; a folder
+    `python -m assistant quantize` wrote loads as saved. `adapt` (attaching LoRA) runs on the loaded model before
+    int8/int4 quantisation, so adapters wrap full-precision layers and only their base layers are quantised."""
+    check_quantization(quantization, device)
+    if (saved := stored_scheme(name)) is not None:
+        if quantization not in ("none", saved.kind) or adapt is not None:
+            raise ValueError(f"{name} holds {saved.kind} weights, LoRA merged in: load it with quantization none or "
+                             f"{saved.kind} and no adapter")
+        check_quantization(saved.kind, device)
+        return load_quantized(name, dtype=dtype)
+    weight_only = quantization in WEIGHT_ONLY
     if str(name) == TINY_LLM:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = PhiForCausalLM((tiny or TinyPhi()).config(vocab_size or 1024))
         model = model.to(device=device, dtype=dtype)
-        if quantization != "none":
+        if quantization in BITSANDBYTES:
             model = quantize_model(model, quantization, dtype)
-        return model.eval()
+    else:  # int8/int4 start from bf16 weights: half the memory of fp32 while the full weights are held
+        model = _from_pretrained(name, torch.bfloat16 if weight_only else dtype, device, quantization)
+    if adapt is not None:
+        model = adapt(model)
+    if weight_only:
+        model = quantize_llm(model, QuantScheme(quantization)).to(dtype)
+    return model.eval()
+
+
+def check_quantization(quantization: str, device: torch.device | str) -> None:
+    """Unknown kinds, and int8/int4 (CPU kernels) anywhere but on the CPU, are refused in one sentence."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
+    if quantization in WEIGHT_ONLY and torch.device(device).type != "cpu":
+        raise ValueError(f"{quantization} is weight-only quantization for the CPU (PyTorch's CPU kernels); on "
+                         f"{torch.device(device).type} use --quantization 4bit or 8bit (bitsandbytes) instead")
+
+
+def _from_pretrained(name: str | Path, dtype: torch.dtype, device: torch.device | str,
+                     quantization: str) -> PhiForCausalLM:
+    """Phi weights from the hub cache or a folder, through bitsandbytes for 4bit/8bit."""
     missing = missing_files(name)
     kwargs: dict = {"dtype": dtype, "local_files_only": _offline(name)}
-    if quantization != "none":
+    if quantization in BITSANDBYTES:
         kwargs["quantization_config"] = quantization_config(quantization, dtype)
         kwargs["device_map"] = {"": str(device)}
     try:
         model = PhiForCausalLM.from_pretrained(str(name), **kwargs)
     except OSError as exc:  # no network, gated, or a folder without weights
         raise WeightsNotFoundError(_missing_message(name, missing, exc)) from None
-    if quantization == "none":
-        model = model.to(device)
-    return model.eval()
+    return model if quantization in BITSANDBYTES else model.to(device)
 
 
-def quantize_model(model: PhiForCausalLM, kind: str, compute_dtype: torch.dtype) -> PhiForCausalLM:
-    """Quantise an in-memory model by a save/load round trip (how tiny and random-weight models get 4/8-bit)."""
+def quantize_model(model: PhiForCausalLM, kind: str, compute_dtype: torch.dtype) -> torch.nn.Module:
+    """Quantise an in-memory model: int8/int4 in place (`quantize.quantize_llm`; the rest cast to `compute_dtype`),
+    4bit/8bit by a save/load round trip through bitsandbytes (how tiny and random-weight models get them)."""
+    if kind in WEIGHT_ONLY:
+        return quantize_llm(model, QuantScheme(kind)).to(compute_dtype)
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)

@@ -97,8 +97,9 @@ def load(cls: type[A], options: Any, store: ChatStore | None = None, *, fall_bac
         reason = str(exc).splitlines()[0].rstrip(":")  # the list of files goes to the log
         log.warning("model weights not found:\n%s", exc)
     if bundle is not None:
-        return Loaded(demo(cls, store=store, device=opts.device, folder=bundle), Fallback("demo", reason))
-    return Loaded(tiny(cls, opts.mode, store=store), Fallback("tiny", reason))
+        return Loaded(demo(cls, store=store, device=opts.device, folder=bundle, quantization=opts.quantization),
+                      Fallback("demo", reason))
+    return Loaded(tiny(cls, opts.mode, store=store, quantization=opts.quantization), Fallback("tiny", reason))
 
 
 def _named(cls: type[A], opts: LoadOptions, store: ChatStore | None) -> A:
@@ -107,9 +108,9 @@ def _named(cls: type[A], opts: LoadOptions, store: ChatStore | None) -> A:
         if opts.llm_server:
             raise ValueError("--tiny runs random models in this process; --llm-server needs a checkpoint folder "
                              "(--chat-checkpoint) whose llm/ the server serves")
-        return tiny(cls, opts.mode, store=store)
+        return tiny(cls, opts.mode, store=store, quantization=opts.quantization)
     if opts.demo:
-        return demo(cls, store=store, device=opts.device, folder=opts.demo_models)
+        return demo(cls, store=store, device=opts.device, folder=opts.demo_models, quantization=opts.quantization)
     return from_pretrained(cls, opts.chat_checkpoint, tap_model=opts.tap_model, tap_checkpoint=opts.tap_checkpoint,
                            llm=opts.llm, device=opts.device, dtype=opts.dtype, quantization=opts.quantization,
                            store=store, llm_server=opts.llm_server, llm_server_model=opts.llm_server_model)
@@ -125,7 +126,7 @@ def from_pretrained(cls: type[A], checkpoint: str | Path | None = None, *, tap_m
     table are loaded here; `llm_server_model` names the served model (default: the LoRA adapter or the base).
     """
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    dt = resolve_dtype(dtype, dev, work="turn")
     if checkpoint is not None:
         config = ChatConfig.load(checkpoint)
     else:
@@ -135,8 +136,8 @@ def from_pretrained(cls: type[A], checkpoint: str | Path | None = None, *, tap_m
 
     def predictor() -> TapPredictor:
         if tap_name == "tap_tiny" and tap_checkpoint is None:  # no public weights: the seed-0 random model
-            return TapPredictor.random("tap_tiny", seed=0, device=str(dev))
-        return TapPredictor.from_pretrained(tap_name, tap_checkpoint, device=str(dev), **tap_kwargs)
+            return TapPredictor.random("tap_tiny", seed=0, device=str(dev), dtype=dtype)
+        return TapPredictor.from_pretrained(tap_name, tap_checkpoint, device=str(dev), dtype=dtype, **tap_kwargs)
 
     def chat() -> ChatModel:
         if llm_server:
@@ -156,15 +157,16 @@ def from_pretrained(cls: type[A], checkpoint: str | Path | None = None, *, tap_m
     return cls(parts["predictor"], parts["chat"], store, llm_server=server)
 
 
-def demo(cls: type[A], *, store: ChatStore | None = None, device: str = "auto",
-         folder: str | Path | None = None) -> A:
+def demo(cls: type[A], *, store: ChatStore | None = None, device: str = "auto", folder: str | Path | None = None,
+         quantization: str = "none") -> A:
     """The demo models (`make demo-models`): TAP and a small chat model trained on synthetic scenes, from `folder`
     (`--demo-models`), else `hub.demo_models_folder`'s default."""
-    return from_pretrained(cls, require_demo_models(folder) / "chat", device=device, dtype="float32", store=store)
+    return from_pretrained(cls, require_demo_models(folder) / "chat", device=device, dtype="float32", store=store,
+                           quantization=quantization)
 
 
 def tiny(cls: type[A], mode: str = "tapchat", *, store: ChatStore | None = None, seed: int = 0, lora: bool = True,
-         tiny_llm: TinyPhi | None = None, **kwargs: Any) -> A:
+         tiny_llm: TinyPhi | None = None, quantization: str = "none", **kwargs: Any) -> A:
     """Small random models (no download): for tests, development and `--tiny`. Answers are gibberish. `kwargs` go
     to the class (`cache_bytes`, `model_id`)."""
     predictor = TapPredictor.random("tap_tiny", seed=seed, device="cpu")
@@ -173,5 +175,5 @@ def tiny(cls: type[A], mode: str = "tapchat", *, store: ChatStore | None = None,
                         projector=(ProjectorConfig(in_dim=predictor.model.config.encoder_embed_dim, hidden_dim=64,
                                                    out_dim=llm_cfg.hidden_size) if mode == "tapchat" else None),
                         lora=LoraSettings(r=8, alpha=16) if (lora and mode == "tapchat") else None)
-    chat = ChatModel.create(config, seed=seed, tiny=llm_cfg)
+    chat = ChatModel.create(config, seed=seed, tiny=llm_cfg, quantization=quantization)
     return cls(predictor, chat, store, **kwargs)

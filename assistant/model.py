@@ -14,7 +14,9 @@ Checkpoint folder (`save_pretrained` / `from_pretrained`), every path relative t
     projector.safetensors    the conv projector (tapchat mode)
     encoder.safetensors      tuned TAP image-encoder blocks, if any (keys relative to the image encoder)
     adapter/                 the PEFT LoRA adapter, if any
-    llm/                     full LLM weights + tokenizer, when they are not the public ones (merged or tiny)
+    llm/                     full LLM weights + tokenizer, when they are not the public ones (merged or tiny), or
+                             int8/int4 ones with LoRA merged in (`python -m assistant quantize`; llm/config.json's
+                             `quantization_config` says so)
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch import nn
 from .config import ChatConfig
 from .llm import TINY_LLM, TinyPhi, apply_lora, load_input_embeddings, load_llm, load_tokenizer
 from .projector import ConvProjector
+from .quantize import QuantScheme, quantize_llm, save_quantized, scheme_of
 
 IMAGE_TOKEN = -200
 
@@ -53,10 +56,9 @@ class ChatModel(nn.Module):
         """Fresh model for `config`: base LLM weights, a new projector, new LoRA adapters (if configured).
         `tokenizer` (a tokenizer.json) replaces the bundled one of a tiny LLM trained from scratch."""
         tokenizer = load_tokenizer(tokenizer or config.llm)
-        llm = load_llm(config.llm, dtype=dtype, device=device, quantization=quantization,
-                       vocab_size=len(tokenizer), seed=seed, tiny=tiny)
-        if config.lora is not None:
-            llm = apply_lora(llm, config.lora)
+        lora = config.lora
+        llm = load_llm(config.llm, dtype=dtype, device=device, quantization=quantization, vocab_size=len(tokenizer),
+                       seed=seed, tiny=tiny, adapt=(lambda m: apply_lora(m, lora)) if lora is not None else None)
         projector = None
         if config.projector is not None:
             with torch.random.fork_rng(devices=[]):
@@ -74,12 +76,15 @@ class ChatModel(nn.Module):
         config = ChatConfig.load(folder)
         base = _base_llm(folder, config, llm)
         tokenizer = load_tokenizer(base)
-        model = load_llm(base, dtype=dtype, device=device, quantization=quantization)
+        adapt = None
         if config.lora is not None:
             if not (folder / "adapter").is_dir():
                 raise FileNotFoundError(f"{folder}/adapter is missing but config.json has LoRA settings")
             from peft import PeftModel
-            model = PeftModel.from_pretrained(model, str(folder / "adapter")).eval()
+
+            def adapt(m: nn.Module) -> nn.Module:
+                return PeftModel.from_pretrained(m, str(folder / "adapter")).eval()
+        model = load_llm(base, dtype=dtype, device=device, quantization=quantization, adapt=adapt)
         return cls._assemble(folder, config, model, tokenizer, device, dtype)
 
     @classmethod
@@ -132,6 +137,9 @@ class ChatModel(nn.Module):
         if self.config.lora is None:
             return self.llm
         base = self.llm.get_base_model()
+        if scheme_of(base) is not None:
+            raise ValueError("the base of an int8/int4 model under LoRA is not stored: save the checkpoint "
+                             "unquantised, or write a quantized folder with `python -m assistant quantize`")
         if getattr(base, "is_quantized", False):  # QLoRA on a base that must be stored (tiny): store it unquantised
             base = copy.deepcopy(base)
             base.dequantize()
@@ -146,8 +154,9 @@ class ChatModel(nn.Module):
         """A copy-free view with LoRA folded into the base weights (the adapter is consumed)."""
         if self.config.lora is None:
             return self
-        if getattr(self.llm.get_base_model(), "is_quantized", False):
-            raise ValueError("cannot merge LoRA into a 4/8-bit model: load the checkpoint unquantised to merge")
+        base = self.llm.get_base_model()
+        if getattr(base, "is_quantized", False) or scheme_of(base) is not None:
+            raise ValueError("cannot merge LoRA into a quantized model: load the checkpoint unquantised to merge")
         merged = self.llm.merge_and_unload()
         chat = ChatModel(self.config.with_(lora=None), merged, self.tokenizer, self.projector)
         chat.encoder_state = self.encoder_state
@@ -260,15 +269,22 @@ def tokenize_with_image(tokenizer, text: str) -> list[int]:
     return ids
 
 
-def merge_checkpoint(src: str | Path, dst: str | Path) -> Path:
-    """`merge` command: fold LoRA into Phi-2 and write a standalone folder (needs no adapter and no base download)."""
+def merge_checkpoint(src: str | Path, dst: str | Path, scheme: QuantScheme | None = None) -> Path:
+    """`merge` command: fold LoRA into Phi-2 and write a standalone folder (needs no adapter and no base download).
+
+    With `scheme` (the `quantize` command) the merged LLM is then quantised (weight-only int8/int4, from bf16
+    weights) and llm/ holds its codes: the folder loads quantized, and never quantises again. The projector and
+    tuned encoder files are copied as they are, in their own precision."""
     src, dst = Path(src), Path(dst)
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst} exists and is not empty")
-    chat = ChatModel.from_pretrained(src).merged()
+    chat = ChatModel.from_pretrained(src, dtype=torch.bfloat16 if scheme else torch.float32).merged()
+    if scheme is not None:
+        quantize_llm(chat.llm, scheme)
     chat.save_pretrained(dst, include_llm=True)
-    if (src / "encoder.safetensors").is_file() and not (dst / "encoder.safetensors").is_file():
-        shutil.copy2(src / "encoder.safetensors", dst / "encoder.safetensors")
+    for name in ("encoder.safetensors", "projector.safetensors") if scheme else ("encoder.safetensors",):
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
     return dst
 
 
@@ -281,7 +297,10 @@ def _base_llm(folder: Path, config: ChatConfig, llm: str | None) -> str:
 
 
 def _save_llm(llm: nn.Module, tokenizer, folder: Path) -> None:
-    llm.save_pretrained(str(folder))
+    if scheme_of(llm) is not None:
+        save_quantized(llm, folder)
+    else:
+        llm.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
 
 

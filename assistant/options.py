@@ -10,7 +10,11 @@ import argparse
 
 from tokenizer_tap.options import add_demo_models_option
 
-QUANTIZATIONS = ("none", "4bit", "8bit")
+#: `--quantization`: bitsandbytes 4/8-bit for CUDA, and weight-only int8/int4 on PyTorch's CPU kernels
+#: (assistant/quantize.py). Defined here, torch-free, as the one list the parsers and `load_llm` check against.
+BITSANDBYTES = ("4bit", "8bit")
+WEIGHT_ONLY = ("int8", "int4")
+QUANTIZATIONS = ("none", *BITSANDBYTES, *WEIGHT_ONLY)
 
 
 def add_model_options(parser: argparse.ArgumentParser, *, checkpoint_alias: bool = False) -> None:
@@ -32,7 +36,9 @@ def add_model_options(parser: argparse.ArgumentParser, *, checkpoint_alias: bool
     parser.add_argument(*names, dest="chat_checkpoint", default=None,
                         help="a TAP-Chat checkpoint folder (tapchat mode); without one: grounded mode")
     parser.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
-                        help="load the LLM in 4 or 8 bits (bitsandbytes, CUDA)")
+                        help="LLM weights in fewer bits: int8/int4 weight-only on the CPU (PyTorch's kernels; int4 "
+                             "is fastest per token, int8 closest to the full model), 4bit/8bit through bitsandbytes "
+                             "(for CUDA); a folder written by `python -m assistant quantize` loads as it was saved")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     parser.add_argument("--llm-server", default=None, metavar="URL",

@@ -142,6 +142,7 @@ class Session:
             if key != self.image_key:
                 self.new_regions.clear()
             self.image_key, self.image_sha = key, sha
+        self.bot.warm(self)  # the image's prompt start is computed while the user clicks or types
         return key
 
     def add_region(self, prompt: Prompt) -> Region:
@@ -296,7 +297,7 @@ class Session:
             live = {r.number for r in self.current_regions()}
             back = {n for t in gone for n in t.regions if n in live}
             self.new_regions[:] = sorted(set(self.new_regions) | back)
-        self.bot.kv.drop(self.id)
+        self.bot.warmup.drop(self.id)
         return gone
 
     def clear(self) -> None:
@@ -399,7 +400,7 @@ class Session:
                 if isinstance(event, End):
                     reply.complete = event.reason != "cancelled"
                     if event.prefix is not None:
-                        bot.kv.put(self.id, event.prefix)
+                        bot.warmup.keep(self, event.prefix)
                     break
                 ids.append(event.token)
                 piece = bot.new_text(ids, emitted)
@@ -414,7 +415,7 @@ class Session:
             self._finish(turn, reply, ids)
             raise
         except Exception as exc:
-            bot.kv.drop(self.id)
+            bot.warmup.drop(self.id)
             self._finish(turn, reply, ids)
             cause = str(exc) if isinstance(exc, ServerError) else \
                 f"the model failed while answering ({type(exc).__name__}: {exc})"

@@ -98,10 +98,11 @@ def tiny(args: argparse.Namespace) -> dict:
 
 
 def phi2(args: argparse.Namespace, quantization: str = "none") -> dict:
-    from transformers import DynamicCache, PhiConfig, PhiForCausalLM
+    from transformers import PhiConfig, PhiForCausalLM
 
     from assistant.config import ChatConfig
     from assistant.decoding import CachedPrefix, GenerationSettings
+    from assistant.kvcache import new_cache
     from assistant.llm import TINY_LLM, load_tokenizer, quantize_model
     from assistant.model import ChatModel
     from assistant.projector import ConvProjector, ProjectorConfig
@@ -132,7 +133,7 @@ def phi2(args: argparse.Namespace, quantization: str = "none") -> dict:
     forced = GenerationSettings(max_new_tokens=n_new)
     question = "What is in the image? Describe the main objects and where they are."
     first_ids = chat.tokenize(render([Turn(question)]))
-    entry = CachedPrefix(DynamicCache())
+    entry = CachedPrefix(new_cache())
     steps = conversation_turn(chat, first_ids, visual, forced, entry)
     ttft = first_token(steps)
     t0 = time.perf_counter()

@@ -176,9 +176,8 @@ def phi2_models(folder: Path):
 
 def measure(decoder, chat, visuals, tokens: int) -> dict:
     """First-token times and token rates for 1, 4 and 8 users at once through a decoder (`join` / `next`)."""
-    from transformers import DynamicCache
-
     from assistant.decoding import CachedPrefix, GenerationSettings, Request
+    from assistant.kvcache import new_cache
     from assistant.template import Turn, render
     settings = GenerationSettings(max_new_tokens=tokens)
     prompts = [chat.tokenize(render([Turn(f"User {i}: what is in the image? Describe the main objects.")]))
@@ -187,7 +186,7 @@ def measure(decoder, chat, visuals, tokens: int) -> dict:
     def user(i: int) -> tuple[float, int, float]:
         """(first-token s, tokens, decode s after the first token) of user i."""
         t0 = time.perf_counter()
-        member = decoder.join(Request(prompts[i], visuals[i], settings, "", f"img{i}", CachedPrefix(DynamicCache()),
+        member = decoder.join(Request(prompts[i], visuals[i], settings, "", f"img{i}", CachedPrefix(new_cache()),
                                       max_context=2048))
         first, count = 0.0, 0
         while decoder.next(member) is not None:  # to the limit or EOS

@@ -29,6 +29,9 @@ os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="tapchat-hf-home-")
 # Likewise no demo bundle unless a test names one (TAPCHAT_DEMO_MODELS): what runs without weights must not depend
 # on whether models/demo is built; tests of the bundle itself point at it.
 os.environ["TAPCHAT_DEMO_MODELS"] = os.path.join(tempfile.gettempdir(), "tapchat-no-demo-models")
+# `--dtype auto` on CPU picks what this CPU runs fastest (tokenizer_tap/cpu.py); tests compare exact outputs, so they
+# pin it to float32 on every machine (tests/test_cpu.py lifts the pin to test the choice itself).
+os.environ["TAPCHAT_AUTO_DTYPE"] = "float32"
 
 
 def _need(path: Path) -> Path:

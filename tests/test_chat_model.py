@@ -6,12 +6,12 @@ import threading
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 from assistant.batching import Batcher
 from assistant.config import ChatConfig
 from assistant.decoding import CachedPrefix, End, GenerationSettings, PrefixCache, Request, Token, next_tokens
 from assistant.decoding import run as decode_run
+from assistant.kvcache import new_cache
 from assistant.llm import TINY_LLM, LoraSettings, TinyPhi, load_llm, load_tokenizer
 from assistant.model import IMAGE_TOKEN, ChatModel, merge_checkpoint
 from assistant.projector import ProjectorConfig
@@ -141,7 +141,7 @@ def converse(chat, ids, vis, entry, key, settings=GREEDY) -> list[int]:
 
 
 def test_prefix_reuse_matches_fresh_prefill(chat, visual):
-    entry = CachedPrefix(DynamicCache())
+    entry = CachedPrefix(new_cache())
     first = chat.tokenize(render([Turn("What is this?")]))
     out1 = converse(chat, first, visual, entry, "img")
     assert out1 == run(chat, [first], [visual])[0] == reference_greedy(chat, first, visual, GREEDY.max_new_tokens)
@@ -164,12 +164,12 @@ def test_continuous_batch_rows_decode_as_if_alone(chat, visual):
     visuals = [visual, visual.flip(0), None]
     prompts[2] = chat.tokenize("USER: what colour is the sky? ASSISTANT:")
     limits = [12, 7, 10]
-    alone = [converse(chat, p, v, CachedPrefix(DynamicCache()), f"k{i}",
+    alone = [converse(chat, p, v, CachedPrefix(new_cache()), f"k{i}",
                       GenerationSettings(max_new_tokens=n))
              for i, (p, v, n) in enumerate(zip(prompts, visuals, limits))]
     lock = threading.RLock()
     batcher = Batcher(chat, lock)
-    entries = [CachedPrefix(DynamicCache()) for _ in prompts]
+    entries = [CachedPrefix(new_cache()) for _ in prompts]
     members, got = [], [[] for _ in prompts]
     for step in range(40):  # one reader thread interleaving: member i joins at step 2*i
         if step % 2 == 0 and len(members) < len(prompts):
@@ -196,12 +196,12 @@ def test_continuous_batch_rows_decode_as_if_alone(chat, visual):
 def test_prefix_cache_is_bounded_lru():
     cache = PrefixCache(max_bytes=3 * 4 * 1000)
     for key in "abc":
-        entry = CachedPrefix(DynamicCache())
+        entry = CachedPrefix(new_cache())
         entry.cache.update(torch.zeros(1, 1, 500, 1), torch.zeros(1, 1, 500, 1), 0)  # 4000 bytes
         cache.put(key, entry)
         cache.take("a") if key == "c" else None  # "a" in use: taken out, not evicted under it
     assert len(cache) <= 3 and cache.nbytes <= 12000
-    big = CachedPrefix(DynamicCache())
+    big = CachedPrefix(new_cache())
     big.cache.update(torch.zeros(1, 1, 5000, 1), torch.zeros(1, 1, 5000, 1), 0)
     cache.put("big", big)
     assert len(cache) == 0  # larger than the whole budget: not kept

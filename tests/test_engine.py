@@ -70,7 +70,7 @@ def test_follow_up_reuses_the_prefix_and_matches_fresh_model(bot, image):
     conv = bot.start(image=image)
     first = bot.ask(conv, "What is this?", SHORT)
     second = bot.ask(conv, "Tell me more.", SHORT)
-    assert first.reused_tokens == 0 and second.reused_tokens >= first.prompt_tokens
+    assert first.reused_tokens < first.prompt_tokens <= second.reused_tokens  # the first: the image's warm start
     fresh = Assistant.tiny("tapchat")  # same seed, no cache: the same greedy answers
     conv2 = fresh.start(image=image)
     assert fresh.ask(conv2, "What is this?", SHORT).text == first.text

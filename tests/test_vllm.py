@@ -124,8 +124,8 @@ def greedy_ids(decoder, chat: ChatModel, ids: list[int], visual, text=None, sett
 
 
 def chat_cache():
-    from transformers import DynamicCache
-    return DynamicCache()
+    from assistant.kvcache import new_cache
+    return new_cache()
 
 
 def prompts(chat: ChatModel):

@@ -9,6 +9,7 @@ import torch
 
 from .checkpoint import load_concepts, load_folder_concepts, load_weights
 from .config import TAPConfig, get_config
+from .cpu import Work, fastest_dtype
 from .hub import checkpoint_path, concepts_path
 from .modeling import TAP
 
@@ -35,12 +36,15 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """`auto` is float16 on GPUs (the weights are fp16, as upstream) and float32 on CPU."""
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device, work: Work = "compute") -> torch.dtype:
+    """`auto` is float16 on GPUs (the weights are fp16, as upstream); on CPU what this CPU runs `work` fastest
+    (float32 or bfloat16, `cpu.fastest_dtype`); elsewhere float32."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+        if device.type in ("cuda", "mps"):
+            return torch.float16
+        return fastest_dtype(work) if device.type == "cpu" else torch.float32
     try:
         return DTYPES[dtype]
     except KeyError:

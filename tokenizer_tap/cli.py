@@ -82,7 +82,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         "default where the official weights are absent; models/demo/README.md)")
     add_demo_models_option(parser)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (GPU: float16; CPU: float32 or bfloat16, whichever this CPU runs faster, timed "
+                             "once and cached), float32, bfloat16 or float16")
 
 
 def score(text: str) -> float:
