@@ -193,7 +193,7 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=10)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    results: dict = {"machine": f"{cpu_name()}, {os.cpu_count()} cores"}
+    results: dict = {"machine": cpu_name()}
     results["service"] = service_section(args)
     data = Path(tempfile.mkdtemp(prefix="tapchat-bench-app-"))
     proc, url = start_app(data)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -48,7 +47,7 @@ def main() -> None:
     # Warm-up: one question per image, so both timed runs find every image already encoded (TAP's feature cache
     # holds 8); encoding costs the same batched or not and would otherwise land on whichever run goes first.
     run(ChatAnswerer(bot, 8), questions[::per_image], work, work / "warm.jsonl", batch_size=4, progress=False)
-    results: dict = {"machine": f"{cpu_name()}, {os.cpu_count()} cores", "questions": args.questions,
+    results: dict = {"machine": cpu_name(), "questions": args.questions,
                      "images": args.images}
     for name, batch in [("batched", args.batch_size), ("one_by_one", 1)]:
         model_time = 0.0

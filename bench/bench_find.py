@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -100,8 +99,8 @@ def main() -> None:
     import torch
 
     results = per_dtype(run_one, args)
-    print(f"{args.model}, random weights, device {args.device}, {args.threads} threads, torch {torch.__version__}, "
-          f"{cpu_name()} ({os.cpu_count()} logical CPUs)\n")
+    print(f"{args.model}, random weights, device {args.device}, {args.threads} threads, "
+          f"{cpu_name()}\n")
     print(markdown(results, args))
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},

@@ -11,7 +11,6 @@ Usage: python bench/bench_finetune.py [--work runs/bench-finetune] [--json out.j
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import time
@@ -38,7 +37,7 @@ def main() -> None:
     shutil.rmtree(args.work, ignore_errors=True)
     data = args.work / "data"
     make(data, args.train_images, args.eval_images, seed=0)
-    results: dict = {"machine": f"{cpu_name()}, {os.cpu_count()} cores", "train_images": args.train_images,
+    results: dict = {"machine": cpu_name(), "train_images": args.train_images,
                      "eval_questions": args.eval_images}
     for name, blank in [("seeing", False), ("blind", True)]:
         config = TrainConfig.load(ROOT / "finetune" / "configs" / "tiny_shapes.yaml",

@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_app import POINTS, SCENE, start_app  # noqa: E402
 from bench.bench_tokenizer import cpu_name, emit  # noqa: E402
+from tokenizer_tap.cpu import median_s  # noqa: E402
 
 PREFILL_TFLOP = 2 * 2.78e9 * 1077 / 1e12
 WEIGHTS_GB = 5.6
@@ -47,17 +48,8 @@ def machine_limits() -> dict:
     b = torch.randn(4096, 4096, dtype=torch.bfloat16)
     x = torch.empty(2 ** 27, dtype=torch.float16)  # 256 MB
     y = torch.empty_like(x)
-
-    def median_s(work, repeats: int = 5) -> float:
-        work()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            work()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-    return {"bf16_matmul_tflops": 2 * 4096 ** 3 / median_s(lambda: a @ b) / 1e12,
-            "copy_gb_per_s": x.numel() * x.element_size() / median_s(lambda: y.copy_(x)) / 1e9}
+    return {"bf16_matmul_tflops": 2 * 4096 ** 3 / median_s(lambda: a @ b, 5) / 1e12,
+            "copy_gb_per_s": x.numel() * x.element_size() / median_s(lambda: y.copy_(x), 5) / 1e9}
 
 
 def at_once(n: int, job) -> tuple[list, float]:

@@ -20,7 +20,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -33,6 +32,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing; spawned workers inherit sys.path
+from tokenizer_tap.cpu import machine_line  # noqa: E402
+
 DEFAULT_TOKENIZER = ROOT.parent / "shared" / "reference" / "tap-parity" / "text_tokenizer.model"
 
 
@@ -53,10 +54,9 @@ def synthetic_image(width: int = 1190, height: int = 1264, seed: int = 0) -> np.
 
 
 def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    """The machine a figure was measured on: CPU, cores, the flags that set its speed (AVX2, AVX-512-BF16, AMX),
+    torch."""
+    return machine_line()
 
 
 def emit(results: dict, path: Path | None) -> None:

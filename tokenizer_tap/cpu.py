@@ -82,8 +82,8 @@ def probe() -> dict[str, str]:
     for dtype in (torch.float32, torch.bfloat16):
         w = weight.to(dtype)
         block, row = torch.randn(256, 4096, dtype=dtype), torch.randn(1, 4096, dtype=dtype)
-        times[dtype] = (_median_s(lambda w=w, x=block: torch.nn.functional.linear(x, w)),
-                        _median_s(lambda w=w, x=row: torch.nn.functional.linear(x, w)))
+        times[dtype] = (median_s(lambda w=w, x=block: torch.nn.functional.linear(x, w)),
+                        median_s(lambda w=w, x=row: torch.nn.functional.linear(x, w)))
 
     def turn(dtype: torch.dtype) -> float:
         block_s, row_s = times[dtype]
@@ -92,7 +92,8 @@ def probe() -> dict[str, str]:
     return {"compute": names[min(times, key=lambda d: times[d][0])], "turn": names[min(times, key=turn)]}
 
 
-def _median_s(work, repeats: int = 3) -> float:
+def median_s(work, repeats: int = 3) -> float:
+    """Median seconds of `work()` over `repeats` calls after one warm-up call (no autograd)."""
     with torch.inference_mode():
         work()
         times = []
