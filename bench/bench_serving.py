@@ -10,7 +10,8 @@ Sections, side by side in one run:
            positions/s and decode tokens/s for one user, aggregate tokens/s.
 Limits, measured at the start of the same run (`limits`): prefill is ~6.0 TFLOP (2 x 2.78 B parameters x 1077
 positions) at this machine's bf16 matmul peak (a 4096^2 matmul); decode reads 5.6 GB of weights per step at the
-rate this machine copies memory (a 256 MB tensor copy, counted once: the bytes read).
+rate this machine copies memory (a 256 MB tensor copy, counted once: the bytes read). `read_gb_per_s` (a 1 GiB sum)
+is the rate at which it only reads, which is what decode does: bench_llm_cpu.py's limit.
 
 Usage: python bench/bench_serving.py [--sections tiny,phi2] [--tokens 16] [--json out.json]
 """
@@ -48,8 +49,10 @@ def machine_limits() -> dict:
     b = torch.randn(4096, 4096, dtype=torch.bfloat16)
     x = torch.empty(2 ** 27, dtype=torch.float16)  # 256 MB
     y = torch.empty_like(x)
+    big = torch.ones(2 ** 29, dtype=torch.bfloat16)  # 1 GiB, read once by a sum: decode's pattern (weights only read)
     return {"bf16_matmul_tflops": 2 * 4096 ** 3 / median_s(lambda: a @ b, 5) / 1e12,
-            "copy_gb_per_s": x.numel() * x.element_size() / median_s(lambda: y.copy_(x), 5) / 1e9}
+            "copy_gb_per_s": x.numel() * x.element_size() / median_s(lambda: y.copy_(x), 5) / 1e9,
+            "read_gb_per_s": big.numel() * big.element_size() / median_s(big.sum, 5) / 1e9}
 
 
 def at_once(n: int, job) -> tuple[list, float]:
