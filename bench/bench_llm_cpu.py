@@ -38,14 +38,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_serving import at_once, machine_limits, start_vllm  # noqa: E402
+from bench.bench_serving import PHI2, at_once, machine_limits, start_vllm  # noqa: E402
 from bench.bench_tokenizer import emit  # noqa: E402
 from tokenizer_tap.cpu import machine_line  # noqa: E402
 
 ROWS = "inprocess:bf16,inprocess:int8,inprocess:int4,vllm:bf16,llama.cpp:q8_0,llama.cpp:q4_k_m"
-PHI2 = {"vocab_size": 51200, "hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 32,
-        "num_attention_heads": 32, "num_key_value_heads": 32, "partial_rotary_factor": 0.4,
-        "max_position_embeddings": 2048, "bos_token_id": 0, "eos_token_id": 0}
 VISUAL_TOKENS, FEATURE_DIM = 1024, 1024  # TAP-L's 64x64 trunk features, 2x2 pooled by the projector
 IMAGE_QUESTION = "What is in the image? Describe the main objects."
 

@@ -40,6 +40,10 @@ from bench.bench_tokenizer import cpu_name, emit  # noqa: E402
 from tokenizer_tap.cpu import median_s  # noqa: E402
 
 PREFILL_TFLOP = 2 * 2.78e9 * 1077 / 1e12
+#: microsoft/phi-2's shape, for random weights of its size (bench_llm_cpu.py shortens it with --layers).
+PHI2 = {"vocab_size": 51200, "hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "partial_rotary_factor": 0.4,
+        "max_position_embeddings": 2048, "bos_token_id": 0, "eos_token_id": 0}
 WEIGHTS_GB = 5.6
 
 
@@ -151,9 +155,7 @@ def phi2_models(folder: Path):
     from assistant.llm import TINY_LLM, load_tokenizer
     from assistant.model import ChatModel
     from assistant.projector import ConvProjector, ProjectorConfig
-    config = PhiConfig(vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=32, partial_rotary_factor=0.4,
-                       max_position_embeddings=2048, bos_token_id=0, eos_token_id=0)
+    config = PhiConfig(**PHI2)
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
     llm = PhiForCausalLM(config).eval()
